@@ -1,0 +1,723 @@
+"""The `editbatch` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pipeline.catalog import load_catalog
+from pipeline.collector import StorageCache, collect_batch
+from pipeline.db import jobs
+from pipeline.db.models import Batch
+from pipeline.db.session import Database, upgrade
+from pipeline.errors import EditbatchError, RowError
+from pipeline.manifest import Defaults
+from pipeline.preflight import Preflight, PreflightOptions
+from pipeline.pricing import load_prices
+from pipeline.producer import (
+    SubmitResult,
+    check_rows,
+    create_batch,
+    enqueue_batch,
+    find_resumable,
+)
+from pipeline.settings import Settings, get_settings
+from pipeline.spec import file_sha256
+from pipeline.status import BatchStatus, batch_status, list_batches
+
+app = typer.Typer(
+    help="Run AI image edits in bulk, reliably and at a known cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console()
+err = Console(stderr=True)
+
+ManifestArg = Annotated[
+    Path, typer.Argument(help="Manifest: .csv (header row), .json (array) or .jsonl.")
+]
+ModelOpt = Annotated[str | None, typer.Option(help="Model for rows that name none.")]
+SizeOpt = Annotated[str | None, typer.Option(help="Size for rows that give none.")]
+QualityOpt = Annotated[str | None, typer.Option(help="Quality for rows that give none.")]
+NOpt = Annotated[int | None, typer.Option("--n", help="Images per row, for rows that give none.")]
+FormatOpt = Annotated[str | None, typer.Option(help="png | webp | jpeg, for rows that give none.")]
+FidelityOpt = Annotated[str | None, typer.Option(help="input_fidelity for rows that give none.")]
+BackgroundOpt = Annotated[str | None, typer.Option(help="background for rows that give none.")]
+TemplateOpt = Annotated[
+    str | None,
+    typer.Option("--name-template", help="Output name template, e.g. {id}_{index}.{ext}"),
+]
+MaskModeOpt = Annotated[str | None, typer.Option(help="guide | strict, for rows that give none.")]
+OutputOpt = Annotated[
+    str | None, typer.Option("--output", "-o", help="Output folder or URL (default ./outputs).")
+]
+RootOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--allow-root", help="Extra folder input files may come from (repeatable)."),
+]
+ConvertOpt = Annotated[
+    bool, typer.Option("--convert", help="Convert TIFF/BMP/... inputs to PNG instead of refusing.")
+]
+UnknownOpt = Annotated[
+    bool, typer.Option("--allow-unknown-model", help="Accept models not in the catalogue.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+BudgetOpt = Annotated[
+    str | None, typer.Option("--budget", help="Stop (hold the batch) at this many USD.")
+]
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+def _db(settings: Settings) -> Database:
+    return Database(settings.effective_database_url)
+
+
+def _defaults(
+    settings: Settings,
+    model: str | None = None,
+    size: str | None = None,
+    quality: str | None = None,
+    n: int | None = None,
+    output_format: str | None = None,
+    input_fidelity: str | None = None,
+    background: str | None = None,
+    name_template: str | None = None,
+    mask_mode: str | None = None,
+) -> Defaults:
+    values = {
+        "size": size,
+        "quality": quality,
+        "n": n,
+        "output_format": output_format,
+        "input_fidelity": input_fidelity,
+        "background": background,
+        "output": name_template,
+        "mask_mode": mask_mode,
+    }
+    return Defaults(
+        model=model or settings.default_model,
+        values={k: v for k, v in values.items() if v is not None},
+    )
+
+
+def _preflight(
+    settings: Settings, manifest: Path, roots: list[Path] | None, convert: bool, unknown: bool
+) -> Preflight:
+    allowed = (manifest.resolve().parent, *(r.resolve() for r in roots or []))
+    return Preflight(
+        PreflightOptions(
+            allowed_roots=allowed,
+            catalog=load_catalog(settings.catalog_file),
+            convert=convert,
+            allow_unknown_model=unknown,
+            work_dir=settings.home.resolve() / "converted",
+        )
+    )
+
+
+def _budget(value: str | None) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        budget = Decimal(value)
+    except InvalidOperation as exc:
+        raise EditbatchError(f"--budget {value!r} is not a number of US dollars") from exc
+    if budget < 0:
+        raise EditbatchError("--budget must not be negative")
+    return budget
+
+
+def _output_uri(output: str | None) -> str:
+    target = output or "outputs"
+    return target if "://" in target else str(Path(target).resolve())
+
+
+def _print_row_errors(errors: list[RowError], manifest: Path, limit: int = 50) -> None:
+    if not errors:
+        return
+    table = Table(title=f"Rejected rows in {manifest}", title_justify="left")
+    for col in ("row", "id", "field", "reason"):
+        table.add_column(col, overflow="fold")
+    for e in errors[:limit]:
+        table.add_row(str(e.row), e.key or "", e.field, e.reason)
+    err.print(table)
+    if len(errors) > limit:
+        err.print(f"... and {len(errors) - limit} more problems")
+
+
+def _status_table(status: BatchStatus) -> Table:
+    table = Table(
+        title=f"Batch {status.batch_id} · {status.name} · {status.state}", title_justify="left"
+    )
+    table.add_column("state")
+    table.add_column("jobs", justify="right")
+    for state, n in status.counts.items():
+        if n:
+            table.add_row(state, str(n))
+    table.add_section()
+    table.add_row("total", str(status.jobs_total))
+    table.add_row("attempts", str(status.attempts))
+    cost = f"${status.cost_usd:.6f}"
+    if status.unpriced_attempts:
+        cost += f" (+{status.unpriced_attempts} unpriced attempts)"
+    table.add_row("cost", cost)
+    if status.budget_usd is not None:
+        table.add_row("budget", f"${status.budget_usd:.2f}")
+    table.add_row("outputs", f"{status.outputs} ({status.outputs_uncollected} not collected)")
+    return table
+
+
+def _print_status(status: BatchStatus) -> None:
+    console.print(_status_table(status))
+    if status.hold_reason and status.state == "held":
+        console.print(f"[yellow]held:[/] {status.hold_reason}")
+        console.print(f"resume with: editbatch resume {status.batch_id}")
+    if status.failures:
+        table = Table(title="Failed and rejected jobs", title_justify="left")
+        for col in ("row", "id", "state", "code", "message"):
+            table.add_column(col, overflow="fold")
+        for f in status.failures:
+            table.add_row(
+                str(f["row"]), f["id"] or "", f["state"], f["code"] or "", f["message"] or ""
+            )
+        console.print(table)
+
+
+@contextmanager
+def _friendly_errors() -> Iterator[None]:
+    try:
+        yield
+    except EditbatchError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def check(
+    manifest: ManifestArg,
+    model: ModelOpt = None,
+    size: SizeOpt = None,
+    quality: QualityOpt = None,
+    n: NOpt = None,
+    output_format: FormatOpt = None,
+    input_fidelity: FidelityOpt = None,
+    background: BackgroundOpt = None,
+    name_template: TemplateOpt = None,
+    mask_mode: MaskModeOpt = None,
+    allow_root: RootOpt = None,
+    convert: ConvertOpt = False,
+    allow_unknown_model: UnknownOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate every row (files, formats, masks, model rules) without spending anything."""
+    with _friendly_errors():
+        settings = _settings()
+        defaults = _defaults(
+            settings,
+            model,
+            size,
+            quality,
+            n,
+            output_format,
+            input_fidelity,
+            background,
+            name_template,
+            mask_mode,
+        )
+        pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
+        rows = 0
+        errors: list[RowError] = []
+        notes: list[str] = []
+        bad_rows = 0
+        for r in check_rows(manifest, defaults, pre):
+            rows += 1
+            if r.errors:
+                bad_rows += 1
+                errors.extend(r.errors)
+            notes.extend(f"row {r.row}: {note}" for note in r.notes)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "accepted": rows - bad_rows,
+                    "rejected": bad_rows,
+                    "errors": [e.__dict__ for e in errors],
+                    "notes": notes,
+                }
+            )
+        )
+    else:
+        _print_row_errors(errors, manifest)
+        for note in notes[:50]:
+            console.print(f"note: {note}")
+        console.print(f"{rows} rows: {rows - bad_rows} ok, {bad_rows} rejected")
+    if bad_rows:
+        raise typer.Exit(1)
+
+
+def _submit(
+    settings: Settings,
+    manifest: Path,
+    name: str | None,
+    output: str | None,
+    defaults: Defaults,
+    pre: Preflight,
+    budget: Decimal | None,
+    strict: bool,
+    db: Database,
+) -> SubmitResult:
+    result = create_batch(
+        db,
+        manifest,
+        name=name,
+        output_uri=_output_uri(output),
+        defaults=defaults,
+        preflight=pre,
+        budget_usd=budget,
+        strict=strict,
+        settings_snapshot={"defaults": dict(defaults.values), "model": defaults.model},
+    )
+    return result
+
+
+@app.command()
+def submit(
+    manifest: ManifestArg,
+    name: Annotated[str | None, typer.Option(help="Batch name (default: manifest name).")] = None,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    size: SizeOpt = None,
+    quality: QualityOpt = None,
+    n: NOpt = None,
+    output_format: FormatOpt = None,
+    input_fidelity: FidelityOpt = None,
+    background: BackgroundOpt = None,
+    name_template: TemplateOpt = None,
+    mask_mode: MaskModeOpt = None,
+    allow_root: RootOpt = None,
+    convert: ConvertOpt = False,
+    allow_unknown_model: UnknownOpt = False,
+    budget: BudgetOpt = None,
+    strict: Annotated[
+        bool, typer.Option(help="Refuse the whole manifest if any row is bad.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store a batch and queue its jobs for the Celery workers (`celery -A worker.app worker`)."""
+    with _friendly_errors():
+        settings = _settings()
+        db = _db(settings)
+        defaults = _defaults(
+            settings,
+            model,
+            size,
+            quality,
+            n,
+            output_format,
+            input_fidelity,
+            background,
+            name_template,
+            mask_mode,
+        )
+        pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
+        result = _submit(
+            settings, manifest, name, output, defaults, pre, _budget(budget), strict, db
+        )
+        from worker.tasks import enqueue
+
+        try:
+            sent = enqueue_batch(db, result.batch_id, enqueue)
+        except Exception as exc:  # kombu raises OperationalError and friends
+            raise EditbatchError(
+                f"batch {result.batch_id} is stored, but the broker at "
+                f"{settings.broker_url} refused the messages ({type(exc).__name__}: {exc}). "
+                f"Start Redis, then: editbatch resume {result.batch_id}"
+            ) from exc
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "batch_id": result.batch_id,
+                    "accepted": result.accepted,
+                    "rejected": result.rejected,
+                    "enqueued": sent,
+                }
+            )
+        )
+        return
+    _print_row_errors(result.errors, manifest)
+    console.print(
+        f"batch {result.batch_id}: {result.accepted} jobs queued, {result.rejected} rejected"
+    )
+    console.print(f"watch it with: editbatch status {result.batch_id} --watch")
+    print(result.batch_id)
+
+
+@app.command()
+def run(
+    manifest: ManifestArg,
+    sandbox: Annotated[
+        bool, typer.Option("--sandbox", help="Start the bundled sandbox API and use it.")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="Batch name (default: manifest name).")] = None,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    size: SizeOpt = None,
+    quality: QualityOpt = None,
+    n: NOpt = None,
+    output_format: FormatOpt = None,
+    input_fidelity: FidelityOpt = None,
+    background: BackgroundOpt = None,
+    name_template: TemplateOpt = None,
+    mask_mode: MaskModeOpt = None,
+    allow_root: RootOpt = None,
+    convert: ConvertOpt = False,
+    allow_unknown_model: UnknownOpt = False,
+    budget: BudgetOpt = None,
+    strict: Annotated[
+        bool, typer.Option(help="Refuse the whole manifest if any row is bad.")
+    ] = False,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Calls in flight (default EDITBATCH_CONCURRENCY).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit, run and collect on this machine: no Redis, no other server.
+
+    Ctrl-C stops after the calls in flight; run the same command again to continue.
+    """
+    from pipeline.localrun import LocalPool, reclaim_orphans
+    from pipeline.ratelimit import LocalLimiter
+    from pipeline.runtime import build_deps
+
+    with _friendly_errors(), _maybe_sandbox(sandbox) as overrides:
+        settings = Settings(**overrides) if overrides else _settings()
+        db = _db(settings)
+        output_uri = _output_uri(output)
+        batch_id = find_resumable(db, file_sha256(str(manifest)), output_uri)
+        if batch_id is not None:
+            with db.session() as session:
+                batch = session.get(Batch, batch_id)
+                assert batch is not None
+                if batch.state in ("held", "paused"):
+                    batch.state, batch.hold_reason = "running", None
+                if budget is not None:
+                    batch.budget_usd = _budget(budget)
+                session.commit()
+            console.print(f"continuing batch {batch_id} (same manifest and output)")
+        else:
+            defaults = _defaults(
+                settings,
+                model,
+                size,
+                quality,
+                n,
+                output_format,
+                input_fidelity,
+                background,
+                name_template,
+                mask_mode,
+            )
+            pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
+            result = _submit(
+                settings, manifest, name, output, defaults, pre, _budget(budget), strict, db
+            )
+            batch_id = result.batch_id
+            _print_row_errors(result.errors, manifest)
+            console.print(
+                f"batch {batch_id}: {result.accepted} jobs to run, {result.rejected} rejected"
+            )
+        workers = concurrency or settings.concurrency
+        deps = build_deps(
+            settings, LocalLimiter(settings.images_per_minute, settings.max_in_flight), db
+        )
+        reclaim_orphans(deps, batch_id)
+        pool = LocalPool(deps, workers)
+        _run_with_progress(pool, db, batch_id)
+        collect_batch(db, batch_id, deps.storages)
+        with db.session() as session:
+            if jobs.finish_batch_if_done(session, batch_id) and deps.on_batch_finished:
+                deps.on_batch_finished(batch_id)
+            status = batch_status(session, batch_id)
+    if as_json:
+        print(json.dumps(status.to_json()))
+    else:
+        _print_status(status)
+        with db.session() as session:
+            b = session.get(Batch, batch_id)
+            report = b.report_uri if b else None
+        console.print(f"outputs: {status.output_uri}")
+        if report:
+            console.print(f"report: {report} (and .json)")
+    if status.state not in ("finished",):
+        raise typer.Exit(3)
+
+
+def _run_with_progress(pool: Any, db: Database, batch_id: int) -> None:
+    """Run the pool in a thread and show a live status with an ETA; Ctrl-C stops gracefully."""
+    runner = threading.Thread(target=pool.run_batch, args=(batch_id,), daemon=True)
+    stop_requested = {"n": 0}
+
+    def on_sigint(_sig: int, _frame: Any) -> None:
+        stop_requested["n"] += 1
+        pool.stop.set()
+        if stop_requested["n"] > 1:
+            raise KeyboardInterrupt
+        err.print(
+            "stopping after the calls in flight; Ctrl-C again to quit at once "
+            "(run the same command later to continue)"
+        )
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    started = time.monotonic()
+    try:
+        runner.start()
+        with Live(console=console, refresh_per_second=2, transient=True) as live:
+            while runner.is_alive():
+                with db.session() as session:
+                    status = batch_status(session, batch_id, failures_limit=0)
+                live.update(_progress_table(status, time.monotonic() - started))
+                runner.join(timeout=0.5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _progress_table(status: BatchStatus, elapsed: float) -> Table:
+    table = _status_table(status)
+    todo = sum(status.counts.get(s, 0) for s in ("queued", "running", "retrying"))
+    finished_now = status.done
+    rate = finished_now / elapsed if elapsed > 0 else 0
+    eta = f"{todo / rate:.0f} s" if rate > 0 and todo else "-"
+    table.caption = f"elapsed {elapsed:.0f} s · {todo} to go · ETA {eta}"
+    return table
+
+
+@contextmanager
+def _maybe_sandbox(enabled: bool) -> Iterator[dict[str, Any]]:
+    if not enabled:
+        yield {}
+        return
+    from pipeline.sandbox import SandboxConfig, SandboxServer
+
+    settings = get_settings()
+    home = settings.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = SandboxConfig(billing_log=str(home / "sandbox-billing.jsonl"))
+    with SandboxServer(config) as server:
+        console.print(f"sandbox API at {server.base_url} (not AI: a deterministic stand-in)")
+        yield {
+            "openai_base_url": server.base_url,
+            "openai_api_key": "sk-sandbox-local",
+        }
+
+
+@app.command()
+def status(
+    batch: Annotated[int | None, typer.Argument(help="Batch id; omit to list batches.")] = None,
+    as_json: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until it ends.")] = False,
+) -> None:
+    """List batches, or show one batch: counts per state, cost so far, failures."""
+    with _friendly_errors():
+        db = _db(_settings())
+        with db.session() as session:
+            if batch is None:
+                rows = list_batches(session)
+                if as_json:
+                    print(json.dumps(rows))
+                    return
+                table = Table(title="Batches", title_justify="left")
+                for col in ("batch", "name", "state", "created", "jobs", "cost $"):
+                    table.add_column(col)
+                for r in rows:
+                    table.add_row(
+                        str(r["batch_id"]),
+                        r["name"],
+                        r["state"],
+                        r["created_at"],
+                        str(r["jobs_total"]),
+                        r["cost_usd"],
+                    )
+                console.print(table)
+                return
+            current = batch_status(session, batch)
+        if as_json:
+            print(json.dumps(current.to_json()))
+            return
+        if watch:
+            started = time.monotonic()
+            with Live(console=console, refresh_per_second=1) as live:
+                while current.state == "running":
+                    live.update(_progress_table(current, time.monotonic() - started))
+                    time.sleep(1)
+                    with db.session() as session:
+                        current = batch_status(session, batch)
+        _print_status(current)
+
+
+@app.command()
+def collect(batch: Annotated[int, typer.Argument(help="Batch id.")]) -> None:
+    """Retry writing spooled outputs to the output location (after a storage failure)."""
+    from pipeline.report import write_report
+
+    with _friendly_errors():
+        db = _db(_settings())
+        storages = StorageCache()
+        written, left = collect_batch(db, batch, storages)
+        console.print(f"collected {written} outputs; {left} still waiting")
+        with db.session() as session:
+            state = batch_status(session, batch).state
+        if state == "finished":
+            csv_uri, _ = write_report(db, batch, storages)
+            console.print(f"report: {csv_uri}")
+    if left:
+        raise typer.Exit(1)
+
+
+@app.command()
+def resume(
+    batch: Annotated[int, typer.Argument(help="Batch id.")],
+    budget: BudgetOpt = None,
+) -> None:
+    """Continue a held or paused batch, and re-send every unfinished job from the database."""
+    from worker.tasks import enqueue
+
+    with _friendly_errors():
+        db = _db(_settings())
+        with db.session() as session:
+            b = session.get(Batch, batch)
+            if b is None:
+                raise EditbatchError(f"no batch {batch}")
+            if b.state in ("finished", "cancelled"):
+                raise EditbatchError(f"batch {batch} is {b.state}; nothing to resume")
+            b.state, b.hold_reason = "running", None
+            if budget is not None:
+                b.budget_usd = _budget(budget)
+            jobs.release_held_jobs(session, batch)
+            session.commit()
+            jobs.requeue_expired(session, batch)
+        sent = enqueue_batch(db, batch, enqueue)
+    console.print(f"batch {batch}: {sent} jobs sent to the workers")
+
+
+@app.command()
+def sandbox(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8089,
+    latency_ms: Annotated[float, typer.Option(help="Median latency per call.")] = 0.0,
+    rate_limit: Annotated[int | None, typer.Option(help="Images per minute.")] = None,
+    error_rate: Annotated[float, typer.Option(help="Share of calls answered 500.")] = 0.0,
+    billing_log: Annotated[str | None, typer.Option(help="JSONL log of billed calls.")] = None,
+) -> None:
+    """Serve the OpenAI-compatible sandbox (`POST /v1/images/edits`) for tests and demos."""
+    from pipeline.sandbox import SandboxConfig
+    from pipeline.sandbox.server import serve
+
+    config = SandboxConfig(
+        latency_ms=latency_ms,
+        rate_limit_per_minute=rate_limit,
+        error_rate=error_rate,
+        billing_log=billing_log,
+    )
+    console.print(f"sandbox on http://127.0.0.1:{port}/v1 — set OPENAI_BASE_URL to that")
+    serve(config, "127.0.0.1", port)
+
+
+@app.command()
+def prices(as_json: JsonOpt = False) -> None:
+    """Print the price table in use (USD per 1M tokens) with its date and sources."""
+    with _friendly_errors():
+        table_data = load_prices(_settings().prices_file)
+    rows = [
+        {
+            "model": p.model,
+            "text_input": str(p.text_input),
+            "image_input": str(p.image_input),
+            "image_output": str(p.image_output),
+            "source": p.source,
+        }
+        for p in table_data.models.values()
+    ]
+    if as_json:
+        print(json.dumps({"as_of": table_data.as_of, "models": rows}))
+        return
+    table = Table(
+        title=f"Prices, USD per 1M tokens (as of {table_data.as_of})", title_justify="left"
+    )
+    for col in ("model", "text in", "image in", "image out", "source"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], r["text_input"], r["image_input"], r["image_output"], r["source"])
+    console.print(table)
+
+
+@app.command()
+def config(as_json: JsonOpt = False) -> None:
+    """Print the effective settings (secrets masked)."""
+    with _friendly_errors():
+        values = _settings().masked()
+    if as_json:
+        print(json.dumps(values))
+        return
+    table = Table(title="Effective settings", title_justify="left")
+    table.add_column("setting")
+    table.add_column("value")
+    for k, v in values.items():
+        table.add_row(k, "" if v is None else str(v))
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply database migrations (also done automatically on first use)."""
+    with _friendly_errors():
+        url = _settings().effective_database_url
+        upgrade(url, revision)
+    console.print(f"database at revision {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument()]) -> None:
+    """Revert database migrations to REVISION."""
+    from alembic import command
+
+    from pipeline.db.session import alembic_config
+
+    with _friendly_errors():
+        command.downgrade(alembic_config(_settings().effective_database_url), revision)
+    console.print(f"database at revision {revision}")
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; run the same command again to continue")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

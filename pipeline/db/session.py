@@ -1,0 +1,86 @@
+"""Engine and session factory; migrations are applied on first use."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+import migrations
+
+_MIGRATED: set[str] = set()
+_LOCK = threading.Lock()
+
+
+def alembic_config(url: str) -> Config:
+    """Alembic config pointing at the packaged `migrations/` folder."""
+    script_dir = Path(migrations.__file__).parent
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_dir))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the pragmas SQLite needs for many concurrent writers."""
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
+        kwargs.pop("pool_pre_ping")
+    else:
+        kwargs["pool_size"] = 10
+        kwargs["max_overflow"] = 40
+    engine = create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    return engine
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations up to `revision`."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def ensure_migrated(url: str) -> None:
+    """Run `alembic upgrade head` once per process per database."""
+    with _LOCK:
+        if url in _MIGRATED:
+            return
+        upgrade(url)
+        _MIGRATED.add(url)
+
+
+class Database:
+    """An engine plus a session factory, built once per process and passed in."""
+
+    def __init__(self, url: str, migrate: bool = True) -> None:
+        if migrate:
+            ensure_migrated(url)
+        self.url = url
+        self.engine = make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+
+    def session(self) -> Session:
+        return self.sessions()
+
+    def dispose(self) -> None:
+        self.engine.dispose()

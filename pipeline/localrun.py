@@ -1,0 +1,83 @@
+"""`editbatch run`: the same executor as the Celery workers, on a thread pool in this process.
+
+The "broker" is an in-memory queue of job ids read from the database, so a crash or Ctrl-C
+loses nothing: a rerun reads the unfinished jobs again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import update
+
+from pipeline.db import jobs
+from pipeline.db.models import Job
+from pipeline.executor import Deps, JobResult, process_job
+from pipeline.producer import queued_job_ids
+
+log = logging.getLogger("editbatch.run")
+
+
+@dataclass
+class LocalPool:
+    """A pool of threads running `process_job` on the job ids put into it."""
+
+    deps: Deps
+    concurrency: int
+    on_result: Callable[[JobResult], None] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run_batch(self, batch_id: int) -> None:
+        """Run every queued job of the batch; returns when all are done or `stop` is set."""
+        work: queue.Queue[int | None] = queue.Queue()
+        for ids in queued_job_ids(self.deps.db, batch_id):
+            for job_id in ids:
+                work.put(job_id)
+        threads = [
+            threading.Thread(target=self._loop, args=(work,), name=f"editbatch-{i}", daemon=True)
+            for i in range(min(self.concurrency, max(work.qsize(), 1)))
+        ]
+        for _ in threads:
+            work.put(None)
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.2)
+
+    def _loop(self, work: queue.Queue[int | None]) -> None:
+        while not self.stop.is_set():
+            job_id = work.get()
+            if job_id is None:
+                return
+            try:
+                result = process_job(job_id, self.deps)
+            except Exception:  # one bad job must not stop the pool; the lease reaper requeues it
+                log.exception("job %s crashed in the executor", job_id)
+                continue
+            if self.on_result is not None:
+                self.on_result(result)
+
+
+def reclaim_orphans(deps: Deps, batch_id: int) -> int:
+    """Jobs a previous `run` of this batch left running (it was killed) go back to queued.
+
+    Only for single-machine runs, where no other process can be working on this batch.
+    """
+    with deps.db.session() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.batch_id == batch_id, Job.state.in_(("running", "retrying")))
+            .values(state="queued", claim_token=None, lease_until=None)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        n = int(result.rowcount or 0)
+    with deps.db.session() as session:
+        jobs.release_held_jobs(session, batch_id)
+        session.commit()
+    return n

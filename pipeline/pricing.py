@@ -1,0 +1,139 @@
+"""Prices as data and the exact cost of one call from its token usage.
+
+All money is `decimal.Decimal`. A cost is summed from unrounded products and rounded once, to
+the micro-dollar (ROUND_HALF_UP), so 100k jobs add up without float drift.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+MICRO = Decimal("0.000001")
+PER_TOKEN = Decimal(1_000_000)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token usage of one call, as the API reported it (or as we estimated it)."""
+
+    text_input: int = 0
+    image_input: int = 0
+    image_output: int = 0
+    text_output: int = 0
+    cached_text_input: int = 0
+    cached_image_input: int = 0
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """USD per 1M tokens for one model, with where the figures come from."""
+
+    model: str
+    text_input: Decimal
+    image_input: Decimal
+    image_output: Decimal
+    text_output: Decimal
+    cached_text_input: Decimal | None
+    cached_image_input: Decimal | None
+    source: str
+
+    def cost(self, usage: Usage) -> Decimal:
+        """Exact cost of `usage`, rounded once to the micro-dollar."""
+        cached_text = (
+            self.cached_text_input if self.cached_text_input is not None else (self.text_input)
+        )
+        cached_image = (
+            self.cached_image_input if self.cached_image_input is not None else (self.image_input)
+        )
+        total = (
+            (usage.text_input - usage.cached_text_input) * self.text_input
+            + usage.cached_text_input * cached_text
+            + (usage.image_input - usage.cached_image_input) * self.image_input
+            + usage.cached_image_input * cached_image
+            + usage.image_output * self.image_output
+            + usage.text_output * self.text_output
+        )
+        return quantize(total / PER_TOKEN)
+
+
+def quantize(value: Decimal) -> Decimal:
+    return value.quantize(MICRO, rounding=ROUND_HALF_UP)
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    as_of: str
+    source: str
+    models: dict[str, ModelPrice]
+
+    def get(self, model: str) -> ModelPrice | None:
+        return self.models.get(model)
+
+    def cost(self, model: str, usage: Usage) -> Decimal | None:
+        """Cost of `usage` on `model`, or None when the model has no price (never a silent 0)."""
+        price = self.models.get(model)
+        return None if price is None else price.cost(usage)
+
+
+def _decimal(model: str, name: str, value: Any, origin: str) -> Decimal:
+    try:
+        result = Decimal(str(value))
+    except ArithmeticError as exc:
+        raise ConfigError(f"{origin}: model {model!r}: {name} = {value!r} is not a number") from exc
+    if result < 0:
+        raise ConfigError(f"{origin}: model {model!r}: {name} must not be negative")
+    return result
+
+
+def _parse(data: dict[str, Any], origin: str) -> tuple[str, str, dict[str, ModelPrice]]:
+    models: dict[str, ModelPrice] = {}
+    for name, entry in (data.get("models") or {}).items():
+        missing = [k for k in ("text_input", "image_input", "image_output") if k not in entry]
+        if missing:
+            raise ConfigError(f"{origin}: model {name!r} lacks {', '.join(missing)}")
+
+        def opt(key: str, model: str = name, e: dict[str, Any] = entry) -> Decimal | None:
+            return _decimal(model, key, e[key], origin) if key in e else None
+
+        text_input = _decimal(name, "text_input", entry["text_input"], origin)
+        models[name] = ModelPrice(
+            model=name,
+            text_input=text_input,
+            image_input=_decimal(name, "image_input", entry["image_input"], origin),
+            image_output=_decimal(name, "image_output", entry["image_output"], origin),
+            text_output=opt("text_output") or text_input,
+            cached_text_input=opt("cached_text_input"),
+            cached_image_input=opt("cached_image_input"),
+            source=str(entry.get("source", data.get("source", origin))),
+        )
+    return str(data.get("as_of", "unknown")), str(data.get("source", origin)), models
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"price file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+@lru_cache(maxsize=8)
+def load_prices(override: Path | None = None) -> PriceTable:
+    """The built-in table, with the models of `override` (a TOML file) replacing or adding."""
+    builtin = resources.files("pipeline") / "data" / "prices.toml"
+    as_of, source, models = _parse(tomllib.loads(builtin.read_text("utf-8")), "built-in prices")
+    if override is not None:
+        o_as_of, o_source, o_models = _parse(_read_toml(override), str(override))
+        models = {**models, **o_models}
+        as_of, source = f"{o_as_of} (overrides) / {as_of}", f"{o_source}; {source}"
+    return PriceTable(as_of=as_of, source=source, models=models)

@@ -1,0 +1,467 @@
+"""The sandbox ASGI app: OpenAI's `POST /v1/images/edits`, plus `/sandbox/*` admin endpoints.
+
+Order of decisions for an edit: read the form -> auth (401) -> validation (400/404) -> directive
+syntax (400) -> quota (429 insufficient_quota) -> fault choice (directive, else seeded draw) ->
+immediate rejections (429/400/401/403 faults) -> rate limit (429) -> latency -> 500/timeout/reset
+faults -> render -> 200 (whole, truncated, or with bad base64) -> billing log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from python_multipart.exceptions import MultipartParseError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from pipeline.sandbox import connections, tokens
+from pipeline.sandbox.billing import BillingLog
+from pipeline.sandbox.config import SandboxConfig
+from pipeline.sandbox.errors import (
+    ApiError,
+    bad_request,
+    insufficient_quota,
+    invalid_api_key,
+    moderation_blocked,
+    organization_not_verified,
+    rate_limit_exceeded,
+    server_error,
+)
+from pipeline.sandbox.faults import (
+    BURST_RETRY_AFTER_MS,
+    DIRECTIVE_DRIFT,
+    DIRECTIVE_RETRY_AFTER_MS,
+    REJECTIONS,
+    DirectiveCounter,
+    DirectiveError,
+    Directives,
+    Fault,
+    FaultDice,
+    latency_seconds,
+    parse_directives,
+    random_fault,
+)
+from pipeline.sandbox.images import EditJob, render
+from pipeline.sandbox.ratelimit import SlidingWindow
+from pipeline.sandbox.stats import Stats
+from pipeline.sandbox.validation import EditRequest, validate
+
+# Reported in x-ratelimit-* headers when no limit is configured; never enforced.
+NOTIONAL_IMAGE_LIMIT = 10_000
+NOTIONAL_TOKEN_LIMIT = 10_000_000
+FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+MAX_FORM_FIELDS = 1000
+
+
+class Sandbox:
+    """Everything one sandbox app keeps between requests. `config` is read afresh per request."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.image_window = SlidingWindow()
+        self.token_window = SlidingWindow()
+        self.directives = DirectiveCounter()
+        self.dice = FaultDice(config.seed)
+        self.billing = BillingLog()
+
+    def reset(self) -> None:
+        """Clear stats, directive counters and rate windows, and restart the fault sequence."""
+        self.stats.clear()
+        self.image_window.clear()
+        self.token_window.clear()
+        self.directives.clear()
+        self.dice.reseed(self.config.seed)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What happens to a validated request."""
+
+    fault: Fault | None
+    from_directive: bool
+    latency: float
+    drift: float
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: `20ms`, `1.5s`, `6m0s`."""
+    ms = max(0, round(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms / 1000, 60)
+    text = f"{round(rest, 3):g}s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+def _corrupt_b64(value: str) -> str:
+    """Base64 no decoder accepts: 4k+1 alphabet characters (padding cannot fix that) and a '!'."""
+    core = value.rstrip("=")[:-1]
+    core = core[: len(core) - (len(core) - 1) % 4]
+    return core + "!"
+
+
+async def _disconnected_within(receive: Receive, seconds: float) -> bool:
+    """Sleep `seconds`, but stop early and return True if the client goes away."""
+
+    async def wait_disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait_for(asyncio.shield(watcher), timeout=seconds)
+    except TimeoutError:
+        return False
+    finally:
+        watcher.cancel()
+    return True
+
+
+def _bearer_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
+
+
+class EditsEndpoint:
+    """ASGI app for `POST /v1/images/edits` (raw ASGI, so a reply can also be cut off)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.monotonic()
+        request_id = f"req_{uuid.uuid4().hex}"
+        self.sandbox.stats.begin()
+        outcome = "disconnected"
+        try:
+            outcome = await self._serve(scope, receive, send, request_id, started)
+        finally:
+            self.sandbox.stats.end(outcome)
+
+    # -- reading and checking -------------------------------------------------------------
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str, started: float
+    ) -> str:
+        request = Request(scope, receive)
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith(FORM_CONTENT_TYPES):
+            await request.body()
+            error = bad_request(
+                "The sandbox accepts only multipart/form-data edits (JSON bodies with image URLs "
+                "or file ids are not supported).",
+                param=None,
+                code="unsupported_content_type",
+            )
+            return await self._send_error(send, error, request_id, started)
+        try:
+            form = await request.form(max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS)
+        except (HTTPException, MultipartParseError) as exc:
+            error = bad_request(f"Could not parse the multipart body: {exc}", param=None, code=None)
+            return await self._send_error(send, error, request_id, started)
+        try:
+            return await self._checked(scope, request, receive, send, form, request_id, started)
+        finally:
+            await form.close()
+
+    async def _checked(
+        self,
+        scope: Scope,
+        request: Request,
+        receive: Receive,
+        send: Send,
+        form: FormData,
+        request_id: str,
+        started: float,
+    ) -> str:
+        config = self.sandbox.config
+        try:
+            key = _bearer_key(request)
+            if key is None or (config.api_keys is not None and key not in config.api_keys):
+                raise invalid_api_key(key)
+            edit = await run_in_threadpool(validate, form)
+            try:
+                directives = parse_directives(edit.prompt)
+            except DirectiveError as exc:
+                raise bad_request(str(exc), param="prompt") from exc
+            if not self.sandbox.stats.reserve_quota(config.quota_after):
+                raise insufficient_quota()
+        except ApiError as error:
+            return await self._send_error(send, error, request_id, started)
+
+        billed = False
+        try:
+            plan = self._plan(edit, directives, config)
+            outcome, billed = await self._run(
+                scope, receive, send, edit, plan, key, request_id, started
+            )
+            return outcome
+        except ApiError as error:
+            return await self._send_error(send, error, request_id, started)
+        finally:
+            self.sandbox.stats.release_quota(billed=billed, images=edit.n)
+
+    def _plan(self, edit: EditRequest, directives: Directives, config: SandboxConfig) -> Plan:
+        draw = self.sandbox.dice.draw(config.seed)
+        fault = directives.fault
+        from_directive = fault is not None and self.sandbox.directives.fires(
+            edit.prompt, directives.times
+        )
+        if not from_directive:
+            fault = random_fault(config, draw.u)
+        if fault is not None:
+            self.sandbox.stats.count_fault(fault.value)
+        if directives.latency_ms is not None:
+            latency = directives.latency_ms / 1000.0
+        else:
+            latency = latency_seconds(config, draw.z)
+        drift = DIRECTIVE_DRIFT if fault is Fault.DRIFT else config.drift
+        return Plan(fault, from_directive, latency, drift)
+
+    def _rejection(
+        self, fault: Fault, edit: EditRequest, key: str, from_directive: bool
+    ) -> ApiError:
+        if fault is Fault.RATE_LIMIT:
+            ms = DIRECTIVE_RETRY_AFTER_MS if from_directive else BURST_RETRY_AFTER_MS
+            return rate_limit_exceeded(
+                f"Rate limit reached for {edit.model} in organization org-sandbox on images per "
+                f"minute (IPM). Please try again in {ms}ms. Visit "
+                "https://platform.openai.com/account/rate-limits to learn more.",
+                ms,
+            )
+        if fault is Fault.QUOTA:
+            return insufficient_quota()
+        if fault is Fault.MODERATION:
+            return moderation_blocked()
+        if fault is Fault.UNAUTHORIZED:
+            return invalid_api_key(key)
+        if fault is Fault.FORBIDDEN:
+            return organization_not_verified(edit.model)
+        return ApiError(
+            400, "The request was rejected as invalid (sandbox directive #sandbox:400)."
+        )
+
+    def _rate_limit(self, edit: EditRequest, config: SandboxConfig) -> None:
+        limit = config.rate_limit_per_minute
+        wait = self.sandbox.image_window.try_take(edit.n, limit)
+        if wait <= 0:
+            return
+        self.sandbox.stats.count_rate_limited()
+        ms = max(1, int(wait * 1000 + 0.999))
+        used = self.sandbox.image_window.used()
+        raise rate_limit_exceeded(
+            f"Rate limit reached for {edit.model} in organization org-sandbox on images per "
+            f"minute (IPM): Limit {limit}, Used {used}, Requested {edit.n}. Please try again in "
+            f"{wait:.3f}s. Visit https://platform.openai.com/account/rate-limits to learn more.",
+            ms,
+        )
+
+    # -- doing ----------------------------------------------------------------------------
+
+    async def _run(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        edit: EditRequest,
+        plan: Plan,
+        key: str,
+        request_id: str,
+        started: float,
+    ) -> tuple[str, bool]:
+        """Returns (outcome for stats, whether the request was billed)."""
+        config = self.sandbox.config
+        if plan.fault in REJECTIONS:
+            raise self._rejection(plan.fault, edit, key, plan.from_directive)
+        self._rate_limit(edit, config)
+        if plan.latency > 0 and await _disconnected_within(receive, plan.latency):
+            return "disconnected", False
+        if plan.fault is Fault.SERVER_ERROR:
+            raise server_error()
+        if plan.fault is Fault.TIMEOUT:
+            if await _disconnected_within(receive, config.hang_seconds):
+                return "disconnected", False
+            raise server_error()
+        if plan.fault is Fault.RESET:
+            if await connections.reset(scope):
+                return "reset", False
+            raise server_error()  # not served by SandboxServer/serve: no transport to reset
+
+        usage = tokens.usage(
+            prompt=edit.prompt,
+            input_sizes=[(u.info.width, u.info.height) for u in edit.images],
+            input_fidelity=edit.input_fidelity,
+            output_size=edit.size,
+            quality=edit.quality,
+            n=edit.n,
+        )
+        body = await self._success_body(edit, plan, usage, config.seed)
+        if plan.fault is Fault.TRUNCATED:
+            await self._send_truncated(scope, send, body, request_id, started)
+            return "200", False
+        await self._send(send, 200, body, request_id, started)
+        self._bill(edit, usage, request_id)
+        return "200", True
+
+    async def _success_body(
+        self, edit: EditRequest, plan: Plan, usage: dict[str, Any], seed: int
+    ) -> bytes:
+        job = EditJob(
+            image=edit.images[0].file,
+            mask=edit.mask.file if edit.mask else None,
+            size=edit.size,
+            output_format=edit.output_format,
+            output_compression=edit.output_compression,
+            background=edit.background,
+            prompt=edit.prompt,
+            n=edit.n,
+            drift=plan.drift,
+            seed=seed,
+        )
+        rendered = await run_in_threadpool(render, job)
+        background = rendered.background
+        encoded = [base64.b64encode(image).decode("ascii") for image in rendered.images]
+        del rendered  # keep one copy of the images (base64) in memory, not two
+        if plan.fault is Fault.BAD_B64:
+            encoded = [_corrupt_b64(value) for value in encoded]
+        payload = {
+            "created": int(time.time()),
+            "data": [{"b64_json": value} for value in encoded],
+            "background": background,
+            "output_format": edit.output_format,
+            "quality": edit.quality,
+            "size": edit.size_text,
+            "usage": usage,
+        }
+        return json.dumps(payload).encode()
+
+    def _bill(self, edit: EditRequest, usage: dict[str, Any], request_id: str) -> None:
+        self.sandbox.token_window.add(usage["total_tokens"])
+        self.sandbox.billing.append(
+            self.sandbox.config.billing_log,
+            request_id=request_id,
+            model=edit.model,
+            size=edit.size_text,
+            quality=edit.quality,
+            n=edit.n,
+            usage=usage,
+            cost_usd=tokens.cost_usd(edit.model, usage),
+        )
+
+    # -- answering ------------------------------------------------------------------------
+
+    def _headers(self, request_id: str, started: float, length: int) -> list[tuple[bytes, bytes]]:
+        config = self.sandbox.config
+        window, token_window = self.sandbox.image_window, self.sandbox.token_window
+        limit = config.rate_limit_per_minute or NOTIONAL_IMAGE_LIMIT
+        values = {
+            "content-type": "application/json",
+            "content-length": str(length),
+            "x-request-id": request_id,
+            "openai-processing-ms": str(round((time.monotonic() - started) * 1000)),
+            "openai-version": "2020-10-01",
+            "x-ratelimit-limit-requests": str(limit),
+            "x-ratelimit-remaining-requests": str(max(0, limit - window.used())),
+            "x-ratelimit-reset-requests": _duration(window.reset_in()),
+            "x-ratelimit-limit-tokens": str(NOTIONAL_TOKEN_LIMIT),
+            "x-ratelimit-remaining-tokens": str(max(0, NOTIONAL_TOKEN_LIMIT - token_window.used())),
+            "x-ratelimit-reset-tokens": _duration(token_window.reset_in()),
+        }
+        return [(k.encode(), v.encode()) for k, v in values.items()]
+
+    async def _send(
+        self,
+        send: Send,
+        status: int,
+        body: bytes,
+        request_id: str,
+        started: float,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        headers = self._headers(request_id, started, len(body))
+        headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _send_error(
+        self, send: Send, error: ApiError, request_id: str, started: float
+    ) -> str:
+        body = json.dumps(error.body()).encode()
+        await self._send(send, error.status, body, request_id, started, error.headers)
+        return str(error.status)
+
+    async def _send_truncated(
+        self, scope: Scope, send: Send, body: bytes, request_id: str, started: float
+    ) -> None:
+        """Promise the whole body in Content-Length, send half, then close the connection."""
+        headers = self._headers(request_id, started, len(body))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True}
+        )
+        if not await connections.close(scope):
+            # Not served by SandboxServer/serve: make the server drop the connection.
+            raise RuntimeError("sandbox: truncated response (intentional)")
+
+
+def _openai_http_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    message = f"Invalid URL ({request.method} {request.url.path})"
+    if status == 405:
+        message = f"Method {request.method} is not allowed for {request.url.path}."
+    error = ApiError(status, message)
+    return JSONResponse(error.body(), status_code=status)
+
+
+def create_app(config: SandboxConfig) -> Starlette:
+    """The sandbox as an ASGI app; `app.state.sandbox` holds its state and config."""
+    sandbox = Sandbox(config)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(sandbox.stats.snapshot())
+
+    async def get_config(request: Request) -> Response:
+        return JSONResponse(sandbox.config.as_dict())
+
+    async def post_config(request: Request) -> Response:
+        try:
+            values = await request.json()
+            if not isinstance(values, dict):
+                raise ValueError("expected a JSON object of config fields")
+            sandbox.config.update(values)
+        except ValueError as exc:
+            return JSONResponse(
+                bad_request(str(exc), param=None, code=None).body(), status_code=400
+            )
+        return JSONResponse(sandbox.config.as_dict())
+
+    async def reset(request: Request) -> Response:
+        sandbox.reset()
+        return JSONResponse({"reset": True})
+
+    app = Starlette(
+        routes=[
+            Route("/v1/images/edits", EditsEndpoint(sandbox), methods=["POST"]),
+            Route("/sandbox/stats", stats, methods=["GET"]),
+            Route("/sandbox/config", get_config, methods=["GET"]),
+            Route("/sandbox/config", post_config, methods=["POST"]),
+            Route("/sandbox/reset", reset, methods=["POST"]),
+        ],
+        exception_handlers={404: _openai_http_error, 405: _openai_http_error},
+    )
+    app.state.sandbox = sandbox
+    return app

@@ -1,0 +1,45 @@
+"""The JSONL billing log: one line per billed request, appended under one lock."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+
+class BillingLog:
+    """Appends billing records to whichever path the config names at the time of the write."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def append(
+        self,
+        path: str | None,
+        *,
+        request_id: str,
+        model: str,
+        size: str,
+        quality: str,
+        n: int,
+        usage: dict[str, Any],
+        cost_usd: Decimal,
+    ) -> None:
+        if path is None:
+            return
+        record = {
+            "request_id": request_id,
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "model": model,
+            "size": size,
+            "quality": quality,
+            "n": n,
+            "usage": usage,
+            "cost_usd": str(cost_usd),
+        }
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self._lock, open(path, "a", encoding="utf-8") as log:
+            log.write(line)
+            log.flush()

@@ -1,0 +1,88 @@
+"""Sandbox settings: one mutable dataclass, read afresh by every request."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class SandboxConfig:
+    """Behaviour of a sandbox server; changing a field on a running server takes effect at once."""
+
+    latency_ms: float = 0.0
+    latency_sigma: float = 0.0
+    time_scale: float = 1.0
+    rate_limit_per_minute: int | None = None
+    error_rate: float = 0.0
+    timeout_rate: float = 0.0
+    hang_seconds: float = 30.0
+    reset_rate: float = 0.0
+    truncated_rate: float = 0.0
+    bad_b64_rate: float = 0.0
+    burst_429_rate: float = 0.0
+    quota_after: int | None = None
+    drift: float = 0.0
+    api_keys: list[str] | None = None
+    seed: int = 0
+    billing_log: str | None = None
+
+    def update(self, values: Mapping[str, Any]) -> None:
+        """Set fields from plain values (e.g. JSON); raise ValueError naming a bad field."""
+        checked = {name: coerce_field(name, value) for name, value in values.items()}
+        for name, value in checked.items():
+            setattr(self, name, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_HINTS: dict[str, Any] = typing.get_type_hints(SandboxConfig)
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SandboxConfig))
+
+
+def field_kind(name: str) -> tuple[type, bool]:
+    """The base type of a config field (float, int, str or list) and whether it may be None."""
+    hint = _HINTS[name]
+    optional = False
+    if isinstance(hint, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    base = typing.get_origin(hint) or hint
+    return base, optional
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """Check one field's value against its declared type; raise ValueError if it does not fit."""
+    if name not in _HINTS:
+        raise ValueError(f"unknown sandbox config field {name!r}; known: {', '.join(FIELD_NAMES)}")
+    base, optional = field_kind(name)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} cannot be null")
+    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+        if number < 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if name.endswith("_rate") and number > 1:
+            raise ValueError(f"{name} is a fraction of requests and must be <= 1, got {value!r}")
+        if name == "drift" and number > 1:
+            raise ValueError(f"drift is a fraction of pixels and must be <= 1, got {value!r}")
+        return number
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+        return value
+    if base is str and isinstance(value, str):
+        return value
+    if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(
+        f"{name} expects {base.__name__}{' or null' if optional else ''}, got {value!r}"
+    )

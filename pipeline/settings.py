@@ -1,0 +1,139 @@
+"""One typed settings model: environment variables `EDITBATCH_*`, optionally a TOML file.
+
+Precedence (highest first): explicit overrides, environment, `EDITBATCH_CONFIG` TOML file, defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_HOME = Path(".editbatch")
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one editbatch process (CLI, producer or worker)."""
+
+    model_config = SettingsConfigDict(env_prefix="EDITBATCH_", extra="ignore", populate_by_name=True)
+
+    home: Path = Field(DEFAULT_HOME, description="Folder for the default SQLite file and spool.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<home>/editbatch.db (WAL mode)."
+    )
+    broker_url: str = Field("redis://localhost:6379/0", description="Celery broker (Redis).")
+    redis_url: str | None = Field(
+        None, description="Redis for the shared rate limiter; default: the broker URL."
+    )
+    spool_dir: Path | None = Field(None, description="Raw API outputs before collection.")
+    default_model: str = Field("gpt-image-1.5", description="Model for rows that name none.")
+    concurrency: int = Field(8, ge=1, le=1000, description="Calls in flight per `run` process.")
+    images_per_minute: int | None = Field(
+        None, ge=1, description="Account image rate limit shared by every worker."
+    )
+    max_in_flight: int | None = Field(
+        None, ge=1, description="Most calls in flight across every worker."
+    )
+    model_limits: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description='Per-model overrides, JSON: {"gpt-image-1-mini": {"images_per_minute": 50}}.',
+    )
+    max_attempts: int = Field(5, ge=1, le=50, description="Calls per job before it fails.")
+    backoff_base_seconds: float = Field(1.0, gt=0, description="First retry wait (jittered).")
+    backoff_max_seconds: float = Field(60.0, gt=0, description="Longest retry wait.")
+    request_timeout_seconds: float = Field(
+        300.0, gt=0, description="Timeout of one edit call (edits take 20-60 s)."
+    )
+    lease_seconds: int = Field(
+        900, ge=30, description="A running job whose lease expires is requeued."
+    )
+    prices_file: Path | None = Field(None, description="TOML price table replacing the built-in.")
+    catalog_file: Path | None = Field(None, description="TOML model catalogue overrides.")
+    daily_budget_usd: Decimal | None = Field(None, ge=0, description="Spend cap per UTC day.")
+    openai_api_key: SecretStr | None = Field(
+        None,
+        validation_alias="OPENAI_API_KEY",
+        description="API key (read from OPENAI_API_KEY; never stored or logged).",
+    )
+    openai_base_url: str | None = Field(
+        None, validation_alias="OPENAI_BASE_URL", description="API base URL (OPENAI_BASE_URL)."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(
+                f"not a SQLAlchemy URL: {value!r} (expected e.g. sqlite:///path.db "
+                "or postgresql+psycopg://user@host/db)"
+            )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = os.environ.get("EDITBATCH_CONFIG")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
+        return tuple(sources)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'editbatch.db').resolve()}"
+
+    @property
+    def effective_spool_dir(self) -> Path:
+        return (self.spool_dir or self.home / "spool").resolve()
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or self.broker_url
+
+    def api_key(self) -> str:
+        return self.openai_api_key.get_secret_value() if self.openai_api_key else ""
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting with its effective value, secrets masked, for `editbatch config`."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "****" if value.get_secret_value() else None
+            out[name] = None if value is None else str(value)
+        out["database_url"] = _mask_url_password(self.effective_database_url)
+        out["broker_url"] = _mask_url_password(self.broker_url)
+        return out
+
+
+def _mask_url_password(url: str) -> str:
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{head}://{user}:****@{host}" if ":" in creds else url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

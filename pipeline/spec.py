@@ -1,0 +1,93 @@
+"""EditSpec: one validated manifest row, the unit of work (plain, frozen, JSON-serialisable)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MASK_MODES = ("guide", "strict")
+DEFAULT_OUTPUT_TEMPLATE = "{id}_{index}.{ext}"
+DEFAULT_OUTPUT_TEMPLATE_NO_ID = "row{row}_{index}.{ext}"
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """Everything needed to make one edit call and to name its outputs.
+
+    Paths are absolute (resolved against the manifest's folder). `params` holds only the API
+    parameters the row sets (size, quality, input_fidelity, background, output_format,
+    output_compression, n), so that omitted parameters stay omitted in the request.
+    """
+
+    row: int
+    key: str | None
+    images: tuple[str, ...]
+    prompt: str
+    model: str
+    mask: str | None = None
+    markup: str | None = None
+    size: str = "auto"
+    quality: str = "auto"
+    n: int = 1
+    output_format: str = "png"
+    input_fidelity: str | None = None
+    background: str | None = None
+    output_compression: int | None = None
+    output: str = DEFAULT_OUTPUT_TEMPLATE
+    mask_mode: str = "guide"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ext(self) -> str:
+        return "jpg" if self.output_format == "jpeg" else self.output_format
+
+    def api_params(self) -> dict[str, Any]:
+        """Keyword arguments for `client.images.edit`, apart from the files."""
+        params: dict[str, Any] = {
+            "model": self.model,
+            "prompt": self.prompt,
+            "n": self.n,
+            "size": self.size,
+            "quality": self.quality,
+            "output_format": self.output_format,
+        }
+        for name in ("input_fidelity", "background", "output_compression"):
+            value = getattr(self, name)
+            if value is not None:
+                params[name] = value
+        return params
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> EditSpec:
+        data = json.loads(text)
+        data["images"] = tuple(data["images"])
+        return cls(**data)
+
+    def fingerprint(self, file_digests: dict[str, str]) -> str:
+        """A hash of what the API sees: file bytes (by digest), prompt, model and parameters.
+
+        Two jobs with the same fingerprint would buy the same edit twice.
+        """
+        payload = {
+            "images": [file_digests[p] for p in self.images],
+            "mask": file_digests[self.mask] if self.mask else None,
+            "markup": file_digests[self.markup] if self.markup else None,
+            "params": self.api_params(),
+            "mask_mode": self.mask_mode,
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,167 @@
+"""Batch status from SQL aggregates (never by loading every job)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from pipeline.db.models import Attempt, Batch, Job, Output
+from pipeline.errors import NotFoundError
+
+STATES = ("queued", "running", "retrying", "held", "succeeded", "failed", "rejected", "cancelled")
+
+
+@dataclass
+class BatchStatus:
+    batch_id: int
+    name: str
+    state: str
+    hold_reason: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    output_uri: str
+    jobs_total: int
+    counts: dict[str, int]
+    cost_usd: Decimal
+    attempts: int
+    attempts_by_outcome: dict[str, int]
+    outputs: int
+    outputs_uncollected: int
+    unpriced_attempts: int
+    estimated_cost_attempts: int
+    budget_usd: Decimal | None
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.get(s, 0) for s in ("succeeded", "failed", "rejected", "cancelled"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id,
+            "name": self.name,
+            "state": self.state,
+            "hold_reason": self.hold_reason,
+            "counts": self.counts,
+            "jobs_total": self.jobs_total,
+            "cost_usd": str(self.cost_usd),
+            "budget_usd": None if self.budget_usd is None else str(self.budget_usd),
+            "attempts": self.attempts,
+            "attempts_by_outcome": self.attempts_by_outcome,
+            "outputs": self.outputs,
+            "outputs_uncollected": self.outputs_uncollected,
+            "unpriced_attempts": self.unpriced_attempts,
+            "output_uri": self.output_uri,
+            "failures": self.failures,
+        }
+
+
+def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> BatchStatus:
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        raise NotFoundError(f"no batch {batch_id}; `editbatch status` lists the batches")
+    counts = {s: 0 for s in STATES}
+    cost = Decimal(0)
+    for state, n, state_cost in session.execute(
+        select(Job.state, func.count(), func.coalesce(func.sum(Job.cost_usd), 0))
+        .where(Job.batch_id == batch_id)
+        .group_by(Job.state)
+    ):
+        counts[state] = int(n)
+        cost += Decimal(str(state_cost))
+    by_outcome: dict[str, int] = {}
+    unpriced = 0
+    estimated = 0
+    for outcome, n, n_unpriced, n_estimated in session.execute(
+        select(
+            Attempt.outcome,
+            func.count(),
+            func.sum(case((Attempt.priced.is_(False), 1), else_=0)),
+            func.sum(case((Attempt.cost_estimated.is_(True), 1), else_=0)),
+        )
+        .join(Job, Job.id == Attempt.job_id)
+        .where(Job.batch_id == batch_id)
+        .group_by(Attempt.outcome)
+    ):
+        by_outcome[outcome] = int(n)
+        unpriced += int(n_unpriced or 0)
+        estimated += int(n_estimated or 0)
+    out_total, out_left = session.execute(
+        select(func.count(Output.id), func.count(Output.id) - func.count(Output.collected_at))
+        .join(Job, Job.id == Output.job_id)
+        .where(Job.batch_id == batch_id)
+    ).one()
+    failures = [
+        {
+            "row": row,
+            "id": key,
+            "state": state,
+            "code": code,
+            "message": message,
+        }
+        for row, key, state, code, message in session.execute(
+            select(
+                Job.row_number,
+                Job.external_key,
+                Job.state,
+                Job.last_error_code,
+                Job.last_error_message,
+            )
+            .where(Job.batch_id == batch_id, Job.state.in_(("failed", "rejected")))
+            .order_by(Job.row_number)
+            .limit(failures_limit)
+        )
+    ]
+    return BatchStatus(
+        batch_id=batch.id,
+        name=batch.name,
+        state=batch.state,
+        hold_reason=batch.hold_reason,
+        created_at=batch.created_at,
+        finished_at=batch.finished_at,
+        output_uri=batch.output_uri,
+        jobs_total=sum(counts.values()),
+        counts=counts,
+        cost_usd=cost,
+        attempts=sum(by_outcome.values()),
+        attempts_by_outcome=by_outcome,
+        outputs=int(out_total or 0),
+        outputs_uncollected=int(out_left or 0),
+        unpriced_attempts=unpriced,
+        estimated_cost_attempts=estimated,
+        budget_usd=batch.budget_usd,
+        failures=failures,
+    )
+
+
+def list_batches(session: Session, limit: int = 50) -> list[dict[str, Any]]:
+    rows = session.execute(
+        select(
+            Batch.id,
+            Batch.name,
+            Batch.state,
+            Batch.created_at,
+            func.count(Job.id),
+            func.coalesce(func.sum(Job.cost_usd), 0),
+        )
+        .outerjoin(Job, Job.batch_id == Batch.id)
+        .group_by(Batch.id)
+        .order_by(Batch.id.desc())
+        .limit(limit)
+    )
+    return [
+        {
+            "batch_id": bid,
+            "name": name,
+            "state": state,
+            "created_at": created.isoformat(timespec="seconds"),
+            "jobs_total": int(total),
+            "cost_usd": str(Decimal(str(cost)).quantize(Decimal("0.000001"))),
+        }
+        for bid, name, state, created, total, cost in rows
+    ]

@@ -1,0 +1,37 @@
+"""The Celery app: `celery -A worker.app worker` (broker from EDITBATCH_BROKER_URL).
+
+Delivery is at least once (acks_late + reject_on_worker_lost); every task begins with an
+atomic claim in the database, so a redelivered message for a finished job does nothing.
+Edit calls are slow I/O (20-60 s), so the default pool is threads, not a process per call.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from pipeline.settings import get_settings
+
+QUEUE = "editbatch"
+
+settings = get_settings()
+app = Celery("editbatch", broker=settings.broker_url, include=["worker.tasks"])
+app.conf.update(
+    task_default_queue=QUEUE,
+    task_serializer="json",
+    accept_content=["json"],
+    result_backend=None,
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_pool="threads",
+    worker_concurrency=settings.concurrency,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    # A message unacknowledged for longer than this is delivered again: keep it above the
+    # job lease so a slow but live call is not started twice.
+    broker_transport_options={"visibility_timeout": settings.lease_seconds + 300},
+    beat_schedule={
+        "reap-expired-leases": {"task": "editbatch.reap", "schedule": 60.0},
+    },
+)
