@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,7 +78,10 @@ PG_DIRS = tuple(sorted((str(p) for p in Path("/usr/lib/postgresql").glob("*/bin"
 class PostgresServer:
     """A throwaway PostgreSQL cluster (initdb in a temp folder; runs as `postgres` under root)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path | None = None) -> None:
+        # Not under pytest's tmp folder: that is private to root and `postgres` must enter it.
+        tmp = Path(tempfile.mkdtemp(prefix="editbatch-pg-"))
+        self.tmp = tmp
         self.port = free_port()
         initdb = _binary("initdb", "apt-get install postgresql", PG_DIRS)
         pg_ctl = str(Path(initdb).parent / "pg_ctl")
@@ -126,6 +130,7 @@ class PostgresServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class CeleryWorker:
