@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
@@ -27,13 +29,18 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+def _ensure_sqlite_folder(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the pragmas SQLite needs for many concurrent writers."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        _ensure_sqlite_folder(url)
         kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
         kwargs.pop("pool_pre_ping")
     else:
@@ -64,7 +71,14 @@ def ensure_migrated(url: str) -> None:
     with _LOCK:
         if url in _MIGRATED:
             return
-        upgrade(url)
+        _ensure_sqlite_folder(url)
+        try:
+            upgrade(url)
+        except DBAPIError:
+            # Another process (a second worker starting at the same moment) migrated first;
+            # once it has, upgrading again finds nothing to do.
+            time.sleep(1.0)
+            upgrade(url)
         _MIGRATED.add(url)
 
 

@@ -1,0 +1,92 @@
+"""`editbatch run` as a person runs it: the quick start, and Ctrl-C then the same command again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.sandbox import SandboxConfig, SandboxServer
+from tests.conftest import FAKE_KEY, billed_total
+from tests.factories import product_rows, write_manifest
+from tests.servers import REPO
+
+
+def editbatch(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_quick_start_example_runs_end_to_end(tmp_path: Path) -> None:
+    env = {"EDITBATCH_HOME": str(tmp_path / "home")}
+    out = tmp_path / "out"
+    proc = editbatch(
+        ["run", str(REPO / "examples" / "manifest.csv"), "--sandbox", "--output", str(out)],
+        env,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "succeeded" in proc.stdout and "cost" in proc.stdout
+    status = json.loads(editbatch(["status", "1", "--json"], env, tmp_path).stdout)
+    assert status["state"] == "finished"
+    assert status["counts"]["succeeded"] == status["jobs_total"] == 12
+    assert status["cost_usd"] != "0"
+    billed, _ = billed_total(tmp_path / "home" / "sandbox-billing.jsonl")
+    assert str(billed) == status["cost_usd"]
+    images = sorted(p for p in out.rglob("*") if p.suffix in (".png", ".jpg"))
+    assert len(images) == 13
+    assert (out / "report-1.csv").is_file() and (out / "report-1.json").is_file()
+    report = json.loads((out / "report-1.json").read_text())
+    assert {j["id"] for j in report["jobs"]} == {f"SKU-{1000 + i}" for i in range(12)}
+
+
+def test_ctrl_c_then_rerun_continues_without_paying_twice(tmp_path: Path) -> None:
+    rows = product_rows(tmp_path / "in", 24)
+    manifest = write_manifest(tmp_path / "in" / "m.csv", rows)
+    config = SandboxConfig(billing_log=str(tmp_path / "billing.jsonl"), latency_ms=400)
+    with SandboxServer(config) as sandbox:
+        env = {
+            "EDITBATCH_HOME": str(tmp_path / "home"),
+            "OPENAI_BASE_URL": sandbox.base_url,
+            "OPENAI_API_KEY": FAKE_KEY,
+            "EDITBATCH_CONCURRENCY": "2",
+        }
+        args = ["run", str(manifest), "--output", str(tmp_path / "out")]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env={**os.environ, **env},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        billing = tmp_path / "billing.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if billing.exists() and len(billing.read_text().splitlines()) >= 4:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert "stopping after the calls in flight" in err
+        first_calls = len(billing.read_text().splitlines())
+        assert 4 <= first_calls < 24
+        again = editbatch(args, env, tmp_path)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "continuing batch 1" in again.stdout
+    lines = [json.loads(x) for x in billing.read_text().splitlines()]
+    assert len(lines) == 24  # every job paid exactly once across both runs
+    status = json.loads(editbatch(["status", "1", "--json"], env, tmp_path).stdout)
+    assert status["counts"]["succeeded"] == 24
+    assert len(list((tmp_path / "out").glob("*.png"))) == 24
