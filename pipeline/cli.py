@@ -184,6 +184,12 @@ def _status_table(status: BatchStatus) -> Table:
     if status.budget_usd is not None:
         table.add_row("budget", f"${status.budget_usd:.2f}")
     table.add_row("outputs", f"{status.outputs} ({status.outputs_uncollected} not collected)")
+    if status.drift_outputs and status.drift_mean is not None:
+        table.add_row(
+            "mask drift",
+            f"mean {status.drift_mean:.1%}, max {status.drift_max or 0:.1%} of protected pixels "
+            f"changed by the model ({status.drift_outputs} masked outputs)",
+        )
     return table
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 from sqlalchemy import select
 
+from pipeline import masks
 from pipeline.db.models import Batch, Job, Output, utcnow
 from pipeline.db.session import Database
 from pipeline.errors import StorageError
@@ -39,12 +40,42 @@ class StorageCache:
             return self._items[root]
 
 
+PIL_FORMAT = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
+
+
 def finish_output(spec: EditSpec, raw: bytes) -> tuple[bytes, dict[str, object]]:
-    """Post-process one raw API output; returns final bytes and what to record about them."""
+    """Post-process one raw API output; returns the final bytes and what to record about them.
+
+    Masked edits: the drift of the raw output (share of the protected area it changed) is
+    measured. `mask_mode=strict`: the output is brought back to the source's size and every
+    protected pixel (outside the feather band) is put back exactly, in the requested format.
+    """
+    drift: float | None = None
     with Image.open(io.BytesIO(raw)) as img:
+        img.load()
+        if spec.mask is not None:
+            with Image.open(spec.images[0]) as src, Image.open(spec.mask) as mask:
+                src.load()
+                mask.load()
+                drift = masks.drift_share(src, mask, img)
+                if spec.mask_mode == "strict":
+                    img = masks.composite_strict(src, mask, img, spec.mask_feather)
+                    raw = _encode(img, spec)
         width, height = img.size
         fmt = (img.format or spec.output_format).lower()
-    return raw, {"width": width, "height": height, "format": fmt, "drift": None}
+    return raw, {"width": width, "height": height, "format": fmt, "drift": drift}
+
+
+def _encode(img: Image.Image, spec: EditSpec) -> bytes:
+    fmt = PIL_FORMAT.get(spec.output_format, "PNG")
+    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    options: dict[str, object] = {}
+    if spec.output_compression is not None and fmt in ("JPEG", "WEBP"):
+        options["quality"] = max(1, 100 - spec.output_compression)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
 
 
 def collect_job(db: Database, job_id: int, storages: StorageCache) -> int:
@@ -82,6 +113,7 @@ def collect_job(db: Database, job_id: int, storages: StorageCache) -> int:
             out.width = int(str(meta["width"]))
             out.height = int(str(meta["height"]))
             out.format = str(meta["format"])
+            out.drift = meta["drift"] if isinstance(meta["drift"], float) else None
             out.collected_at = utcnow()
             out.collect_error = None
             written += 1

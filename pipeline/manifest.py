@@ -40,6 +40,7 @@ EDIT_FIELDS = (
     "n",
     "output",
     "mask_mode",
+    "mask_feather",
 )
 REQUIRED_FIELDS = ("image", "prompt")
 IMAGE_SEPARATOR = "|"
@@ -225,6 +226,9 @@ def parse_row(
             return None
 
     n = as_int("n")
+    feather = as_int("mask_feather")
+    if feather is not None and not 0 <= feather <= 254:
+        err("mask_feather", f"expected 0..254 pixels, got {feather}")
     compression = as_int("output_compression")
     output_format = (_text(merged.get("output_format")) or "png").lower()
     if output_format == "jpg":
@@ -266,6 +270,7 @@ def parse_row(
         output_compression=compression,
         output=template,
         mask_mode=mask_mode,
+        mask_feather=feather or 0,
         metadata=metadata,
     )
 

@@ -28,6 +28,7 @@ COLUMNS = (
     "cost_usd",
     "outputs",
     "sha256",
+    "mask_drift",
     "error_code",
     "error_message",
 )
@@ -66,13 +67,13 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
             if not chunk:
                 return
             ids = [r.id for r in chunk]
-            outputs: dict[int, list[tuple[str, str]]] = {}
-            for job_id, uri, sha in session.execute(
-                select(Output.job_id, Output.uri, Output.sha256)
+            outputs: dict[int, list[tuple[str, str, float | None]]] = {}
+            for job_id, uri, sha, drift in session.execute(
+                select(Output.job_id, Output.uri, Output.sha256, Output.drift)
                 .where(Output.job_id.in_(ids))
                 .order_by(Output.job_id, Output.index)
             ):
-                outputs.setdefault(job_id, []).append((uri or "", sha or ""))
+                outputs.setdefault(job_id, []).append((uri or "", sha or "", drift))
         for r in chunk:
             outs = outputs.get(r.id, [])
             yield {
@@ -81,8 +82,9 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
                 "state": r.state,
                 "attempts": r.attempts,
                 "cost_usd": str(Decimal(str(r.cost_usd)).quantize(Decimal("0.000001"))),
-                "outputs": [u for u, _ in outs],
-                "sha256": [s for _, s in outs],
+                "outputs": [u for u, _, _ in outs],
+                "sha256": [s for _, s, _ in outs],
+                "mask_drift": [f"{d:.4f}" for _, _, d in outs if d is not None],
                 "error_code": r.last_error_code,
                 "error_message": r.last_error_message,
             }

@@ -37,6 +37,7 @@ class EditSpec:
     output_compression: int | None = None
     output: str = DEFAULT_OUTPUT_TEMPLATE
     mask_mode: str = "guide"
+    mask_feather: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -79,6 +80,7 @@ class EditSpec:
             "markup": file_digests[self.markup] if self.markup else None,
             "params": self.api_params(),
             "mask_mode": self.mask_mode,
+            "mask_feather": self.mask_feather if self.mask_mode == "strict" else 0,
         }
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()

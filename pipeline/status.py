@@ -35,6 +35,9 @@ class BatchStatus:
     unpriced_attempts: int
     estimated_cost_attempts: int
     budget_usd: Decimal | None
+    drift_outputs: int = 0
+    drift_mean: float | None = None
+    drift_max: float | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -57,6 +60,11 @@ class BatchStatus:
             "outputs_uncollected": self.outputs_uncollected,
             "unpriced_attempts": self.unpriced_attempts,
             "output_uri": self.output_uri,
+            "mask_drift": {
+                "outputs": self.drift_outputs,
+                "mean": self.drift_mean,
+                "max": self.drift_max,
+            },
             "failures": self.failures,
         }
 
@@ -91,8 +99,14 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         by_outcome[outcome] = int(n)
         unpriced += int(n_unpriced or 0)
         estimated += int(n_estimated or 0)
-    out_total, out_left = session.execute(
-        select(func.count(Output.id), func.count(Output.id) - func.count(Output.collected_at))
+    out_total, out_left, drift_n, drift_avg, drift_max = session.execute(
+        select(
+            func.count(Output.id),
+            func.count(Output.id) - func.count(Output.collected_at),
+            func.count(Output.drift),
+            func.avg(Output.drift),
+            func.max(Output.drift),
+        )
         .join(Job, Job.id == Output.job_id)
         .where(Job.batch_id == batch_id)
     ).one()
@@ -132,6 +146,9 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         attempts_by_outcome=by_outcome,
         outputs=int(out_total or 0),
         outputs_uncollected=int(out_left or 0),
+        drift_outputs=int(drift_n or 0),
+        drift_mean=None if drift_avg is None else float(drift_avg),
+        drift_max=None if drift_max is None else float(drift_max),
         unpriced_attempts=unpriced,
         estimated_cost_attempts=estimated,
         budget_usd=batch.budget_usd,
