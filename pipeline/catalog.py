@@ -58,8 +58,8 @@ class SizeRule:
             return "a side is zero"
         m = self.multiple
         if width % m or height % m:
-            near_w = max(m, round(width / m) * m)
-            near_h = max(m, round(height / m) * m)
+            near_w = max(m, (width + m // 2) // m * m)
+            near_h = max(m, (height + m // 2) // m * m)
             return f"width and height must both be divisible by {m} (nearest: {near_w}x{near_h})"
         long_side, short_side = max(width, height), min(width, height)
         if long_side / short_side > self.max_aspect:
@@ -128,7 +128,10 @@ class ModelInfo:
             return f"size {size!r} is not available on {self.name}: use one of {listed}"
         parsed = parse_size(size)
         if parsed is None:
-            return f"size {size!r} is not WIDTHxHEIGHT: use e.g. 1536x864, or one of {listed}"
+            return (
+                f"size {size!r} is not available on {self.name}: give WIDTHxHEIGHT "
+                f"(e.g. 1536x864) or one of {listed}"
+            )
         reason = self.size_rule.check(*parsed)
         return None if reason is None else f"size {size} is not available on {self.name}: {reason}"
 

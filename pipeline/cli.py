@@ -79,6 +79,12 @@ UnknownOpt = Annotated[
     bool, typer.Option("--allow-unknown-model", help="Accept models not in the catalogue.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+NoReuseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-reuse", help="Buy every edit, even one already bought (same images, prompt, params)."
+    ),
+]
 BudgetOpt = Annotated[
     str | None, typer.Option("--budget", help="Stop (hold the batch) at this many USD.")
 ]
@@ -181,6 +187,8 @@ def _status_table(status: BatchStatus) -> Table:
     if status.unpriced_attempts:
         cost += f" (+{status.unpriced_attempts} unpriced attempts)"
     table.add_row("cost", cost)
+    if status.reused:
+        table.add_row("reused", f"{status.reused} jobs, saved ${status.saved_usd:.6f}")
     if status.budget_usd is not None:
         table.add_row("budget", f"${status.budget_usd:.2f}")
     table.add_row("outputs", f"{status.outputs} ({status.outputs_uncollected} not collected)")
@@ -292,6 +300,7 @@ def _submit(
     budget: Decimal | None,
     strict: bool,
     db: Database,
+    reuse: bool = True,
 ) -> SubmitResult:
     result = create_batch(
         db,
@@ -302,7 +311,11 @@ def _submit(
         preflight=pre,
         budget_usd=budget,
         strict=strict,
-        settings_snapshot={"defaults": dict(defaults.values), "model": defaults.model},
+        settings_snapshot={
+            "defaults": dict(defaults.values),
+            "model": defaults.model,
+            "reuse": reuse,
+        },
     )
     return result
 
@@ -348,7 +361,8 @@ def submit(
         )
         pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
         result = _submit(
-            settings, manifest, name, output, defaults, pre, _budget(budget), strict, db
+            settings, manifest, name, output, defaults, pre, _budget(budget), strict, db,
+            reuse=not no_reuse,
         )
         from worker.tasks import enqueue
 
@@ -447,7 +461,8 @@ def run(
             )
             pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
             result = _submit(
-                settings, manifest, name, output, defaults, pre, _budget(budget), strict, db
+                settings, manifest, name, output, defaults, pre, _budget(budget), strict, db,
+                reuse=not no_reuse,
             )
             batch_id = result.batch_id
             _print_row_errors(result.errors, manifest)

@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
 
 from pipeline import collector
@@ -25,11 +26,15 @@ from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
 from pipeline.db.session import Database
 from pipeline.gateway import CallOutcome, Gateway
 from pipeline.pricing import PriceTable
-from pipeline.ratelimit import Limiter
+from pipeline.ratelimit import Limiter, PermitTimeout
+from pipeline.errors import StorageError
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
 
 log = logging.getLogger("editbatch.executor")
+
+DUPLICATE_WAIT_SECONDS = 10.0
+PERMIT_RETRY_SECONDS = 5.0
 
 
 @dataclass
@@ -53,6 +58,7 @@ class JobResult:
     job_id: int
     state: str
     detail: str = ""
+    retry_in: float | None = None  # state "deferred": send the job again after this many seconds
 
 
 class _Stop(Exception):
@@ -75,10 +81,21 @@ def process_job(job_id: int, deps: Deps) -> JobResult:
         batch_id = job.batch_id
         spec = EditSpec.from_json(job.spec)
         first_attempt = job.attempts + 1
+        fingerprint = job.fingerprint
+        batch = session.get(Batch, batch_id)
+        reuse = bool(batch and batch.settings.get("reuse", True))
 
     stop_state = _batch_stop_state(deps, batch_id)
     if stop_state:
         return _park(deps, job_id, token, stop_state)
+
+    if reuse and fingerprint:
+        donor, busy = _identical_jobs(deps, job_id, fingerprint)
+        if donor is not None:
+            return _reuse(deps, job_id, token, batch_id, donor)
+        if busy:
+            # The same edit is being bought right now by another job: wait for it, then reuse.
+            return _defer(deps, job_id, token, DUPLICATE_WAIT_SECONDS, "identical job in flight")
 
     remaining = max(settings.max_attempts - first_attempt + 1, 1)
 
@@ -86,12 +103,13 @@ def process_job(job_id: int, deps: Deps) -> JobResult:
         state = _batch_stop_state(deps, batch_id)
         if state:
             raise _Stop(state)
-        with deps.limiter.permit(spec.model, spec.n):
-            started = utcnow()
+        with deps.limiter.permit(spec.model, spec.n, max_wait=_max_permit_wait(settings)):
+            attempt_id = _start_attempt(deps, job_id)
             outcome = deps.gateway.edit(spec)
         if outcome.kind == "transient" and outcome.http_status == 429 and outcome.retry_after:
             deps.limiter.backoff(spec.model, outcome.retry_after)
-        _record_attempt(deps, job_id, spec, outcome, started)
+        deps.limiter.observe(spec.model, outcome.headers)
+        _finish_attempt(deps, attempt_id, job_id, spec, outcome)
         return outcome
 
     def before_sleep(retry_state: RetryCallState) -> None:
@@ -128,6 +146,8 @@ def process_job(job_id: int, deps: Deps) -> JobResult:
         outcome: CallOutcome = retrying(call_once)
     except _Stop as stop:
         return _park(deps, job_id, token, stop.state)
+    except PermitTimeout as exc:
+        return _defer(deps, job_id, token, PERMIT_RETRY_SECONDS, str(exc))
     return _settle(deps, job_id, token, batch_id, spec, outcome)
 
 
@@ -149,36 +169,116 @@ def _park(deps: Deps, job_id: int, token: str, state: str) -> JobResult:
     return JobResult(job_id, state, "batch is not running")
 
 
-def _record_attempt(
-    deps: Deps, job_id: int, spec: EditSpec, outcome: CallOutcome, started: object
+def _max_permit_wait(settings: Settings) -> float:
+    """Wait for a rate permit at most a third of the lease, then hand the job back."""
+    return max(settings.lease_seconds / 3.0, 1.0)
+
+
+def _start_attempt(deps: Deps, job_id: int) -> int:
+    """Record the attempt before the call, so a worker killed mid-call leaves a trace."""
+    with deps.db.session() as session:
+        number = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
+        attempt = Attempt(
+            job_id=job_id, number=number + 1, started_at=utcnow(), outcome="in_flight"
+        )
+        session.add(attempt)
+        jobs.count_attempt(session, job_id)
+        session.commit()
+        return attempt.id
+
+
+def _finish_attempt(
+    deps: Deps, attempt_id: int, job_id: int, spec: EditSpec, outcome: CallOutcome
 ) -> None:
     usage = outcome.usage
     cost = deps.prices.cost(spec.model, usage) if usage is not None else None
-    attempt = Attempt(
-        job_id=job_id,
-        started_at=started,
-        finished_at=utcnow(),
-        outcome=outcome.kind,
-        http_status=outcome.http_status,
-        request_id=outcome.request_id,
-        error_type=outcome.error_type,
-        error_code=outcome.error_code,
-        error_message=outcome.error_message,
-        latency_ms=round(outcome.latency_ms, 1),
-        retry_after_s=outcome.retry_after,
-        text_input_tokens=usage.text_input if usage else None,
-        image_input_tokens=usage.image_input if usage else None,
-        cached_input_tokens=(usage.cached_text_input + usage.cached_image_input) if usage else None,
-        image_output_tokens=usage.image_output if usage else None,
-        text_output_tokens=usage.text_output if usage else None,
-        cost_usd=cost if cost is not None else 0,
-        priced=usage is None or cost is not None,
-    )
     with deps.db.session() as session:
-        number = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
-        attempt.number = number + 1
-        jobs.add_attempt(session, attempt, job_id)
+        attempt = session.get(Attempt, attempt_id)
+        assert attempt is not None
+        attempt.finished_at = utcnow()
+        attempt.outcome = outcome.kind
+        attempt.http_status = outcome.http_status
+        attempt.request_id = outcome.request_id
+        attempt.error_type = outcome.error_type
+        attempt.error_code = outcome.error_code
+        attempt.error_message = outcome.error_message
+        attempt.latency_ms = round(outcome.latency_ms, 1)
+        attempt.retry_after_s = outcome.retry_after
+        if usage is not None:
+            attempt.text_input_tokens = usage.text_input
+            attempt.image_input_tokens = usage.image_input
+            attempt.cached_input_tokens = usage.cached_text_input + usage.cached_image_input
+            attempt.image_output_tokens = usage.image_output
+            attempt.text_output_tokens = usage.text_output
+        attempt.cost_usd = cost if cost is not None else Decimal(0)
+        attempt.priced = usage is None or cost is not None
+        jobs.add_cost(session, job_id, attempt.cost_usd)
         session.commit()
+
+
+def _identical_jobs(deps: Deps, job_id: int, fingerprint: str) -> tuple[int | None, bool]:
+    """(a succeeded job with the same fingerprint whose outputs exist, is one in flight?)"""
+    with deps.db.session() as session:
+        donor = session.scalar(
+            select(Job.id)
+            .where(Job.fingerprint == fingerprint, Job.state == "succeeded", Job.id != job_id)
+            .order_by(Job.id)
+            .limit(1)
+        )
+        busy = session.scalar(
+            select(Job.id)
+            .where(
+                Job.fingerprint == fingerprint,
+                Job.state.in_(("running", "retrying")),
+                Job.id != job_id,
+            )
+            .limit(1)
+        )
+    return donor, busy is not None
+
+
+def _reuse(deps: Deps, job_id: int, token: str, batch_id: int, donor: int) -> JobResult:
+    """Succeed with copies of an identical earlier job's outputs, at no cost."""
+    try:
+        copied = collector.copy_outputs(deps.db, donor, deps.storages)
+    except (OSError, StorageError) as exc:  # the donor's files are gone: buy the edit again
+        log.warning("job %s: cannot reuse job %s outputs (%s); calling the API", job_id, donor, exc)
+        return _defer(deps, job_id, token, 0.0, "reuse failed", disable_reuse_for=job_id)
+    paths = _spool(deps.settings.effective_spool_dir, batch_id, job_id, copied.ext, copied.data)
+    with deps.db.session() as session:
+        if not jobs.set_state(session, job_id, token, "succeeded"):
+            session.rollback()
+            return JobResult(job_id, "skipped", "lost the claim before finishing")
+        session.execute(
+            update(Job).where(Job.id == job_id).values(reused_from_job_id=donor)
+            .execution_options(synchronize_session=False)
+        )
+        for index, (path, drift) in enumerate(zip(paths, copied.drift, strict=True), start=1):
+            session.add(Output(job_id=job_id, index=index, spool_path=str(path), drift=drift))
+        session.commit()
+    collector.collect_job(deps.db, job_id, deps.storages)
+    _maybe_finish(deps, batch_id)
+    return JobResult(job_id, "succeeded", f"reused the outputs of job {donor}")
+
+
+def _defer(
+    deps: Deps,
+    job_id: int,
+    token: str,
+    seconds: float,
+    reason: str,
+    disable_reuse_for: int | None = None,
+) -> JobResult:
+    """Give the job back (queued) to be sent again in `seconds`, without spending anything."""
+    with deps.db.session() as session:
+        jobs.set_state(session, job_id, token, "queued")
+        if disable_reuse_for is not None:
+            session.execute(
+                update(Job).where(Job.id == disable_reuse_for).values(fingerprint=None)
+                .execution_options(synchronize_session=False)
+            )
+        session.commit()
+    return JobResult(job_id, "deferred", reason, retry_in=seconds)
 
 
 def _settle(

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from pipeline.db import jobs
 from pipeline.db.models import Job
@@ -33,32 +33,43 @@ class LocalPool:
 
     def run_batch(self, batch_id: int) -> None:
         """Run every queued job of the batch; returns when all are done or `stop` is set."""
-        work: queue.Queue[int | None] = queue.Queue()
+        work: queue.Queue[int] = queue.Queue()
         for ids in queued_job_ids(self.deps.db, batch_id):
             for job_id in ids:
                 work.put(job_id)
+        self._pending = work.qsize()
+        self._lock = threading.Lock()
         threads = [
             threading.Thread(target=self._loop, args=(work,), name=f"editbatch-{i}", daemon=True)
-            for i in range(min(self.concurrency, max(work.qsize(), 1)))
+            for i in range(min(self.concurrency, max(self._pending, 1)))
         ]
-        for _ in threads:
-            work.put(None)
         for t in threads:
             t.start()
         for t in threads:
             while t.is_alive():
                 t.join(timeout=0.2)
 
-    def _loop(self, work: queue.Queue[int | None]) -> None:
+    def _loop(self, work: queue.Queue[int]) -> None:
         while not self.stop.is_set():
-            job_id = work.get()
-            if job_id is None:
-                return
+            try:
+                job_id = work.get(timeout=0.2)
+            except queue.Empty:
+                with self._lock:
+                    if self._pending == 0:
+                        return
+                continue
             try:
                 result = process_job(job_id, self.deps)
-            except Exception:  # one bad job must not stop the pool; the lease reaper requeues it
+            except Exception:  # one bad job must not stop the pool; a rerun picks it up
                 log.exception("job %s crashed in the executor", job_id)
+                result = JobResult(job_id, "crashed")
+            if result.state == "deferred":
+                timer = threading.Timer(result.retry_in or 0.0, work.put, (job_id,))
+                timer.daemon = True
+                timer.start()
                 continue
+            with self._lock:
+                self._pending -= 1
             if self.on_result is not None:
                 self.on_result(result)
 
@@ -69,14 +80,22 @@ def reclaim_orphans(deps: Deps, batch_id: int) -> int:
     Only for single-machine runs, where no other process can be working on this batch.
     """
     with deps.db.session() as session:
-        result = session.execute(
+        ids = list(
+            session.scalars(
+                select(Job.id).where(
+                    Job.batch_id == batch_id, Job.state.in_(("running", "retrying"))
+                )
+            )
+        )
+        session.execute(
             update(Job)
-            .where(Job.batch_id == batch_id, Job.state.in_(("running", "retrying")))
+            .where(Job.id.in_(ids))
             .values(state="queued", claim_token=None, lease_until=None)
             .execution_options(synchronize_session=False)
         )
+        jobs.mark_interrupted(session, ids)
         session.commit()
-        n = int(result.rowcount or 0)
+        n = len(ids)
     with deps.db.session() as session:
         jobs.release_held_jobs(session, batch_id)
         session.commit()

@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import io
 import os
+import shutil
 import stat
 import warnings
 from collections.abc import Callable
@@ -67,10 +68,18 @@ TRANSPARENT_FORMATS = ("png", "webp")
 
 # Pillow format name -> the API's name. MPO is the multi-picture JPEG many cameras write.
 _ACCEPTED = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp"}
-_EXTENSIONS = {"png": (".png",), "jpeg": (".jpg", ".jpeg", ".jpe", ".jfif"), "webp": (".webp",)}
+# Names whose extension the upload's MIME type is taken from (first: the one copies get).
+_EXTENSIONS = {"png": (".png",), "jpeg": (".jpg", ".jpeg"), "webp": (".webp",)}
 _ORIENTATION = 0x0112
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1", b"heim", b"heis")
 _ALPHA_MODES = ("RGBA", "LA", "PA")
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"II*\0", "TIFF"),
+    (b"MM\0*", "TIFF"),
+)
 
 
 @dataclass(frozen=True)
@@ -130,8 +139,12 @@ def _read_bytes(path: str) -> bytes:
         return fh.read()
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1_000_000:.1f}".rstrip("0").rstrip(".")
+def _amount(n: int, exact: bool = False) -> str:
+    """Bytes as a person reads them: "52.4 MB", "4 MB (4,000,000 bytes)", "900 bytes"."""
+    if n < 100_000:
+        return f"{n:,} bytes"
+    text = f"{n / 1_000_000:.1f}".rstrip("0").rstrip(".") + " MB"
+    return f"{text} ({n:,} bytes)" if exact else text
 
 
 def _describe_unknown(data: bytes) -> str:
@@ -141,6 +154,11 @@ def _describe_unknown(data: bytes) -> str:
             "is HEIC/HEIF, which needs the pillow-heif plugin to be read: install it and use "
             "--convert, or export the photo as JPEG"
         )
+    damaged = next((name for sig, name in _SIGNATURES if head.startswith(sig)), None)
+    if damaged is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        damaged = "WebP"
+    if damaged is not None:
+        return f"is a damaged {damaged} file (its header cannot be read): re-export it"
     if b"\0" not in head:
         try:
             text = head.decode("utf-8")
@@ -161,8 +179,9 @@ class Preflight:
         self.options = options
         self.catalog = options.catalog
         self.stats = PreflightStats()
-        self._roots = tuple(Path(os.path.realpath(r)) for r in options.allowed_roots)
-        self._by_stat: dict[tuple[str, str, int, int], _Verdict] = {}
+        real_roots = (os.path.realpath(r) for r in options.allowed_roots)
+        self._roots = tuple((r, r.rstrip(os.sep) + os.sep) for r in real_roots)  # (root, prefix)
+        self._by_stat: dict[tuple[str, str, int, int, int, int], _Verdict] = {}
         self._by_content: dict[tuple[str, str], _Verdict] = {}
 
     # --- the row ----------------------------------------------------------------------------
@@ -230,7 +249,10 @@ class Preflight:
 
         checked = None
         if not errors:
-            checked = replace(spec, images=tuple(images), mask=mask, markup=markup)
+            changed = (tuple(images), mask, markup) != (spec.images, spec.mask, spec.markup)
+            checked = (
+                replace(spec, images=tuple(images), mask=mask, markup=markup) if changed else spec
+            )
         return PreflightResult(
             spec=checked,
             errors=tuple(errors),
@@ -391,22 +413,35 @@ class Preflight:
                 error=f"{path} is a remote address; preflight checks local files only: "
                 "download it and refer to the local copy"
             )
+        try:
+            st: os.stat_result | None = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None:
+            # Same path, same file (device, inode), unchanged: the earlier verdict stands, and
+            # so does its location check (the file it reached was inside an allowed folder).
+            stat_key = (role, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._by_stat.get(stat_key)
+            if cached is not None:
+                self.stats.stat_hits += 1
+                return cached
         real = os.path.realpath(path)
-        if not any(Path(real).is_relative_to(root) for root in self._roots):
+        if not any(real == root or real.startswith(prefix) for root, prefix in self._roots):
             via = (
                 "" if real == os.path.normpath(os.path.abspath(path)) else f" (resolves to {real})"
             )
-            roots = ", ".join(str(r) for r in self._roots)
+            roots = ", ".join(root for root, _ in self._roots)
             return _Verdict(
                 error=f"{path}{via} is outside the allowed folders ({roots}): move it there "
                 "or allow its folder with --allow-root"
             )
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            return _Verdict(error=f"file not found: {path}")
-        except OSError as exc:
-            return _Verdict(error=f"cannot read {path}: {exc.strerror or exc}")
+        if st is None:
+            try:
+                st = os.stat(real)
+            except FileNotFoundError:
+                return _Verdict(error=f"file not found: {path}")
+            except OSError as exc:
+                return _Verdict(error=f"cannot read {path}: {exc.strerror or exc}")
         if not stat.S_ISREG(st.st_mode):
             return _Verdict(error=f"{path} is not a regular file (a folder?)")
         name = os.path.basename(path)
@@ -415,48 +450,63 @@ class Preflight:
         limit = MAX_MASK_BYTES if role == "mask" else MAX_IMAGE_BYTES
         if st.st_size >= limit:
             return _Verdict(
-                error=f"{name} is {_mb(st.st_size)} MB; the API takes {role}s under "
-                f"{_mb(limit)} MB: scale it down or compress it"
+                error=f"{name} is {st.st_size:,} bytes; the API takes {role}s under "
+                f"{_amount(limit, exact=True)}: scale it down or compress it"
             )
 
-        stat_key = (role, real, st.st_size, st.st_mtime_ns)
-        cached = self._by_stat.get(stat_key)
-        if cached is not None:
-            self.stats.stat_hits += 1
-            return cached
         try:
             data = _read_bytes(real)
         except OSError as exc:
             return _Verdict(error=f"cannot read {path}: {exc.strerror or exc}")
         self.stats.files_read += 1
         digest = hashlib.sha256(data).hexdigest()
+        stem = os.path.splitext(name)[0]
         content_key = (role, digest)
         verdict = self._by_content.get(content_key)
         if verdict is not None:
             self.stats.content_hits += 1
         else:
             if role == "image":
-                verdict = self._image(data, digest)
+                verdict = self._image(data, digest, stem)
             elif role == "mask":
-                verdict = self._mask(data, digest)
+                verdict = self._mask(data, digest, stem)
             else:
                 verdict = self._markup(data, digest)
             self._by_content[content_key] = verdict
-        verdict = self._with_name_note(verdict, name)
-        self._by_stat[stat_key] = verdict
+        verdict = self._for_name(verdict, data, digest, name)
+        self._by_stat[(role, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)] = verdict
         return verdict
 
-    @staticmethod
-    def _with_name_note(verdict: _Verdict, name: str) -> _Verdict:
-        """A note when the name's extension does not match the bytes (the MIME type may be
-        guessed from it)."""
-        if verdict.error is not None or verdict.sent is not None:
+    def _for_name(self, verdict: _Verdict, data: bytes, digest: str, name: str) -> _Verdict:
+        """The content verdict for a file called `name`.
+
+        Errors start with the name. A copy keeps the name's stem (the `{stem}` of output
+        templates). A file whose extension does not match its bytes is sent as a copy with the
+        right one, because the MIME type of the upload is taken from the name.
+        """
+        if verdict.error is not None:
+            return replace(verdict, error=f"{name} {verdict.error}")
+        stem, ext = os.path.splitext(name)
+        if verdict.sent is not None:
+            sent = Path(verdict.sent)
+            if sent.stem != stem:
+                target = sent.with_name(stem + sent.suffix)
+                if not target.exists():
+                    _link_or_copy(sent, target)
+                verdict = replace(verdict, sent=str(target))
             return verdict
-        ext = os.path.splitext(name)[1].lower()
-        if ext in _EXTENSIONS.get(verdict.fmt, ()):
+        if ext.lower() in _EXTENSIONS[verdict.fmt]:
             return verdict
-        note = f"{name} holds {verdict.fmt.upper()} data but is named '{ext or '(no extension)'}'"
-        return replace(verdict, notes=(*verdict.notes, note))
+        suffix = _EXTENSIONS[verdict.fmt][0]
+        target = self._work_path("renamed", digest, stem + suffix)
+        if not target.exists():
+            _atomic_write(target, data)
+            self.stats.files_written += 1
+        note = (
+            f"{name} holds {verdict.fmt.upper()} data but is named "
+            f"'{ext or '(no extension)'}': a copy named {target.name} is sent"
+        )
+        return replace(verdict, sent=str(target), notes=(*verdict.notes, note))
 
     def _open(self, data: bytes) -> tuple[ImageFile.ImageFile | None, str | None]:
         """Pillow's lazy open (header only), or why it failed, with the pixel guard applied."""
@@ -470,16 +520,16 @@ class Preflight:
         except UnidentifiedImageError:
             return None, _describe_unknown(data)
         except Exception as exc:  # Pillow raises many types on a damaged header
-            return None, f"cannot be read as an image ({exc}): re-export it"
+            return None, f"is truncated or corrupt ({exc}): re-export it"
         width, height = img.size
         if width * height > self.options.max_pixels:
             return None, (
-                f"is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the "
-                f"{self.options.max_pixels / 1e6:.0f}-megapixel limit: scale it down"
+                f"is {width}x{height} = {width * height:,} pixels, over the limit of "
+                f"{self.options.max_pixels:,}: scale it down"
             )
         return img, None
 
-    def _image(self, data: bytes, digest: str) -> _Verdict:
+    def _image(self, data: bytes, digest: str, stem: str) -> _Verdict:
         img, problem = self._open(data)
         if img is None:
             return _Verdict(error=problem)
@@ -492,7 +542,7 @@ class Preflight:
                     error=f"is {pil_format}; the API takes PNG, JPEG or WebP: convert it, or "
                     "run with --convert to have it converted to PNG"
                 )
-            return self._converted(data, digest, pil_format)
+            return self._converted(data, digest, stem, pil_format)
         orientation = 1
         if fmt in ("jpeg", "webp"):
             value = img.getexif().get(_ORIENTATION, 1)
@@ -503,7 +553,7 @@ class Preflight:
         if orientation == 1:
             return _Verdict(digest=digest, fmt=fmt, size=size, original_size=size)
         upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-        sent, sent_digest, sent_fmt = self._write_image(upright, f"{digest}.upright")
+        sent, sent_digest, sent_fmt = self._write_image(upright, "upright", digest, stem)
         if sent_digest is None:
             return _Verdict(error=sent)
         return _Verdict(
@@ -515,7 +565,7 @@ class Preflight:
             notes=(f"EXIF orientation {orientation} applied (an upright copy is sent)",),
         )
 
-    def _converted(self, data: bytes, digest: str, pil_format: str) -> _Verdict:
+    def _converted(self, data: bytes, digest: str, stem: str, pil_format: str) -> _Verdict:
         notes = [f"converted from {pil_format} to PNG"]
         try:
             opened = Image.open(io.BytesIO(data))
@@ -528,7 +578,7 @@ class Preflight:
             return _Verdict(
                 error=f"{pil_format} file is truncated or corrupt ({exc}): re-export it"
             )
-        sent, sent_digest, _ = self._write_image(img, f"{digest}.converted", allow_jpeg=False)
+        sent, sent_digest, _ = self._write_image(img, "converted", digest, stem, allow_jpeg=False)
         if sent_digest is None:
             return _Verdict(error=sent)
         return _Verdict(
@@ -541,49 +591,51 @@ class Preflight:
         )
 
     def _write_image(
-        self, img: Image.Image, stem: str, allow_jpeg: bool = True
+        self, img: Image.Image, kind: str, digest: str, stem: str, allow_jpeg: bool = True
     ) -> tuple[str, str | None, str]:
         """Write a copy as PNG (JPEG q95 when the PNG would be over the limit): path, digest,
         format; or (reason, None, "") when it cannot be sent."""
         img = _sendable_mode(img)
-        path, digest, size = self._write(img, f"{stem}.png", "PNG")
+        path, sent_digest, size = self._write(img, self._work_path(kind, digest, f"{stem}.png"))
         if size < MAX_IMAGE_BYTES:
-            return path, digest, "png"
+            return path, sent_digest, "png"
         if allow_jpeg and img.mode in ("RGB", "L"):
-            path, digest, size = self._write(img, f"{stem}.jpg", "JPEG", quality=95)
+            target = self._work_path(kind, digest, f"{stem}.jpg")
+            path, sent_digest, size = self._write(img, target, "JPEG", quality=95)
             if size < MAX_IMAGE_BYTES:
-                return path, digest, "jpeg"
+                return path, sent_digest, "jpeg"
         return (
-            f"its PNG copy would be {_mb(size)} MB, over the {_mb(MAX_IMAGE_BYTES)} MB limit: "
+            f"its copy would be {_amount(size)}, over the {_amount(MAX_IMAGE_BYTES)} limit: "
             "scale it down",
             None,
             "",
         )
 
-    def _write(
-        self, img: Image.Image, filename: str, pil_format: str, **params: int
-    ) -> tuple[str, str, int]:
-        """Write `img` to work_dir atomically (reusing an existing copy): path, sha256, bytes."""
+    def _work_path(self, kind: str, digest: str, filename: str) -> Path:
+        """work_dir/<kind>/<sha256 of the source>/<filename>: the same source, the same path."""
         work_dir = self.options.work_dir
         if work_dir is None:
             raise ConfigError(
-                "preflight needs a work_dir to write converted, upright or mask copies"
+                "preflight needs a work_dir to write converted, upright, renamed or mask copies"
             )
-        target = work_dir / filename
-        if not target.exists():
-            work_dir.mkdir(parents=True, exist_ok=True)
+        return work_dir / kind / digest / filename
+
+    def _write(
+        self, img: Image.Image, target: Path, pil_format: str = "PNG", **params: int
+    ) -> tuple[str, str, int]:
+        """Write `img` to `target` atomically, or reuse the copy already there: path, sha256,
+        bytes."""
+        if target.exists():
+            blob = target.read_bytes()
+        else:
             buffer = io.BytesIO()
             img.save(buffer, pil_format, **params)
-            tmp = target.with_name(f".{filename}.{os.getpid()}.tmp")
-            tmp.write_bytes(buffer.getvalue())
-            os.replace(tmp, target)
-            self.stats.files_written += 1
             blob = buffer.getvalue()
-        else:
-            blob = target.read_bytes()
+            _atomic_write(target, blob)
+            self.stats.files_written += 1
         return str(target), hashlib.sha256(blob).hexdigest(), len(blob)
 
-    def _mask(self, data: bytes, digest: str) -> _Verdict:
+    def _mask(self, data: bytes, digest: str, stem: str) -> _Verdict:
         img, problem = self._open(data)
         if img is None:
             return _Verdict(error=problem)
@@ -615,9 +667,8 @@ class Preflight:
                     notes = ("is fully transparent: the whole image may change",)
                 if rgba is img:
                     return replace(ok, notes=notes)
-                return self._mask_copy(
-                    rgba, digest, (f"converted from {_mode_name(img)} to RGBA", *notes)
-                )
+                note = f"converted from {_mode_name(img)} to RGBA"
+                return self._mask_copy(rgba, digest, stem, (note, *notes))
             if lowest < 255:
                 return _Verdict(
                     error=f"has no fully transparent pixel (lowest alpha is {lowest}): the API "
@@ -646,13 +697,16 @@ class Preflight:
         # OpenAI's guide: the gray value becomes alpha, so black (0) is the area to edit.
         rgba = Image.merge("RGBA", (gray, gray, gray, gray))
         note = f"converted from {source} (gray becomes alpha; black is edited)"
-        return self._mask_copy(rgba, digest, (note,))
+        return self._mask_copy(rgba, digest, stem, (note,))
 
-    def _mask_copy(self, rgba: Image.Image, digest: str, notes: tuple[str, ...]) -> _Verdict:
-        path, sent_digest, nbytes = self._write(rgba, f"{digest}.mask.png", "PNG")
+    def _mask_copy(
+        self, rgba: Image.Image, digest: str, stem: str, notes: tuple[str, ...]
+    ) -> _Verdict:
+        target = self._work_path("mask", digest, f"{stem}.png")
+        path, sent_digest, nbytes = self._write(rgba, target)
         if nbytes >= MAX_MASK_BYTES:
             return _Verdict(
-                error=f"its RGBA copy is {_mb(nbytes)} MB, over the {_mb(MAX_MASK_BYTES)} MB "
+                error=f"its RGBA copy is {_amount(nbytes)}, over the {_amount(MAX_MASK_BYTES)} "
                 "mask limit: simplify or scale it"
             )
         return _Verdict(
@@ -680,6 +734,24 @@ class Preflight:
                 "drawn on it"
             )
         return _Verdict(digest=digest, fmt="png", size=img.size, original_size=img.size)
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` with the bytes of `source` (a hard link where the file system allows)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def _integrity(img: ImageFile.ImageFile, fmt: str) -> str | None:

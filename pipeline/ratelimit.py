@@ -82,8 +82,10 @@ class LocalLimiter:
                 if pause <= 0:
                     if not self._interval:
                         return
-                    cost = min(float(images), self._burst)
-                    wait, tat = gcra_wait(self._tat, now, self._interval, self._burst, cost)
+                    # A call for more images than the burst waits for an idle bucket, then pays
+                    # in full (the same rule as the Redis limiter's script).
+                    burst = max(self._burst, float(images))
+                    wait, tat = gcra_wait(self._tat, now, self._interval, burst, float(images))
                     if wait <= 0:
                         self._tat = tat
                         return

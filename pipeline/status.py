@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from pipeline.db.models import Attempt, Batch, Job, Output
 from pipeline.errors import NotFoundError
@@ -35,6 +35,8 @@ class BatchStatus:
     unpriced_attempts: int
     estimated_cost_attempts: int
     budget_usd: Decimal | None
+    reused: int = 0
+    saved_usd: Decimal = Decimal(0)
     drift_outputs: int = 0
     drift_mean: float | None = None
     drift_max: float | None = None
@@ -59,6 +61,8 @@ class BatchStatus:
             "outputs": self.outputs,
             "outputs_uncollected": self.outputs_uncollected,
             "unpriced_attempts": self.unpriced_attempts,
+            "reused": self.reused,
+            "saved_usd": str(self.saved_usd),
             "output_uri": self.output_uri,
             "mask_drift": {
                 "outputs": self.drift_outputs,
@@ -110,6 +114,12 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         .join(Job, Job.id == Output.job_id)
         .where(Job.batch_id == batch_id)
     ).one()
+    donor = aliased(Job)
+    reused, saved = session.execute(
+        select(func.count(Job.id), func.coalesce(func.sum(donor.cost_usd), 0))
+        .join(donor, donor.id == Job.reused_from_job_id)
+        .where(Job.batch_id == batch_id)
+    ).one()
     failures = [
         {
             "row": row,
@@ -152,6 +162,8 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         unpriced_attempts=unpriced,
         estimated_cost_attempts=estimated,
         budget_usd=batch.budget_usd,
+        reused=int(reused or 0),
+        saved_usd=Decimal(str(saved)),
         failures=failures,
     )
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from celery import Celery
 
 from pipeline.settings import get_settings
-
-QUEUE = "editbatch"
+from worker.constants import QUEUE
 
 settings = get_settings()
 app = Celery("editbatch", broker=settings.broker_url, include=["worker.tasks"])

@@ -1,10 +1,325 @@
-"""The limiter shared by every worker process; see pipeline.ratelimit for the contract."""
+"""The limiter shared by every worker process on every machine, in Redis.
+
+`RedisLimiter` implements `pipeline.ratelimit.Limiter`: images per minute (GCRA), a cap on calls
+in flight and a shared pause after a 429, per (API key, model). Each permit attempt is ONE Lua
+script call that reads Redis server time, so workers with skewed clocks agree. See
+docs/ratelimit.md for the design.
+"""
 
 from __future__ import annotations
 
-from pipeline.ratelimit import Limiter, LocalLimiter
+import hashlib
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis, RedisError
+
+from pipeline.errors import ConfigError
+from pipeline.ratelimit import Limiter, LocalLimiter, PermitTimeout, parse_reset
 from pipeline.settings import Settings
+from worker.constants import RATE_PAUSE_PREFIX, RATE_SLOTS_PREFIX, RATE_TAT_PREFIX
+
+__all__ = [
+    "ModelLimit",
+    "RedisLimiter",
+    "account_id",
+    "build_limiter",
+    "limits_from_settings",
+]
+
+log = logging.getLogger("editbatch.limits")
+
+SLOT_LEASE_MARGIN = 60.0
+"""Seconds a slot outlives the request timeout before a crashed holder's slot frees itself."""
+
+# KEYS: tat, slots, pause.
+# ARGV: interval_us (0 = no rate limit), burst, cost, cap (0 = no cap), token, lease_ms, poll_ms.
+# Returns {1, 0, "granted"} or {0, wait_ms, reason}; reason is "pause", "rate" or "slots".
+# "pause" and "rate" waits are exact (nothing can shorten them); "slots" is a hint, since a
+# slot frees when its holder releases it, at a time nobody knows in advance.
+PERMIT_SCRIPT = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local cap = tonumber(ARGV[4])
+local lease = tonumber(ARGV[6]) * 1000
+local poll = tonumber(ARGV[7]) * 1000
+
+local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
+if pause > now then
+  return {0, math.ceil((pause - now) / 1000), 'pause'}
+end
+
+local wait = 0
+local reason = 'granted'
+local new_tat = 0
+if interval > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if tat < now then tat = now end
+  -- A call bigger than the burst waits for an idle bucket, then is charged in full.
+  new_tat = tat + interval * cost
+  local allow_at = new_tat - interval * math.max(burst, cost)
+  if allow_at > now then
+    wait = allow_at - now
+    reason = 'rate'
+  end
+end
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= cap then
+    local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    local hint = math.min(tonumber(first[2]) - now, poll)
+    if hint > wait then
+      wait = hint
+      reason = 'slots'
+    end
+  end
+end
+if wait > 0 then
+  return {0, math.ceil(wait / 1000), reason}
+end
+
+if interval > 0 then
+  redis.call('SET', KEYS[1], string.format('%d', new_tat),
+             'PX', math.floor((new_tat - now) / 1000) + 1000)
+end
+if cap > 0 then
+  redis.call('ZADD', KEYS[2], string.format('%d', now + lease), ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], math.floor(lease / 1000) + 1000)
+end
+return {1, 0, 'granted'}
+"""
+
+# KEYS: pause. ARGV: pause_ms. Never shortens a longer pause; returns the pause in force (ms).
+BACKOFF_SCRIPT = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ms = tonumber(ARGV[1])
+local until_us = now + ms * 1000
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if until_us > current then
+  redis.call('SET', KEYS[1], string.format('%d', until_us), 'PX', ms)
+  return ms
+end
+return math.ceil((current - now) / 1000)
+"""
 
 
-def build_limiter(settings: Settings) -> Limiter:
-    return LocalLimiter(settings.images_per_minute, settings.max_in_flight)
+@dataclass(frozen=True)
+class ModelLimit:
+    """Limits of one (account, model) scope; None means no limit of that kind."""
+
+    images_per_minute: int | None = None
+    max_in_flight: int | None = None
+    burst: int = 1
+
+    @property
+    def active(self) -> bool:
+        return bool(self.images_per_minute or self.max_in_flight)
+
+
+_LIMIT_FIELDS = ("images_per_minute", "max_in_flight", "burst")
+
+
+def limits_from_settings(settings: Settings) -> tuple[ModelLimit, dict[str, ModelLimit]]:
+    """The default limit and per-model overrides (a model's override inherits unset fields)."""
+    default = ModelLimit(settings.images_per_minute, settings.max_in_flight)
+    overrides: dict[str, ModelLimit] = {}
+    for model, values in settings.model_limits.items():
+        unknown = sorted(set(values) - set(_LIMIT_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"EDITBATCH_MODEL_LIMITS[{model!r}] has unknown field(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(_LIMIT_FIELDS)}"
+            )
+        for name, value in values.items():
+            if value < 1:
+                raise ConfigError(
+                    f"EDITBATCH_MODEL_LIMITS[{model!r}].{name} must be at least 1, got {value}"
+                )
+        overrides[model] = ModelLimit(
+            images_per_minute=values.get("images_per_minute", default.images_per_minute),
+            max_in_flight=values.get("max_in_flight", default.max_in_flight),
+            burst=values.get("burst", default.burst),
+        )
+    return default, overrides
+
+
+def account_id(api_key: str) -> str:
+    """The short, one-way id of an API key used in Redis key names (never the key itself)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class _Reply:
+    granted: bool
+    wait: float  # seconds
+    reason: str
+
+
+class RedisLimiter:
+    """Images per minute, calls in flight and 429 pauses shared by every worker through Redis.
+
+    `slot_lease` (seconds) bounds how long a slot of a crashed worker stays taken: make it the
+    request timeout plus a margin. `max_wait` applies when `permit()` is given none.
+    `clock` and `sleep` measure and spend the local wait; rate decisions use Redis server time.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        api_key: str,
+        default: ModelLimit,
+        overrides: Mapping[str, ModelLimit] | None = None,
+        *,
+        slot_lease: float = 300.0 + SLOT_LEASE_MARGIN,
+        max_wait: float | None = None,
+        slot_poll: float = 0.25,
+        jitter: float = 0.02,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if slot_lease <= 0 or slot_poll <= 0:
+            raise ValueError("slot_lease and slot_poll must be positive")
+        self._redis = redis
+        self.account = account_id(api_key)
+        self._default = default
+        self._overrides = dict(overrides or {})
+        self._lease_ms = math.ceil(slot_lease * 1000)
+        self._max_wait = max_wait
+        self._poll_ms = math.ceil(slot_poll * 1000)
+        self._jitter = jitter
+        self._clock = clock
+        self._sleep = sleep
+        self._permit_script = redis.register_script(PERMIT_SCRIPT)
+        self._backoff_script = redis.register_script(BACKOFF_SCRIPT)
+
+    def limit_for(self, model: str) -> ModelLimit:
+        return self._overrides.get(model, self._default)
+
+    def keys(self, model: str) -> tuple[str, str, str]:
+        """The (tat, slots, pause) Redis keys of `model` for this account."""
+        scope = f"{{{self.account}:{model}}}"
+        return (RATE_TAT_PREFIX + scope, RATE_SLOTS_PREFIX + scope, RATE_PAUSE_PREFIX + scope)
+
+    def try_acquire(self, model: str, images: int, token: str = "") -> tuple[bool, float, str]:
+        """One atomic attempt: (granted, seconds to wait, reason). A granted slot holds `token`."""
+        reply = self._attempt(model, images, token)
+        return reply.granted, reply.wait, reply.reason
+
+    def _attempt(self, model: str, images: int, token: str) -> _Reply:
+        limit = self.limit_for(model)
+        interval_us = round(60_000_000 / limit.images_per_minute) if limit.images_per_minute else 0
+        raw: Any = self._permit_script(
+            keys=list(self.keys(model)),
+            args=[
+                interval_us,
+                max(limit.burst, 1),
+                max(images, 1),
+                limit.max_in_flight or 0,
+                token,
+                self._lease_ms,
+                self._poll_ms,
+            ],
+        )
+        granted, wait_ms, reason = raw
+        text = reason.decode() if isinstance(reason, bytes) else str(reason)
+        return _Reply(bool(int(granted)), int(wait_ms) / 1000.0, text)
+
+    @contextmanager
+    def permit(self, model: str, images: int, max_wait: float | None = None) -> Iterator[None]:
+        """Wait (sleeping exactly what Redis says, plus jitter) for rate and a slot; release after.
+
+        Raises PermitTimeout as soon as the wait is known to end after `max_wait`.
+        """
+        limit_wait = self._max_wait if max_wait is None else max_wait
+        deadline = None if limit_wait is None else self._clock() + limit_wait
+        token = uuid.uuid4().hex
+        while True:
+            reply = self._attempt(model, images, token)
+            if reply.granted:
+                break
+            pause = reply.wait + random.uniform(0.0, self._jitter)
+            if deadline is not None:
+                left = deadline - self._clock()
+                # A pause or a rate wait cannot end early: give the job back now, not later.
+                if left <= 0 or (reply.reason != "slots" and reply.wait > left):
+                    raise PermitTimeout(
+                        f"no permit for {model} within {limit_wait:g} s "
+                        f"({_EXPLAIN.get(reply.reason, reply.reason)}, next try in "
+                        f"{reply.wait:.1f} s); the job can be retried later"
+                    )
+                pause = min(pause, left)
+            log.debug("permit %s waits %.3f s (%s)", model, pause, reply.reason)
+            self._sleep(pause)
+        try:
+            yield
+        finally:
+            if self.limit_for(model).max_in_flight:
+                self._release(model, token)
+
+    def _release(self, model: str, token: str) -> None:
+        try:
+            self._redis.zrem(self.keys(model)[1], token)
+        except RedisError as exc:
+            # The slot lease frees it anyway; do not hide the outcome of the call.
+            log.warning("could not release an in-flight slot for %s: %s", model, exc)
+
+    def backoff(self, model: str, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        ms = math.ceil(seconds * 1000)
+        self._backoff_script(keys=[self.keys(model)[2]], args=[ms])
+        log.info("calls to %s paused for %.1f s by every worker", model, seconds)
+
+    def observe(self, model: str, headers: Mapping[str, str]) -> None:
+        lower = {k.lower(): v for k, v in headers.items()}
+        remaining = lower.get("x-ratelimit-remaining-requests")
+        reset = parse_reset(lower.get("x-ratelimit-reset-requests"))
+        if remaining is not None and remaining.strip() == "0" and reset:
+            self.backoff(model, reset)
+
+
+_EXPLAIN = {
+    "pause": "paused after a 429 from the API",
+    "rate": "images-per-minute limit",
+    "slots": "every in-flight slot is taken",
+}
+
+
+def build_limiter(settings: Settings, redis: Redis | None = None) -> Limiter:
+    """A RedisLimiter when any limit is set, else a no-op; the Redis client is built once here."""
+    default, overrides = limits_from_settings(settings)
+    if not default.active and not any(limit.active for limit in overrides.values()):
+        return LocalLimiter(None, None)
+    client = redis
+    if client is None:
+        client = Redis.from_url(
+            settings.effective_redis_url,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+    # Wait + call must end before the job's lease does, or the reaper would start it twice.
+    max_wait = max(
+        settings.lease_seconds - settings.request_timeout_seconds - SLOT_LEASE_MARGIN, 30.0
+    )
+    return RedisLimiter(
+        client,
+        settings.api_key(),
+        default,
+        overrides,
+        slot_lease=settings.request_timeout_seconds + SLOT_LEASE_MARGIN,
+        max_wait=max_wait,
+    )

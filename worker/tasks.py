@@ -30,6 +30,9 @@ def deps() -> Deps:
 @app.task(name="editbatch.edit", acks_late=True, reject_on_worker_lost=True)
 def edit(job_id: int) -> dict[str, Any]:
     result = process_job(int(job_id), deps())
+    if result.state == "deferred":
+        # Handed back without spending (no rate permit in time, or an identical job in flight).
+        edit.apply_async((job_id,), countdown=result.retry_in or 0)
     return {"job_id": result.job_id, "state": result.state}
 
 

@@ -96,15 +96,25 @@ def set_state(
     return result.rowcount == 1
 
 
-def add_attempt(session: Session, attempt: Attempt, job_id: int) -> None:
-    """Store an attempt and add its cost to the job (caller commits, in the same transaction)."""
-    session.add(attempt)
+def count_attempt(session: Session, job_id: int) -> None:
+    """One more call was started for the job. Caller commits."""
     session.execute(
         update(Job)
         .where(Job.id == job_id)
-        .values(attempts=Job.attempts + 1, cost_usd=Job.cost_usd + attempt.cost_usd)
+        .values(attempts=Job.attempts + 1)
         .execution_options(synchronize_session=False)
     )
+
+
+def add_cost(session: Session, job_id: int, cost: Decimal) -> None:
+    """Add an attempt's cost to the job's running total. Caller commits."""
+    if cost:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(cost_usd=Job.cost_usd + cost)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def hold_batch(session: Session, batch_id: int, reason: str) -> bool:
@@ -162,8 +172,23 @@ def requeue_expired(session: Session, batch_id: int | None = None) -> list[int]:
             .values(state="queued", claim_token=None, lease_until=None, updated_at=now)
             .execution_options(synchronize_session=False)
         )
+        mark_interrupted(session, ids)
     session.commit()
     return ids
+
+
+def mark_interrupted(session: Session, job_ids: list[int]) -> None:
+    """Attempts left `in_flight` by a dead worker: the call's fate is unknown. Caller commits."""
+    session.execute(
+        update(Attempt)
+        .where(Attempt.job_id.in_(job_ids), Attempt.outcome == "in_flight")
+        .values(
+            outcome="interrupted",
+            finished_at=utcnow(),
+            error_message="the worker stopped during the call (killed or lost)",
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def batch_cost(session: Session, batch_id: int) -> Decimal:

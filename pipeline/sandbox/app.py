@@ -332,7 +332,15 @@ class EditsEndpoint:
             drift=plan.drift,
             seed=seed,
         )
-        rendered = await run_in_threadpool(render, job)
+        try:
+            rendered = await run_in_threadpool(render, job)
+        except (OSError, ValueError) as exc:
+            # Validation reads only headers; a body that does not decode shows up here.
+            raise bad_request(
+                f"Invalid image file: it could not be decoded ({exc}).",
+                param="image",
+                code="invalid_image",
+            ) from exc
         background = rendered.background
         encoded = [base64.b64encode(image).decode("ascii") for image in rendered.images]
         del rendered  # keep one copy of the images (base64) in memory, not two

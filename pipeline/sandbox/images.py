@@ -65,13 +65,16 @@ class UnreadableImage(Exception):
     """Raised when a file with an image signature cannot be decoded."""
 
 
-def inspect(fp: IO[bytes]) -> ImageInfo:
-    """Sniff and measure an upload (dimensions after EXIF orientation); rewinds `fp`."""
+def sniff(fp: IO[bytes]) -> str:
+    """The MIME type of an upload's content; rewinds `fp`."""
     fp.seek(0)
-    mimetype = sniff_mimetype(fp.read(SNIFF_BYTES))
+    head = fp.read(SNIFF_BYTES)
     fp.seek(0)
-    if mimetype not in ("image/png", "image/jpeg", "image/webp"):
-        return ImageInfo(mimetype, 0, 0, has_alpha=False)
+    return sniff_mimetype(head) if head else "application/x-empty"
+
+
+def inspect(fp: IO[bytes], mimetype: str) -> ImageInfo:
+    """Measure a sniffed upload from its header (size after EXIF orientation); rewinds `fp`."""
     try:
         with Image.open(fp) as im:
             width, height = im.size

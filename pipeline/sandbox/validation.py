@@ -229,23 +229,22 @@ def _size_of(upload: UploadFile) -> int:
 def _upload(
     upload: UploadFile, param: str, allowed: tuple[str, ...], max_bytes: int, limit_text: str
 ) -> Upload:
-    size = _size_of(upload)
-    info = images.inspect(upload.file) if size else None
-    if info is None or info.mimetype not in allowed:
-        found = info.mimetype if info else "application/x-empty"
+    mimetype = images.sniff(upload.file)
+    if mimetype not in allowed:
         raise bad_request(
-            f"Invalid file '{param}': unsupported mimetype ('{found}'). Supported file formats "
+            f"Invalid file '{param}': unsupported mimetype ('{mimetype}'). Supported file formats "
             f"are {_quote_list(list(allowed))}.",
             param=param,
             code="unsupported_file_mimetype",
         )
+    size = _size_of(upload)
     if size >= max_bytes:
         raise bad_request(
             f"Invalid file '{param}': the file must be less than {limit_text}, but it has "
             f"{size} bytes.",
             param=param,
         )
-    return Upload(upload.file, info)
+    return Upload(upload.file, images.inspect(upload.file, mimetype))
 
 
 def _checked_upload(

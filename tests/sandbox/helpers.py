@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from PIL import Image
+from PIL import Image, ImageChops
 
 API_KEY = "sk-test-sandbox"
 
@@ -53,14 +53,14 @@ def raw_edit(
     *,
     fields: dict[str, str] | None = None,
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
-    key: str | None = API_KEY,
+    authorization: str | None = f"Bearer {API_KEY}",
 ) -> httpx2.Response:
     """POST /images/edits without the SDK, for requests the SDK would refuse to build."""
-    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    headers = {"Authorization": authorization} if authorization is not None else {}
     return httpx2.post(
         f"{base_url}/images/edits",
         data=fields or {},
-        files=files or [("image", upload(png(64, 64)))],
+        files=[("image", upload(png(64, 64)))] if files is None else files,
         headers=headers,
         timeout=30,
     )
@@ -84,11 +84,18 @@ def billing_lines(path: str | None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in file.read_text().splitlines()]
 
 
+def channel_differences(a: Image.Image, b: Image.Image) -> list[Image.Image]:
+    """Per-channel absolute differences of two same-sized images (L images)."""
+    return list(ImageChops.difference(a, b).split())
+
+
 def changed_share(a: Image.Image, b: Image.Image, region: Image.Image | None = None) -> float:
     """Share of pixels (inside `region`, an L image 255 = counted) where a and b differ."""
-    diff = [p != q for p, q in zip(a.getdata(), b.getdata(), strict=True)]
+    channels = channel_differences(a, b)
+    largest = channels[0]
+    for channel in channels[1:]:
+        largest = ImageChops.lighter(largest, channel)
+    changed = largest.point(lambda v: 255 if v else 0)
     if region is None:
-        return sum(diff) / len(diff)
-    inside = [r == 255 for r in region.getdata()]
-    counted = sum(inside)
-    return sum(d for d, i in zip(diff, inside, strict=True) if i) / counted
+        return changed.histogram()[255] / (a.width * a.height)
+    return ImageChops.darker(changed, region).histogram()[255] / region.histogram()[255]
