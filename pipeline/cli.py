@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from pipeline import controls
 from pipeline.catalog import load_catalog
 from pipeline.collector import StorageCache, collect_batch
 from pipeline.db import jobs
@@ -364,16 +365,7 @@ def submit(
             settings, manifest, name, output, defaults, pre, _budget(budget), strict, db,
             reuse=not no_reuse,
         )
-        from worker.tasks import enqueue
-
-        try:
-            sent = enqueue_batch(db, result.batch_id, enqueue)
-        except Exception as exc:  # kombu raises OperationalError and friends
-            raise EditbatchError(
-                f"batch {result.batch_id} is stored, but the broker at "
-                f"{settings.broker_url} refused the messages ({type(exc).__name__}: {exc}). "
-                f"Start Redis, then: editbatch resume {result.batch_id}"
-            ) from exc
+        sent = _send(db, result.batch_id, settings)
     if as_json:
         print(
             json.dumps(
@@ -616,30 +608,101 @@ def collect(batch: Annotated[int, typer.Argument(help="Batch id.")]) -> None:
         raise typer.Exit(1)
 
 
-@app.command()
-def resume(
-    batch: Annotated[int, typer.Argument(help="Batch id.")],
-    budget: BudgetOpt = None,
-) -> None:
-    """Continue a held or paused batch, and re-send every unfinished job from the database."""
+def _send(db: Database, batch_id: int, settings: Settings) -> int:
     from worker.tasks import enqueue
 
+    try:
+        return enqueue_batch(db, batch_id, enqueue)
+    except Exception as exc:  # kombu raises OperationalError and friends
+        raise EditbatchError(
+            f"batch {batch_id} is stored, but the broker at {settings.broker_url} refused the "
+            f"messages ({type(exc).__name__}: {exc}). Start Redis, then: "
+            f"editbatch resume {batch_id}"
+        ) from exc
+
+
+BatchArg = Annotated[int, typer.Argument(help="Batch id.")]
+LocalOpt = Annotated[
+    bool, typer.Option("--local", help="Run the jobs in this process instead of sending them.")
+]
+
+
+def _run_local(settings: Settings, db: Database, batch_id: int) -> None:
+    from pipeline.localrun import LocalPool
+    from pipeline.ratelimit import LocalLimiter
+    from pipeline.runtime import build_deps
+
+    deps = build_deps(
+        settings, LocalLimiter(settings.images_per_minute, settings.max_in_flight), db
+    )
+    _run_with_progress(LocalPool(deps, settings.concurrency), db, batch_id)
+    collect_batch(db, batch_id, deps.storages)
+    with db.session() as session:
+        if jobs.finish_batch_if_done(session, batch_id) and deps.on_batch_finished:
+            deps.on_batch_finished(batch_id)
+        _print_status(batch_status(session, batch_id))
+
+
+@app.command()
+def resume(batch: BatchArg, budget: BudgetOpt = None, local: LocalOpt = False) -> None:
+    """Continue a held or paused batch, and re-send every unfinished job from the database."""
+    with _friendly_errors():
+        settings = _settings()
+        db = _db(settings)
+        with db.session() as session:
+            controls.resume(session, batch, _budget(budget))
+        if local:
+            _run_local(settings, db, batch)
+            return
+        sent = _send(db, batch, settings)
+    console.print(f"batch {batch}: {sent} jobs sent to the workers")
+
+
+@app.command()
+def pause(batch: BatchArg) -> None:
+    """Stop starting new calls (calls in flight finish); `editbatch resume` continues."""
     with _friendly_errors():
         db = _db(_settings())
         with db.session() as session:
-            b = session.get(Batch, batch)
-            if b is None:
-                raise EditbatchError(f"no batch {batch}")
-            if b.state in ("finished", "cancelled"):
-                raise EditbatchError(f"batch {batch} is {b.state}; nothing to resume")
-            b.state, b.hold_reason = "running", None
-            if budget is not None:
-                b.budget_usd = _budget(budget)
-            jobs.release_held_jobs(session, batch)
-            session.commit()
-            jobs.requeue_expired(session, batch)
-        sent = enqueue_batch(db, batch, enqueue)
-    console.print(f"batch {batch}: {sent} jobs sent to the workers")
+            controls.pause(session, batch)
+    console.print(f"batch {batch} paused; continue with: editbatch resume {batch}")
+
+
+@app.command()
+def cancel(batch: BatchArg) -> None:
+    """Cancel every job not yet started (calls in flight finish and are recorded)."""
+    with _friendly_errors():
+        db = _db(_settings())
+        with db.session() as session:
+            n = controls.cancel(session, batch)
+    console.print(f"batch {batch} cancelled ({n} jobs not started)")
+
+
+@app.command()
+def retry(
+    batch: BatchArg,
+    failed: Annotated[bool, typer.Option("--failed", help="Retry the failed jobs.")] = False,
+    prompt: Annotated[str | None, typer.Option(help="New prompt for the retried jobs.")] = None,
+    model: Annotated[str | None, typer.Option(help="New model for the retried jobs.")] = None,
+    local: LocalOpt = False,
+) -> None:
+    """Run the failed jobs of a batch again; successes are kept, new attempts are recorded."""
+    if not failed:
+        err.print("say what to retry: editbatch retry BATCH --failed")
+        raise typer.Exit(2)
+    with _friendly_errors():
+        settings = _settings()
+        db = _db(settings)
+        with db.session() as session:
+            n = controls.retry_failed(session, batch, prompt, model)
+        if not n:
+            console.print(f"batch {batch} has no failed jobs")
+            return
+        if local:
+            _run_local(settings, db, batch)
+            return
+        _send(db, batch, settings)
+    console.print(f"batch {batch}: {n} failed jobs sent again")
 
 
 @app.command()

@@ -6,6 +6,7 @@ in-process pool of `editbatch run`. Dependencies are built once per process and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -17,6 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
 
 from pipeline import collector
@@ -70,17 +72,33 @@ class _Stop(Exception):
 
 
 def process_job(job_id: int, deps: Deps) -> JobResult:
-    """Execute job `job_id` once through to a resting state; safe to call twice for one job."""
+    """Execute job `job_id` once through to a resting state; safe to call twice for one job.
+
+    A database error escapes (the caller retries shortly) after the claim is given back, so the
+    retry can take the job at once instead of waiting for the lease to run out.
+    """
+    with deps.db.session() as session:
+        token = jobs.claim(session, job_id, deps.settings.lease_seconds)
+    if token is None:
+        return JobResult(job_id, "skipped", "not claimable (finished or taken)")
+    try:
+        return _run_claimed(job_id, token, deps)
+    except DBAPIError:
+        with contextlib.suppress(DBAPIError), deps.db.session() as session:
+            jobs.set_state(session, job_id, token, "queued")
+            jobs.mark_interrupted(session, [job_id])
+            session.commit()
+        raise
+
+
+def _run_claimed(job_id: int, token: str, deps: Deps) -> JobResult:
     settings = deps.settings
     with deps.db.session() as session:
-        token = jobs.claim(session, job_id, settings.lease_seconds)
-        if token is None:
-            return JobResult(job_id, "skipped", "not claimable (finished or taken)")
         job = session.get(Job, job_id)
         assert job is not None
         batch_id = job.batch_id
         spec = EditSpec.from_json(job.spec)
-        first_attempt = job.attempts + 1
+        first_attempt = job.attempts - job.attempt_base + 1
         fingerprint = job.fingerprint
         batch = session.get(Batch, batch_id)
         reuse = bool(batch and batch.settings.get("reuse", True))

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from pipeline.db import jobs
 from pipeline.db.models import Job
@@ -60,6 +61,9 @@ class LocalPool:
                 continue
             try:
                 result = process_job(job_id, self.deps)
+            except DBAPIError as exc:  # "database is locked" and friends: try again shortly
+                log.warning("job %s: database error, retrying: %s", job_id, exc.orig)
+                result = JobResult(job_id, "deferred", "database error", retry_in=1.0)
             except Exception:  # one bad job must not stop the pool; a rerun picks it up
                 log.exception("job %s crashed in the executor", job_id)
                 result = JobResult(job_id, "crashed")

@@ -1,11 +1,12 @@
 """Preflight: check one EditSpec against its files and the model catalogue before money is spent.
 
 Every problem becomes a `RowError(row, field, reason)` whose reason says what to do. Files are
-read once: a file's verdict is cached by (path, size, mtime) and by the sha256 of its bytes, so a
-manifest of 10,000 rows over 1,000 images opens each image once.
+read once: a file's verdict is cached by (path, device, inode, size, mtime) and by the sha256 of
+its bytes, so a manifest of 10,000 rows over 1,000 images reads and decodes each image once.
 
 What is read, and how much:
-- `os.stat` first: existence, the folder it resolves into, zero bytes, the size limits.
+- `os.stat` first: the cache, then existence, the folder it resolves into, zero bytes and the
+  size limits, all without opening the file.
 - The bytes once (for the sha256 that fingerprints the job), then Pillow's header (format,
   dimensions, EXIF orientation). The pixel count is checked against `max_pixels` from the
   header, before anything is decoded.
@@ -13,10 +14,11 @@ What is read, and how much:
   JPEG decoded at 1/8 scale (still reads every byte of the entropy-coded data), WebP decoded.
   Masks are decoded fully (their alpha is inspected).
 
-Files written (to `work_dir`, named by the sha256 of the source): an upright copy of an image
-with an EXIF orientation, a PNG converted from another format (`convert=True`), and an RGBA mask
-made from a grayscale one. The rewritten spec points at those copies; `digests` fingerprints the
-bytes that will be sent. A Preflight holds caches and is not thread-safe: use one per thread.
+Copies written to `work_dir/<kind>/<sha256 of the source>/<stem>.<ext>`: an upright image
+(EXIF orientation), a PNG converted from another format (`convert=True`), an RGBA mask built
+from a grayscale one, and a file whose extension lied (the upload's MIME type comes from the
+name). The rewritten spec points at those copies; `digests` holds the sha256 of the bytes that
+will be sent. A Preflight holds caches and is not thread-safe: use one per thread.
 """
 
 from __future__ import annotations
@@ -199,66 +201,46 @@ class Preflight:
 
         digests: dict[str, str] = {}
         formats: dict[str, str] = {}
-        pixels: list[tuple[int, int]] = []
-        images: list[str] = []
-        first: _Verdict | None = None
-        for index, path in enumerate(spec.images, start=1):
-            label = f"image {index}"
-            verdict = self._file("image", path, label)
-            if index == 1:
-                first = verdict
+
+        def take(role: str, label: str, path: str) -> tuple[str, _Verdict]:
+            """The path to send for one file (and its verdict), recording what it adds."""
+            verdict = self._file(role, path)
             if verdict.error is not None:
-                err("image", f"{label}: {verdict.error}")
-                images.append(path)
-                pixels.append((0, 0))
-                continue
+                err(role, f"{label}: {verdict.error}")
+                return path, verdict
             sent = verdict.sent or path
-            images.append(sent)
             digests[sent] = verdict.digest
             formats[sent] = verdict.fmt
-            pixels.append(verdict.size)
             notes.extend(f"{label}: {note}" for note in verdict.notes)
+            return sent, verdict
+
+        taken = [take("image", f"image {i}", p) for i, p in enumerate(spec.images, start=1)]
+        images = tuple(sent for sent, _ in taken)
+        pixels = tuple((0, 0) if v.error is not None else v.size for _, v in taken)
+        first = taken[0][1] if taken and taken[0][1].error is None else None
 
         mask = spec.mask
-        if spec.mask is not None:
-            verdict = self._file("mask", spec.mask, "mask")
-            if verdict.error is not None:
-                err("mask", f"mask: {verdict.error}")
-            else:
-                mask = verdict.sent or spec.mask
-                digests[mask] = verdict.digest
-                formats[mask] = verdict.fmt
-                notes.extend(f"mask: {note}" for note in verdict.notes)
-                if first is not None and first.error is None and verdict.size != first.size:
-                    err("mask", _mask_size_reason(verdict.size, first))
-
+        if mask is not None:
+            mask, verdict = take("mask", "mask", mask)
+            if verdict.error is None and first is not None and verdict.size != first.size:
+                err("mask", _mask_size_reason(verdict.size, first))
         markup = spec.markup
-        if spec.markup is not None:
-            verdict = self._file("markup", spec.markup, "markup")
-            if verdict.error is not None:
-                err("markup", f"markup: {verdict.error}")
-            else:
-                markup = verdict.sent or spec.markup
-                digests[markup] = verdict.digest
-                formats[markup] = verdict.fmt
-                notes.extend(f"markup: {note}" for note in verdict.notes)
-                if first is not None and first.error is None and verdict.size != first.size:
-                    w, h = verdict.size
-                    fw, fh = first.size
-                    notes.append(f"markup: is {w}x{h} but image 1 is {fw}x{fh}")
+        if markup is not None:
+            markup, verdict = take("markup", "markup", markup)
+            if verdict.error is None and first is not None and verdict.size != first.size:
+                (w, h), (fw, fh) = verdict.size, first.size
+                notes.append(f"markup: is {w}x{h} but image 1 is {fw}x{fh}")
 
         checked = None
         if not errors:
-            changed = (tuple(images), mask, markup) != (spec.images, spec.mask, spec.markup)
-            checked = (
-                replace(spec, images=tuple(images), mask=mask, markup=markup) if changed else spec
-            )
+            changed = (images, mask, markup) != (spec.images, spec.mask, spec.markup)
+            checked = replace(spec, images=images, mask=mask, markup=markup) if changed else spec
         return PreflightResult(
             spec=checked,
             errors=tuple(errors),
             notes=tuple(notes),
             digests=digests,
-            pixels=tuple(pixels),
+            pixels=pixels,
             formats=formats,
         )
 
@@ -406,7 +388,7 @@ class Preflight:
 
     # --- files ------------------------------------------------------------------------------
 
-    def _file(self, role: str, path: str, label: str) -> _Verdict:
+    def _file(self, role: str, path: str) -> _Verdict:
         """The verdict on one file in one role, from the caches when its stat is unchanged."""
         if "://" in path:
             return _Verdict(
@@ -576,7 +558,7 @@ class Preflight:
             img = _sendable_mode(ImageOps.exif_transpose(opened))
         except Exception as exc:
             return _Verdict(
-                error=f"{pil_format} file is truncated or corrupt ({exc}): re-export it"
+                error=f"is a truncated or corrupt {pil_format} file ({exc}): re-export it"
             )
         sent, sent_digest, _ = self._write_image(img, "converted", digest, stem, allow_jpeg=False)
         if sent_digest is None:

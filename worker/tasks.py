@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from datetime import timedelta
 from typing import Any
+
+from celery import Task
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from pipeline import runtime
 from pipeline.db import jobs
+from pipeline.db.models import Batch, Job, utcnow
 from pipeline.executor import Deps, process_job
 from pipeline.producer import Enqueue
 from pipeline.settings import get_settings
 from worker.app import app
+from worker.constants import QUEUE
 from worker.limits import build_limiter
+
+log = logging.getLogger("editbatch.worker")
 
 _deps: Deps | None = None
 _lock = threading.Lock()
+
+# A queued job whose message may have been lost (Redis flushed or restarted) is sent again by
+# the reaper once it has waited this long and the broker queue is empty.
+STALE_QUEUED_SECONDS = 120
 
 
 def deps() -> Deps:
@@ -27,9 +41,16 @@ def deps() -> Deps:
         return _deps
 
 
-@app.task(name="editbatch.edit", acks_late=True, reject_on_worker_lost=True)
-def edit(job_id: int) -> dict[str, Any]:
-    result = process_job(int(job_id), deps())
+@app.task(name="editbatch.edit", bind=True, acks_late=True, reject_on_worker_lost=True,
+          max_retries=None)
+def edit(self: Task, job_id: int) -> dict[str, Any]:
+    try:
+        result = process_job(int(job_id), deps())
+    except DBAPIError as exc:
+        # "database is locked", a dropped PostgreSQL connection: the job's state in the database
+        # is consistent (each step is one transaction), so trying again shortly is safe.
+        log.warning("job %s: database error, retrying: %s", job_id, exc.orig)
+        raise self.retry(countdown=2, exc=exc) from exc
     if result.state == "deferred":
         # Handed back without spending (no rate permit in time, or an identical job in flight).
         edit.apply_async((job_id,), countdown=result.retry_in or 0)
@@ -38,12 +59,35 @@ def edit(job_id: int) -> dict[str, Any]:
 
 @app.task(name="editbatch.reap")
 def reap() -> int:
-    """Requeue jobs whose lease expired (their worker died) and send them again."""
+    """Requeue jobs whose lease expired (their worker died) and re-send lost messages."""
     d = deps()
     with d.db.session() as session:
         ids = jobs.requeue_expired(session)
-    celery_enqueue(ids)
+    if broker_queue_length() == 0:
+        ids += stale_queued(d, STALE_QUEUED_SECONDS)
+    celery_enqueue(sorted(set(ids)))
     return len(ids)
+
+
+def stale_queued(d: Deps, older_than: float) -> list[int]:
+    """Queued jobs of running batches untouched for `older_than` seconds."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    with d.db.session() as session:
+        return list(
+            session.scalars(
+                select(Job.id)
+                .join(Batch, Batch.id == Job.batch_id)
+                .where(Batch.state == "running", Job.state == "queued", Job.updated_at < cutoff)
+                .limit(10_000)
+            )
+        )
+
+
+def broker_queue_length() -> int:
+    """Messages waiting in the broker's queue (not counting those workers already hold)."""
+    with app.connection_for_write() as conn:
+        _, count, _ = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
+        return int(count)
 
 
 def celery_enqueue(ids: list[int]) -> None:

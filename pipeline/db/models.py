@@ -71,6 +71,8 @@ class Job(Base):
     # rejected | queued | running | retrying | succeeded | failed | held | cancelled
     state: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # attempts made before the last `editbatch retry`; max_attempts counts from here
+    attempt_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     claim_token: Mapped[str | None] = mapped_column(String(32))
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

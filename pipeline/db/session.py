@@ -51,12 +51,21 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy emit BEGIN itself (below) instead of pysqlite's deferred BEGIN.
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin_immediate(conn: Any) -> None:
+            # A deferred transaction that reads and then writes fails at once with "database
+            # is locked" when another writer got in between (the busy timeout does not apply
+            # to that upgrade). Taking the write lock up front makes every writer wait its turn.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 

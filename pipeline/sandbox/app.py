@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
@@ -136,8 +138,46 @@ def _bearer_key(request: Request) -> str | None:
     return key.strip() or None if scheme.lower() == "bearer" else None
 
 
+class Cut(StrEnum):
+    """How a reply leaves the server."""
+
+    NONE = "none"  # the whole response
+    TRUNCATE = "truncate"  # headers promise the whole body, half is sent, connection closed
+    RESET = "reset"  # no response: TCP RST
+    NOTHING = "nothing"  # the client went away; nothing to send
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int = 0
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    cut: Cut = Cut.NONE
+    billed: bool = False
+
+    @classmethod
+    def error(cls, error: ApiError) -> Reply:
+        return cls(error.status, json.dumps(error.body()).encode(), error.headers)
+
+    @property
+    def outcome(self) -> str:
+        """Key in stats' by_status."""
+        if self.cut is Cut.RESET:
+            return "reset"
+        if self.cut is Cut.NOTHING:
+            return "disconnected"
+        return str(self.status)
+
+
+DISCONNECTED = Reply(cut=Cut.NOTHING)
+
+
 class EditsEndpoint:
-    """ASGI app for `POST /v1/images/edits` (raw ASGI, so a reply can also be cut off)."""
+    """ASGI app for `POST /v1/images/edits` (raw ASGI, so a reply can also be cut off).
+
+    Stats, quota and the billing log are settled before the reply is transmitted, so a client
+    that has its answer sees them final.
+    """
 
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
@@ -146,48 +186,42 @@ class EditsEndpoint:
         started = time.monotonic()
         request_id = f"req_{uuid.uuid4().hex}"
         self.sandbox.stats.begin()
-        outcome = "disconnected"
+        reply = DISCONNECTED
         try:
-            outcome = await self._serve(scope, receive, send, request_id, started)
+            reply = await self._reply(scope, receive, request_id)
         finally:
-            self.sandbox.stats.end(outcome)
+            self.sandbox.stats.end(reply.outcome)
+        await self._transmit(scope, send, reply, request_id, started)
 
-    # -- reading and checking -------------------------------------------------------------
+    # -- deciding -------------------------------------------------------------------------
 
-    async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, request_id: str, started: float
-    ) -> str:
+    async def _reply(self, scope: Scope, receive: Receive, request_id: str) -> Reply:
         request = Request(scope, receive)
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith(FORM_CONTENT_TYPES):
             await request.body()
-            error = bad_request(
-                "The sandbox accepts only multipart/form-data edits (JSON bodies with image URLs "
-                "or file ids are not supported).",
-                param=None,
-                code="unsupported_content_type",
+            return Reply.error(
+                bad_request(
+                    "The sandbox accepts only multipart/form-data edits (JSON bodies with image "
+                    "URLs or file ids are not supported).",
+                    param=None,
+                    code="unsupported_content_type",
+                )
             )
-            return await self._send_error(send, error, request_id, started)
         try:
             form = await request.form(max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS)
         except (HTTPException, MultipartParseError) as exc:
-            error = bad_request(f"Could not parse the multipart body: {exc}", param=None, code=None)
-            return await self._send_error(send, error, request_id, started)
+            return Reply.error(
+                bad_request(f"Could not parse the multipart body: {exc}", param=None, code=None)
+            )
         try:
-            return await self._checked(scope, request, receive, send, form, request_id, started)
+            return await self._reply_to_form(scope, request, receive, form, request_id)
         finally:
             await form.close()
 
-    async def _checked(
-        self,
-        scope: Scope,
-        request: Request,
-        receive: Receive,
-        send: Send,
-        form: FormData,
-        request_id: str,
-        started: float,
-    ) -> str:
+    async def _reply_to_form(
+        self, scope: Scope, request: Request, receive: Receive, form: FormData, request_id: str
+    ) -> Reply:
         config = self.sandbox.config
         try:
             key = _bearer_key(request)
@@ -201,19 +235,17 @@ class EditsEndpoint:
             if not self.sandbox.stats.reserve_quota(config.quota_after):
                 raise insufficient_quota()
         except ApiError as error:
-            return await self._send_error(send, error, request_id, started)
+            return Reply.error(error)
 
-        billed = False
+        reply = DISCONNECTED
         try:
             plan = self._plan(edit, directives, config)
-            outcome, billed = await self._run(
-                scope, receive, send, edit, plan, key, request_id, started
-            )
-            return outcome
+            reply = await self._run(scope, receive, edit, plan, key, request_id)
         except ApiError as error:
-            return await self._send_error(send, error, request_id, started)
+            reply = Reply.error(error)
         finally:
-            self.sandbox.stats.release_quota(billed=billed, images=edit.n)
+            self.sandbox.stats.release_quota(billed=reply.billed, images=edit.n)
+        return reply
 
     def _plan(self, edit: EditRequest, directives: Directives, config: SandboxConfig) -> Plan:
         draw = self.sandbox.dice.draw(config.seed)
@@ -232,28 +264,24 @@ class EditsEndpoint:
         drift = DIRECTIVE_DRIFT if fault is Fault.DRIFT else config.drift
         return Plan(fault, from_directive, latency, drift)
 
-    def _rejection(
-        self, fault: Fault, edit: EditRequest, key: str, from_directive: bool
-    ) -> ApiError:
-        if fault is Fault.RATE_LIMIT:
-            ms = DIRECTIVE_RETRY_AFTER_MS if from_directive else BURST_RETRY_AFTER_MS
+    def _rejection(self, plan: Plan, edit: EditRequest, key: str) -> ApiError:
+        if plan.fault is Fault.RATE_LIMIT:
+            ms = DIRECTIVE_RETRY_AFTER_MS if plan.from_directive else BURST_RETRY_AFTER_MS
             return rate_limit_exceeded(
                 f"Rate limit reached for {edit.model} in organization org-sandbox on images per "
                 f"minute (IPM). Please try again in {ms}ms. Visit "
                 "https://platform.openai.com/account/rate-limits to learn more.",
                 ms,
             )
-        if fault is Fault.QUOTA:
+        if plan.fault is Fault.QUOTA:
             return insufficient_quota()
-        if fault is Fault.MODERATION:
+        if plan.fault is Fault.MODERATION:
             return moderation_blocked()
-        if fault is Fault.UNAUTHORIZED:
+        if plan.fault is Fault.UNAUTHORIZED:
             return invalid_api_key(key)
-        if fault is Fault.FORBIDDEN:
+        if plan.fault is Fault.FORBIDDEN:
             return organization_not_verified(edit.model)
-        return ApiError(
-            400, "The request was rejected as invalid (sandbox directive #sandbox:400)."
-        )
+        return ApiError(400, "The request was rejected as invalid (sandbox directive 400).")
 
     def _rate_limit(self, edit: EditRequest, config: SandboxConfig) -> None:
         limit = config.rate_limit_per_minute
@@ -261,45 +289,39 @@ class EditsEndpoint:
         if wait <= 0:
             return
         self.sandbox.stats.count_rate_limited()
-        ms = max(1, int(wait * 1000 + 0.999))
         used = self.sandbox.image_window.used()
         raise rate_limit_exceeded(
             f"Rate limit reached for {edit.model} in organization org-sandbox on images per "
             f"minute (IPM): Limit {limit}, Used {used}, Requested {edit.n}. Please try again in "
             f"{wait:.3f}s. Visit https://platform.openai.com/account/rate-limits to learn more.",
-            ms,
+            max(1, math.ceil(wait * 1000)),
         )
-
-    # -- doing ----------------------------------------------------------------------------
 
     async def _run(
         self,
         scope: Scope,
         receive: Receive,
-        send: Send,
         edit: EditRequest,
         plan: Plan,
         key: str,
         request_id: str,
-        started: float,
-    ) -> tuple[str, bool]:
-        """Returns (outcome for stats, whether the request was billed)."""
+    ) -> Reply:
         config = self.sandbox.config
         if plan.fault in REJECTIONS:
-            raise self._rejection(plan.fault, edit, key, plan.from_directive)
+            raise self._rejection(plan, edit, key)
         self._rate_limit(edit, config)
         if plan.latency > 0 and await _disconnected_within(receive, plan.latency):
-            return "disconnected", False
+            return DISCONNECTED
         if plan.fault is Fault.SERVER_ERROR:
             raise server_error()
         if plan.fault is Fault.TIMEOUT:
             if await _disconnected_within(receive, config.hang_seconds):
-                return "disconnected", False
+                return DISCONNECTED
             raise server_error()
         if plan.fault is Fault.RESET:
-            if await connections.reset(scope):
-                return "reset", False
-            raise server_error()  # not served by SandboxServer/serve: no transport to reset
+            if not connections.can_cut(scope):
+                raise server_error()  # not served by SandboxServer/serve: nothing to reset
+            return Reply(cut=Cut.RESET)
 
         usage = tokens.usage(
             prompt=edit.prompt,
@@ -311,11 +333,9 @@ class EditsEndpoint:
         )
         body = await self._success_body(edit, plan, usage, config.seed)
         if plan.fault is Fault.TRUNCATED:
-            await self._send_truncated(scope, send, body, request_id, started)
-            return "200", False
-        await self._send(send, 200, body, request_id, started)
+            return Reply(200, body, cut=Cut.TRUNCATE)
         self._bill(edit, usage, request_id)
-        return "200", True
+        return Reply(200, body, billed=True)
 
     async def _success_body(
         self, edit: EditRequest, plan: Plan, usage: dict[str, Any], seed: int
@@ -372,13 +392,13 @@ class EditsEndpoint:
 
     # -- answering ------------------------------------------------------------------------
 
-    def _headers(self, request_id: str, started: float, length: int) -> list[tuple[bytes, bytes]]:
+    def _headers(self, reply: Reply, request_id: str, started: float) -> list[tuple[bytes, bytes]]:
         config = self.sandbox.config
         window, token_window = self.sandbox.image_window, self.sandbox.token_window
         limit = config.rate_limit_per_minute or NOTIONAL_IMAGE_LIMIT
         values = {
             "content-type": "application/json",
-            "content-length": str(length),
+            "content-length": str(len(reply.body)),
             "x-request-id": request_id,
             "openai-processing-ms": str(round((time.monotonic() - started) * 1000)),
             "openai-version": "2020-10-01",
@@ -388,39 +408,25 @@ class EditsEndpoint:
             "x-ratelimit-limit-tokens": str(NOTIONAL_TOKEN_LIMIT),
             "x-ratelimit-remaining-tokens": str(max(0, NOTIONAL_TOKEN_LIMIT - token_window.used())),
             "x-ratelimit-reset-tokens": _duration(token_window.reset_in()),
+            **reply.headers,
         }
         return [(k.encode(), v.encode()) for k, v in values.items()]
 
-    async def _send(
-        self,
-        send: Send,
-        status: int,
-        body: bytes,
-        request_id: str,
-        started: float,
-        extra: dict[str, str] | None = None,
+    async def _transmit(
+        self, scope: Scope, send: Send, reply: Reply, request_id: str, started: float
     ) -> None:
-        headers = self._headers(request_id, started, len(body))
-        headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    async def _send_error(
-        self, send: Send, error: ApiError, request_id: str, started: float
-    ) -> str:
-        body = json.dumps(error.body()).encode()
-        await self._send(send, error.status, body, request_id, started, error.headers)
-        return str(error.status)
-
-    async def _send_truncated(
-        self, scope: Scope, send: Send, body: bytes, request_id: str, started: float
-    ) -> None:
-        """Promise the whole body in Content-Length, send half, then close the connection."""
-        headers = self._headers(request_id, started, len(body))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send(
-            {"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True}
-        )
+        if reply.cut is Cut.NOTHING:
+            return
+        if reply.cut is Cut.RESET:
+            await connections.reset(scope)
+            return
+        headers = self._headers(reply, request_id, started)
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        if reply.cut is Cut.NONE:
+            await send({"type": "http.response.body", "body": reply.body})
+            return
+        half = reply.body[: len(reply.body) // 2]
+        await send({"type": "http.response.body", "body": half, "more_body": True})
         if not await connections.close(scope):
             # Not served by SandboxServer/serve: make the server drop the connection.
             raise RuntimeError("sandbox: truncated response (intentional)")

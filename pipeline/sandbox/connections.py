@@ -42,6 +42,11 @@ def _transport(scope: MutableMapping[str, Any]) -> asyncio.Transport | None:
         return _transports.get(key)
 
 
+def can_cut(scope: MutableMapping[str, Any]) -> bool:
+    """Whether this request's connection can be reset or closed on purpose."""
+    return _transport(scope) is not None
+
+
 async def _let_close_settle() -> None:
     # connection_lost runs on a later loop iteration; let it mark the request as disconnected so
     # uvicorn does not report an incomplete response as an application error.

@@ -14,7 +14,9 @@ from PIL import Image, ImageChops
 API_KEY = "sk-test-sandbox"
 
 
-def png(width: int, height: int, color: tuple[int, ...] = (200, 120, 40), mode: str = "RGB") -> bytes:
+def png(
+    width: int, height: int, color: tuple[int, ...] = (200, 120, 40), mode: str = "RGB"
+) -> bytes:
     """A PNG with a horizontal gradient, so a resize or an edit is visible pixel by pixel."""
     im = Image.new(mode, (width, height), color)
     for x in range(0, width, max(1, width // 64)):
@@ -44,7 +46,9 @@ def decode(b64: str | None) -> Image.Image:
     return im
 
 
-def upload(data: bytes, name: str = "image.png", mimetype: str = "image/png") -> tuple[str, bytes, str]:
+def upload(
+    data: bytes, name: str = "image.png", mimetype: str = "image/png"
+) -> tuple[str, bytes, str]:
     return (name, data, mimetype)
 
 

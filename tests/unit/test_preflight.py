@@ -788,3 +788,43 @@ def test_converted_copies_are_reused_across_instances(
 def test_needs_an_allowed_root() -> None:
     with pytest.raises(ConfigError, match="allowed folder"):
         Preflight(PreflightOptions(allowed_roots=(), catalog=load_catalog()))
+
+
+def test_symlink_inside_the_root_is_fine(
+    pf: Preflight, make: Callable[..., Path], root: Path
+) -> None:
+    target = make("store/abc123.png")
+    link = root / "bag.png"
+    link.symlink_to(target)
+    result = pf.check(spec(link))
+    assert result.errors == ()
+    assert result.digests == {str(link): file_sha256(str(target))}
+
+
+def test_truncated_tiff_with_convert(root: Path, work: Path) -> None:
+    path = root / "scan.tiff"
+    Image.effect_noise((128, 128), 60).convert("RGB").save(path, "TIFF")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    result = Preflight(options(root, work, convert=True)).check(spec(path))
+    only_error(result, "image", "scan.tiff is a truncated or corrupt TIFF file")
+
+
+def test_animated_gif_with_convert_uses_the_first_frame(root: Path, work: Path) -> None:
+    path = root / "spin.gif"
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "lime", "blue")]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    result = Preflight(options(root, work, convert=True)).check(spec(path))
+    assert result.errors == ()
+    assert "image 1: only the first of its 3 frames is used" in result.notes
+    assert result.spec is not None
+    with Image.open(result.spec.images[0]) as img:
+        assert img.convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_fully_transparent_mask_is_noted(pf: Preflight, make: Callable[..., Path]) -> None:
+    image = make("bag.png")
+    mask = make("mask.png", mode="RGBA", color=(0, 0, 0, 0))
+    result = pf.check(spec(image, mask=mask))
+    assert result.errors == ()
+    assert "mask: is fully transparent: the whole image may change" in result.notes
