@@ -45,9 +45,18 @@ from pipeline.db.budget_models import DailySpend
 from pipeline.db.jobs import hold_batch
 from pipeline.db.models import Batch, Job, Money
 from pipeline.errors import NotFoundError
+from pipeline.estimate import Estimate
 from pipeline.pricing import quantize
 
-__all__ = ["BUDGET_PREFIX", "DAILY_PREFIX", "daily_spent", "reconcile", "reserve", "settle"]
+__all__ = [
+    "BUDGET_PREFIX",
+    "DAILY_PREFIX",
+    "daily_spent",
+    "reconcile",
+    "reserve",
+    "reserve_call",
+    "settle",
+]
 
 BUDGET_PREFIX = "budget:"
 DAILY_PREFIX = "daily budget:"
@@ -156,6 +165,30 @@ def reserve(
         return _refuse(session, batch_id, reason)
     session.commit()
     return None
+
+
+def reserve_call(
+    session: Session, batch_id: int, estimate: Estimate, daily_cap: Decimal | None, today: date
+) -> tuple[Decimal, str | None]:
+    """Reserve one call's upper-bound cost (`estimate.high`): (amount reserved, refusal reason).
+
+    The upper bound, not the expected value, so that spend stays within the budget whenever the
+    published token tables hold (docs/cost.md). A model with no price reserves $0 when neither a
+    batch budget nor a daily cap is set; with either set it is refused, since no budget can be
+    enforced on calls of unknown cost. Uses and commits `session`, like `reserve`.
+    """
+    if estimate.priced and estimate.high is not None:
+        return estimate.high, reserve(session, batch_id, estimate.high, daily_cap, today)
+    budget = session.scalar(select(Batch.budget_usd).where(Batch.id == batch_id))
+    if budget is None and daily_cap is None:
+        return Decimal(0), reserve(session, batch_id, Decimal(0), None, today)
+    session.rollback()
+    reason = (
+        f"{BUDGET_PREFIX} model {estimate.model!r} has no price, so a budget cannot be enforced "
+        "on its calls: add it to a price file (EDITBATCH_PRICES_FILE) and "
+        f"`editbatch resume {batch_id}`, or remove the budget"
+    )
+    return Decimal(0), _refuse(session, batch_id, reason)
 
 
 def _refuse(session: Session, batch_id: int, reason: str) -> str:

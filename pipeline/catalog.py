@@ -25,6 +25,7 @@ __all__ = [
     "Catalog",
     "ModelInfo",
     "SizeRule",
+    "build_catalog",
     "load_catalog",
     "parse_size",
 ]

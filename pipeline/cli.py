@@ -137,7 +137,7 @@ def _preflight(
             catalog=load_catalog(settings.catalog_file),
             convert=convert,
             allow_unknown_model=unknown,
-            work_dir=settings.home.resolve() / "converted",
+            work_dir=settings.home.resolve() / "preflight",
         )
     )
 
@@ -339,6 +339,7 @@ def submit(
     convert: ConvertOpt = False,
     allow_unknown_model: UnknownOpt = False,
     budget: BudgetOpt = None,
+    no_reuse: NoReuseOpt = False,
     strict: Annotated[
         bool, typer.Option(help="Refuse the whole manifest if any row is bad.")
     ] = False,
@@ -362,7 +363,15 @@ def submit(
         )
         pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
         result = _submit(
-            settings, manifest, name, output, defaults, pre, _budget(budget), strict, db,
+            settings,
+            manifest,
+            name,
+            output,
+            defaults,
+            pre,
+            _budget(budget),
+            strict,
+            db,
             reuse=not no_reuse,
         )
         sent = _send(db, result.batch_id, settings)
@@ -407,6 +416,7 @@ def run(
     convert: ConvertOpt = False,
     allow_unknown_model: UnknownOpt = False,
     budget: BudgetOpt = None,
+    no_reuse: NoReuseOpt = False,
     strict: Annotated[
         bool, typer.Option(help="Refuse the whole manifest if any row is bad.")
     ] = False,
@@ -453,7 +463,15 @@ def run(
             )
             pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
             result = _submit(
-                settings, manifest, name, output, defaults, pre, _budget(budget), strict, db,
+                settings,
+                manifest,
+                name,
+                output,
+                defaults,
+                pre,
+                _budget(budget),
+                strict,
+                db,
                 reuse=not no_reuse,
             )
             batch_id = result.batch_id

@@ -53,6 +53,7 @@ def finish_output(spec: EditSpec, raw: bytes) -> tuple[bytes, dict[str, object]]
     protected pixel (outside the feather band) is put back exactly, in the requested format.
     """
     drift: float | None = None
+    img: Image.Image
     with Image.open(io.BytesIO(raw)) as img:
         img.load()
         if spec.mask is not None:

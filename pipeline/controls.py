@@ -46,7 +46,7 @@ def cancel(session: Session, batch_id: int) -> int:
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return int(result.rowcount or 0)
+    return jobs.rowcount(result)
 
 
 def resume(session: Session, batch_id: int, budget_usd: Decimal | None = None) -> None:
@@ -75,8 +75,9 @@ def retry_failed(
     batch = _batch(session, batch_id)
     if batch.state == "cancelled":
         raise EditbatchError(f"batch {batch_id} is cancelled")
-    failed = list(session.scalars(select(Job).where(Job.batch_id == batch_id,
-                                                    Job.state == "failed")))
+    failed = list(
+        session.scalars(select(Job).where(Job.batch_id == batch_id, Job.state == "failed"))
+    )
     now = utcnow()
     for job in failed:
         if prompt is not None or model is not None:

@@ -135,8 +135,9 @@ def resolve_size(size: str, pixels: Sequence[tuple[int, int]]) -> str:
 
 def _input_usage(spec: EditSpec, pixels: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """(text tokens, image tokens) of the request side; the mask and markup add nothing."""
-    sizes = [_known(p) for p in pixels] or [UNKNOWN_PIXELS]
-    sizes += [UNKNOWN_PIXELS] * (len(spec.images) - len(sizes))
+    count = max(len(spec.images), 1)
+    sizes = [_known(p) for p in pixels[:count]]
+    sizes += [UNKNOWN_PIXELS] * (count - len(sizes))
     image = sum(input_image_tokens(w, h) for w, h in sizes)
     image += fidelity_tokens(sizes[0], spec.input_fidelity)
     return text_tokens(spec.prompt), image

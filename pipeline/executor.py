@@ -26,10 +26,10 @@ from pipeline.backoff import wait_api
 from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
 from pipeline.db.session import Database
+from pipeline.errors import StorageError
 from pipeline.gateway import CallOutcome, Gateway
 from pipeline.pricing import PriceTable
 from pipeline.ratelimit import Limiter, PermitTimeout
-from pipeline.errors import StorageError
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
 
@@ -268,7 +268,9 @@ def _reuse(deps: Deps, job_id: int, token: str, batch_id: int, donor: int) -> Jo
             session.rollback()
             return JobResult(job_id, "skipped", "lost the claim before finishing")
         session.execute(
-            update(Job).where(Job.id == job_id).values(reused_from_job_id=donor)
+            update(Job)
+            .where(Job.id == job_id)
+            .values(reused_from_job_id=donor)
             .execution_options(synchronize_session=False)
         )
         for index, (path, drift) in enumerate(zip(paths, copied.drift, strict=True), start=1):
@@ -292,7 +294,9 @@ def _defer(
         jobs.set_state(session, job_id, token, "queued")
         if disable_reuse_for is not None:
             session.execute(
-                update(Job).where(Job.id == disable_reuse_for).values(fingerprint=None)
+                update(Job)
+                .where(Job.id == disable_reuse_for)
+                .values(fingerprint=None)
                 .execution_options(synchronize_session=False)
             )
         session.commit()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,7 +250,9 @@ def parse_row(
         return errors
 
     def resolve(p: str) -> str:
-        return str((base_dir / p).resolve()) if "://" not in p else p
+        # normpath, not resolve(): keep the name the person wrote (for {stem}); preflight
+        # follows symlinks itself when it checks the allowed roots.
+        return os.path.normpath(os.path.join(base_dir, p)) if "://" not in p else p
 
     mask = _text(merged.get("mask"))
     markup = _text(merged.get("markup"))

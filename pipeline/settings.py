@@ -25,7 +25,9 @@ DEFAULT_HOME = Path(".editbatch")
 class Settings(BaseSettings):
     """Effective configuration of one editbatch process (CLI, producer or worker)."""
 
-    model_config = SettingsConfigDict(env_prefix="EDITBATCH_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="EDITBATCH_", extra="ignore", populate_by_name=True
+    )
 
     home: Path = Field(DEFAULT_HOME, description="Folder for the default SQLite file and spool.")
     database_url: str | None = Field(

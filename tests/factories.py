@@ -12,7 +12,9 @@ from PIL import Image, ImageDraw
 
 
 def make_image(
-    path: Path, size: tuple[int, int] = (256, 256), color: tuple[int, int, int] = (180, 120, 60),
+    path: Path,
+    size: tuple[int, int] = (256, 256),
+    color: tuple[int, int, int] = (180, 120, 60),
     fmt: str | None = None,
 ) -> Path:
     """A photo-like image: a backdrop with a contrasting block in the middle."""

@@ -57,8 +57,19 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         binary = _binary("redis-server", "apt-get install redis-server")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp)],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -96,16 +107,36 @@ class PostgresServer:
             shutil.chown(self.sock, "postgres")
             self._as = ["runuser", "-u", "postgres", "--"]
         subprocess.run(
-            [*self._as, initdb, "-D", str(self.data), "-U", "editbatch", "--auth=trust",
-             "-E", "UTF8", "--no-sync"],
+            [
+                *self._as,
+                initdb,
+                "-D",
+                str(self.data),
+                "-U",
+                "editbatch",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         subprocess.run(
-            [*self._as, pg_ctl, "-D", str(self.data), "-l", str(tmp / "pg.log"), "-w", "start",
-             "-o", f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off "
-             "-c max_connections=300"],
+            [
+                *self._as,
+                pg_ctl,
+                "-D",
+                str(self.data),
+                "-l",
+                str(tmp / "pg.log"),
+                "-w",
+                "start",
+                "-o",
+                f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c max_connections=300",
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -136,15 +167,29 @@ class PostgresServer:
 class CeleryWorker:
     """A real `celery -A worker.app worker` process with its own environment."""
 
-    def __init__(self, env: dict[str, str], log: Path, concurrency: int = 4,
-                 name: str = "w1") -> None:
+    def __init__(
+        self, env: dict[str, str], log: Path, concurrency: int = 4, name: str = "w1"
+    ) -> None:
         self.log = log
         self.fh = log.open("wb")
         full_env = {**os.environ, **env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel=INFO",
-             "--concurrency", str(concurrency), "-n", f"{name}@%h", "--without-gossip",
-             "--without-mingle", "--without-heartbeat"],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--loglevel=INFO",
+                "--concurrency",
+                str(concurrency),
+                "-n",
+                f"{name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
             cwd=REPO,
             env=full_env,
             stdout=self.fh,

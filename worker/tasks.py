@@ -41,8 +41,9 @@ def deps() -> Deps:
         return _deps
 
 
-@app.task(name="editbatch.edit", bind=True, acks_late=True, reject_on_worker_lost=True,
-          max_retries=None)
+@app.task(  # type: ignore[untyped-decorator]
+    name="editbatch.edit", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
+)
 def edit(self: Task, job_id: int) -> dict[str, Any]:
     try:
         result = process_job(int(job_id), deps())
@@ -57,7 +58,7 @@ def edit(self: Task, job_id: int) -> dict[str, Any]:
     return {"job_id": result.job_id, "state": result.state}
 
 
-@app.task(name="editbatch.reap")
+@app.task(name="editbatch.reap")  # type: ignore[untyped-decorator]
 def reap() -> int:
     """Requeue jobs whose lease expired (their worker died) and re-send lost messages."""
     d = deps()

@@ -14,11 +14,18 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Result, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.db.models import Attempt, Batch, Job, utcnow
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched (CursorResult has it; the generic Result type does not say so)."""
+    return int(getattr(result, "rowcount", 0) or 0)
+
 
 TERMINAL = ("succeeded", "failed", "rejected", "cancelled")
 ACTIVE = ("queued", "running", "retrying")
@@ -54,10 +61,10 @@ def claim(session: Session, job_id: int, lease_seconds: float) -> str | None:
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return token if result.rowcount == 1 else None
+    return token if rowcount(result) == 1 else None
 
 
-def owned(job_id: int, token: str) -> list[object]:
+def owned(job_id: int, token: str) -> list[ColumnElement[bool]]:
     """WHERE clause parts: the job is still ours (nobody re-claimed it after our lease)."""
     return [Job.id == job_id, Job.claim_token == token, Job.state.in_(("running", "retrying"))]
 
@@ -93,7 +100,7 @@ def set_state(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def count_attempt(session: Session, job_id: int) -> None:
@@ -125,7 +132,7 @@ def hold_batch(session: Session, batch_id: int, reason: str) -> bool:
         .values(state="held", hold_reason=reason)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def finish_batch_if_done(session: Session, batch_id: int) -> bool:
@@ -144,7 +151,7 @@ def finish_batch_if_done(session: Session, batch_id: int) -> bool:
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def release_held_jobs(session: Session, batch_id: int) -> int:
@@ -155,7 +162,7 @@ def release_held_jobs(session: Session, batch_id: int) -> int:
         .values(state="queued", updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount or 0)
+    return rowcount(result)
 
 
 def requeue_expired(session: Session, batch_id: int | None = None) -> list[int]:

@@ -46,8 +46,16 @@ def stack(
 
 def submit(env: dict[str, str], manifest: Path, output: Path) -> int:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "submit", str(manifest), "--json",
-         "--output", str(output)],
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "submit",
+            str(manifest),
+            "--json",
+            "--output",
+            str(output),
+        ],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -65,7 +73,7 @@ def batch_state(db: Database, batch_id: int) -> str:
 def test_submit_to_real_worker_end_to_end(
     tmp_path: Path, stack: tuple[dict[str, str], SandboxServer, Database]
 ) -> None:
-    env, sandbox, db = stack
+    env, _sandbox, db = stack
     rows = product_rows(tmp_path / "in", 12)
     rows[3]["prompt"] = "retry me #sandbox:500x1"
     rows[5]["n"] = 2

@@ -49,7 +49,10 @@ def test_check_bad_manifest_prints_table_and_fails(tmp_path: Path) -> None:
         assert any(key in line and field in line for line in table.splitlines()), (key, table)
     as_json = json.loads(check(manifest, "--json").stdout)
     assert {(e["row"], e["field"]) for e in as_json["errors"]} >= {
-        (2, "mask"), (3, "image"), (4, "model"), (5, "n")
+        (2, "mask"),
+        (3, "image"),
+        (4, "model"),
+        (5, "n"),
     }
 
 

@@ -19,11 +19,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select
 
-from pipeline.budget import daily_spent, reconcile, reserve, settle
+from pipeline.budget import daily_spent, reconcile, reserve, reserve_call, settle
 from pipeline.db.budget_models import DailySpend
 from pipeline.db.models import Base, Batch, Job
 from pipeline.db.session import Database, alembic_config, make_engine
 from pipeline.errors import NotFoundError
+from pipeline.estimate import estimate_cost
+from pipeline.pricing import load_prices
+from pipeline.spec import EditSpec
 from tests.servers import PostgresServer
 
 TODAY = date(2026, 11, 22)
@@ -173,6 +176,33 @@ def test_micro_dollar_sums_stay_exact(db: Database) -> None:
     with db.session() as session:
         assert reserve(session, batch, Decimal("0.1"), None, TODAY) is None  # to the micro-dollar
         assert reserve(session, batch, Decimal("0.000001"), None, TODAY) is not None
+
+
+def test_reserve_call_reserves_the_upper_bound_and_refuses_unpriced_under_a_budget(
+    db: Database,
+) -> None:
+    priced = estimate_cost(
+        EditSpec(row=1, key=None, images=("a.png",), prompt="p", model="gpt-image-1.5"),
+        [(1024, 1024)],
+        load_prices(),
+    )
+    unpriced = estimate_cost(
+        EditSpec(row=1, key=None, images=("a.png",), prompt="p", model="gpt-image-9"),
+        [(1024, 1024)],
+        load_prices(),
+    )
+    assert priced.high is not None and priced.expected is not None
+    assert priced.high > priced.expected  # quality and size auto
+    free, capped = make_batch(db, None), make_batch(db, "5")
+    with db.session() as session:
+        assert reserve_call(session, capped, priced, None, TODAY) == (priced.high, None)
+        assert reserve_call(session, free, unpriced, None, TODAY) == (Decimal(0), None)
+        amount, reason = reserve_call(session, free, unpriced, Decimal("10"), TODAY)
+        assert amount == 0 and reason is not None and "'gpt-image-9' has no price" in reason
+        amount, reason = reserve_call(session, capped, unpriced, None, TODAY)
+        assert amount == 0 and reason is not None and reason.startswith("budget:")
+    assert reserved(db, capped) == priced.high
+    assert batch_state(db, capped) == ("held", reason)
 
 
 # -- races --------------------------------------------------------------------------------------
@@ -332,4 +362,4 @@ def test_migration_matches_the_model(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert "daily_spend" in inspect(conn).get_table_names()
     engine.dispose()
-    assert DailySpend.__table__.name == "daily_spend"
+    assert DailySpend.__tablename__ == "daily_spend"

@@ -21,11 +21,16 @@ from tests.factories import product_rows, write_manifest
 from tests.unit.helpers import make_preflight
 
 
-def setup(tmp_path: Path, db: Database, settings: Settings, rows: list[dict[str, object]]
-          ) -> tuple[int, Deps]:
+def setup(
+    tmp_path: Path, db: Database, settings: Settings, rows: list[dict[str, object]]
+) -> tuple[int, Deps]:
     manifest = write_manifest(tmp_path / "in" / "m.csv", rows)
     result = create_batch(
-        db, manifest, name="t", output_uri=str(tmp_path / "out"), defaults=Defaults(),
+        db,
+        manifest,
+        name="t",
+        output_uri=str(tmp_path / "out"),
+        defaults=Defaults(),
         preflight=make_preflight(manifest),
     )
     deps = build_deps(settings, LocalLimiter(None, None), db)

@@ -114,13 +114,16 @@ def test_500_and_429_are_retried_and_every_attempt_recorded(
     with db.session() as s:
         a500 = s.scalars(select(Attempt).where(Attempt.job_id == j500).order_by(Attempt.number))
         assert [(a.number, a.http_status, a.outcome) for a in a500] == [
-            (1, 500, "transient"), (2, 500, "transient"), (3, 200, "ok")
+            (1, 500, "transient"),
+            (2, 500, "transient"),
+            (3, 200, "ok"),
         ]
         a429 = list(
             s.scalars(select(Attempt).where(Attempt.job_id == j429).order_by(Attempt.number))
         )
         assert [(a.http_status, a.error_code) for a in a429] == [
-            (429, "rate_limit_exceeded"), (200, None)
+            (429, "rate_limit_exceeded"),
+            (200, None),
         ]
         assert a429[0].retry_after_s == 0.05
         assert a429[0].request_id and a429[0].latency_ms is not None

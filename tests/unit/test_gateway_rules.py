@@ -11,8 +11,13 @@ from PIL import Image
 from tenacity import RetryCallState, Retrying
 
 from pipeline.backoff import wait_api
-from pipeline.gateway import CallOutcome, classify, decode_images, parse_retry_after
-from pipeline.gateway import usage_from_response
+from pipeline.gateway import (
+    CallOutcome,
+    classify,
+    decode_images,
+    parse_retry_after,
+    usage_from_response,
+)
 from pipeline.ratelimit import LocalLimiter, PermitTimeout, gcra_wait, parse_reset
 
 

@@ -98,7 +98,8 @@ def test_jsonl_bad_line_is_row_error(tmp_path: Path) -> None:
     items = _read(path)
     assert isinstance(items[0], EditSpec)
     assert [(e.row, e.field) for e in items[1:] if isinstance(e, RowError)] == [
-        (2, "(line)"), (3, "(line)")
+        (2, "(line)"),
+        (3, "(line)"),
     ]
 
 

@@ -8,8 +8,13 @@ from pipeline.spec import EditSpec
 
 def spec(template: str, **kw: object) -> EditSpec:
     base: dict[str, object] = dict(
-        row=7, key="SKU-1", images=("/x/shoe.png",), prompt="p", model="gpt-image-1.5",
-        output=template, metadata={"brand": "acme"},
+        row=7,
+        key="SKU-1",
+        images=("/x/shoe.png",),
+        prompt="p",
+        model="gpt-image-1.5",
+        output=template,
+        metadata={"brand": "acme"},
     )
     base.update(kw)
     return EditSpec(**base)  # type: ignore[arg-type]

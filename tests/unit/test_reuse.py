@@ -26,8 +26,13 @@ def run_batch(
     tmp_path: Path, db: Database, settings: Settings, manifest: Path, out: str, reuse: bool = True
 ) -> int:
     result = create_batch(
-        db, manifest, name="t", output_uri=str(tmp_path / out), defaults=Defaults(),
-        preflight=make_preflight(manifest), settings_snapshot={"reuse": reuse},
+        db,
+        manifest,
+        name="t",
+        output_uri=str(tmp_path / out),
+        defaults=Defaults(),
+        preflight=make_preflight(manifest),
+        settings_snapshot={"reuse": reuse},
     )
     deps = build_deps(settings, LocalLimiter(None, None), db)
     for ids in queued_job_ids(db, result.batch_id):
@@ -54,7 +59,8 @@ def test_second_identical_batch_costs_nothing_and_no_reuse_pays(
     assert st2.cost_usd == 0 and st2.reused == 5
     assert st2.saved_usd == st1.cost_usd > 0
     for a, b in zip(
-        sorted((tmp_path / "out1").glob("*.png")), sorted((tmp_path / "out2").glob("*.png")),
+        sorted((tmp_path / "out1").glob("*.png")),
+        sorted((tmp_path / "out2").glob("*.png")),
         strict=True,
     ):
         assert a.name == b.name and a.read_bytes() == b.read_bytes()
@@ -90,7 +96,11 @@ def test_reuse_falls_back_to_buying_when_donor_files_are_gone(
     for f in (tmp_path / "out1").glob("*.png"):
         f.unlink()
     result = create_batch(
-        db, manifest, name="t", output_uri=str(tmp_path / "out2"), defaults=Defaults(),
+        db,
+        manifest,
+        name="t",
+        output_uri=str(tmp_path / "out2"),
+        defaults=Defaults(),
         preflight=make_preflight(manifest),
     )
     deps = build_deps(settings, LocalLimiter(None, None), db)

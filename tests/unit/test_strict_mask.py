@@ -58,7 +58,11 @@ def test_strict_output_is_source_where_protected_and_drift_is_recorded(
     rows = [{"id": "guide", **common}, {"id": "strict", "mask_mode": "strict", **common}]
     manifest = write_manifest(folder / "m.csv", rows)
     result = create_batch(
-        db, manifest, name="t", output_uri=str(tmp_path / "out"), defaults=Defaults(),
+        db,
+        manifest,
+        name="t",
+        output_uri=str(tmp_path / "out"),
+        defaults=Defaults(),
         preflight=make_preflight(manifest),
     )
     assert result.rejected == 0, result.errors
