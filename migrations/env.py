@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+import pipeline.db.budget_models  # noqa: F401  (registers daily_spend)
 from pipeline.db.models import Base
 
 config = context.config

@@ -22,27 +22,16 @@ from __future__ import annotations
 
 from datetime import date
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import (
-    ColumnElement,
-    CursorResult,
-    Result,
-    bindparam,
-    exists,
-    func,
-    or_,
-    select,
-    true,
-    update,
-)
+from sqlalchemy import ColumnElement, bindparam, exists, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pipeline.db.budget_models import DailySpend
-from pipeline.db.jobs import hold_batch
+from pipeline.db.jobs import hold_batch, rowcount
 from pipeline.db.models import Batch, Job, Money
 from pipeline.errors import NotFoundError
 from pipeline.estimate import Estimate
@@ -69,10 +58,6 @@ def _money(value: Decimal, name: str) -> Any:
 def _plus(column: Any, amount: Any) -> ColumnElement[Decimal]:
     """column + amount, rounded to the micro-dollar (kept exact on SQLite's float NUMERIC)."""
     return func.round(column + amount, 6, type_=Money)
-
-
-def _rowcount(result: Result[Any]) -> int:
-    return int(cast(CursorResult[Any], result).rowcount)
 
 
 def _ensure_day(session: Session, day: date) -> None:
@@ -129,7 +114,7 @@ def reserve(
         .values(reserved_usd=_plus(Batch.reserved_usd, x))
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) != 1:
+    if rowcount(result) != 1:
         session.rollback()
         row = session.execute(
             select(Batch.budget_usd, Batch.reserved_usd).where(Batch.id == batch_id)
@@ -153,7 +138,7 @@ def reserve(
         .values(reserved_usd=_plus(DailySpend.reserved_usd, x))
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) != 1:
+    if rowcount(result) != 1:
         session.rollback()  # undoes the batch's reservation too
         spent = daily_spent(session, today)
         reason = (
@@ -247,4 +232,4 @@ def reconcile(session: Session, batch_id: int) -> bool:
         .values(reserved_usd=func.round(committed, 6, type_=Money))
         .execution_options(synchronize_session=False)
     )
-    return _rowcount(result) == 1
+    return rowcount(result) == 1

@@ -26,6 +26,13 @@ from pipeline.db import jobs
 from pipeline.db.models import Batch
 from pipeline.db.session import Database, upgrade
 from pipeline.errors import EditbatchError, RowError
+from pipeline.estimate import (
+    BatchEstimate,
+    estimate_batch,
+    estimate_cost,
+    estimate_duration,
+    typical_latency,
+)
 from pipeline.manifest import Defaults
 from pipeline.preflight import Preflight, PreflightOptions
 from pipeline.pricing import load_prices
@@ -218,6 +225,46 @@ def _print_status(status: BatchStatus) -> None:
         console.print(table)
 
 
+def _print_estimate(
+    est: BatchEstimate, settings: Settings, models: set[str], budget: Decimal | None
+) -> None:
+    if not est.calls:
+        return
+    latency = typical_latency(models)
+    seconds = estimate_duration(
+        est.calls,
+        est.images,
+        settings.images_per_minute,
+        settings.max_in_flight or settings.concurrency,
+        latency,
+    )
+    console.print(
+        f"estimate: ${est.expected:.2f} (range ${est.low:.2f}-${est.high:.2f}) for "
+        f"{est.calls} calls, {est.images} images; about {_duration(seconds)} at "
+        f"{settings.images_per_minute or 'unlimited'} images/min, "
+        f"{settings.max_in_flight or settings.concurrency} in flight, ~{latency:.0f} s per call"
+    )
+    if est.unpriced:
+        err.print(
+            f"[yellow]warning:[/] {est.unpriced} calls use models with no price "
+            f"({', '.join(est.unpriced_models)}): their cost is unknown, not $0. Add them to a "
+            "price file (EDITBATCH_PRICES_FILE)."
+        )
+    if budget is not None and est.low > budget:
+        err.print(
+            f"[yellow]warning:[/] the budget ${budget:.2f} is below the lowest estimate "
+            f"${est.low:.2f}: the batch will hold before it finishes"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @contextmanager
 def _friendly_errors() -> Iterator[None]:
     try:
@@ -291,6 +338,118 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command()
+def estimate(
+    manifest: ManifestArg,
+    model: ModelOpt = None,
+    size: SizeOpt = None,
+    quality: QualityOpt = None,
+    n: NOpt = None,
+    output_format: FormatOpt = None,
+    input_fidelity: FidelityOpt = None,
+    background: BackgroundOpt = None,
+    name_template: TemplateOpt = None,
+    mask_mode: MaskModeOpt = None,
+    allow_root: RootOpt = None,
+    convert: ConvertOpt = False,
+    allow_unknown_model: UnknownOpt = False,
+    rows: Annotated[int, typer.Option(help="Rows to list (0: all).")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """What a manifest will cost (per row and in total, low-high) and how long it will take."""
+    with _friendly_errors():
+        settings = _settings()
+        defaults = _defaults(
+            settings,
+            model,
+            size,
+            quality,
+            n,
+            output_format,
+            input_fidelity,
+            background,
+            name_template,
+            mask_mode,
+        )
+        pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
+        table_data = load_prices(settings.prices_file)
+        per_row = []
+        rejected = 0
+        for r in check_rows(manifest, defaults, pre):
+            if r.spec is None or r.errors:
+                rejected += 1
+                continue
+            est = estimate_cost(r.spec, r.pixels, table_data)
+            per_row.append((r, est))
+        total = estimate_batch((est, r.spec.n) for r, est in per_row if r.spec)
+        models = {est.model for _, est in per_row}
+
+    def money(value: Decimal | None) -> str | None:
+        return None if value is None else str(value)
+
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "rows": [
+                        {
+                            "row": r.row,
+                            "id": r.key,
+                            "model": est.model,
+                            "expected_usd": money(est.expected),
+                            "low_usd": money(est.low),
+                            "high_usd": money(est.high),
+                            "priced": est.priced,
+                        }
+                        for r, est in per_row
+                    ],
+                    "total": {
+                        "calls": total.calls,
+                        "images": total.images,
+                        "expected_usd": str(total.expected),
+                        "low_usd": str(total.low),
+                        "high_usd": str(total.high),
+                        "unpriced_calls": total.unpriced,
+                        "unpriced_models": list(total.unpriced_models),
+                    },
+                    "rejected_rows": rejected,
+                    "duration_s": estimate_duration(
+                        total.calls,
+                        total.images,
+                        settings.images_per_minute,
+                        settings.max_in_flight or settings.concurrency,
+                        typical_latency(models),
+                    ),
+                }
+            )
+        )
+        return
+    table = Table(title=f"Estimate for {manifest}", title_justify="left")
+    for col in ("row", "id", "model", "quality", "size", "n", "expected $", "low-high $"):
+        table.add_column(col, justify="right" if "$" in col else "left")
+    shown = per_row if rows == 0 else per_row[:rows]
+    for r, est in shown:
+        assert r.spec is not None
+        table.add_row(
+            str(r.row),
+            r.key or "",
+            est.model,
+            r.spec.quality,
+            r.spec.size,
+            str(r.spec.n),
+            f"{est.expected:.6f}" if est.expected is not None else "unpriced",
+            f"{est.low:.4f}-{est.high:.4f}"
+            if est.low is not None and est.high is not None
+            else "-",
+        )
+    console.print(table)
+    if len(shown) < len(per_row):
+        console.print(f"... {len(per_row) - len(shown)} more rows (--rows 0 lists all)")
+    if rejected:
+        console.print(f"{rejected} rows rejected by preflight (see: editbatch check)")
+    _print_estimate(total, settings, models, None)
+
+
 def _submit(
     settings: Settings,
     manifest: Path,
@@ -317,7 +476,10 @@ def _submit(
             "model": defaults.model,
             "reuse": reuse,
         },
+        prices=load_prices(settings.prices_file),
     )
+    if result.estimate is not None:
+        _print_estimate(result.estimate, settings, result.models, budget)
     return result
 
 

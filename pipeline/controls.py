@@ -11,6 +11,7 @@ from decimal import Decimal
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from pipeline import budget
 from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
 from pipeline.errors import EditbatchError, NotFoundError
@@ -63,6 +64,9 @@ def resume(session: Session, batch_id: int, budget_usd: Decimal | None = None) -
     jobs.release_held_jobs(session, batch_id)
     session.commit()
     jobs.requeue_expired(session, batch_id)
+    # Reservations of calls whose workers died never settled: count only what was spent.
+    budget.reconcile(session, batch_id)
+    session.commit()
 
 
 def retry_failed(

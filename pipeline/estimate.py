@@ -282,3 +282,13 @@ def estimate_duration(
     by_rate = images * 60.0 / images_per_minute if images_per_minute else 0.0
     by_concurrency = n_calls * latency_s / max_in_flight if max_in_flight else latency_s
     return max(by_rate, by_concurrency, latency_s)
+
+
+# Median edit latency in seconds (API-FACTS, checked 2026-11-21); others are a guess of 40 s.
+TYPICAL_LATENCY_S = {"gpt-image-1.5": 39.0, "gpt-image-1-mini": 18.0}
+DEFAULT_LATENCY_S = 40.0
+
+
+def typical_latency(models: Iterable[str]) -> float:
+    """The slowest median latency among `models` (a conservative duration estimate)."""
+    return max((TYPICAL_LATENCY_S.get(m, DEFAULT_LATENCY_S) for m in models), default=0.0)

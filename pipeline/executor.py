@@ -13,20 +13,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
 
-from pipeline import collector
+from pipeline import budget, collector
 from pipeline.backoff import wait_api
 from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
 from pipeline.db.session import Database
 from pipeline.errors import StorageError
+from pipeline.estimate import estimate_cost, fallback_usage
 from pipeline.gateway import CallOutcome, Gateway
 from pipeline.pricing import PriceTable
 from pipeline.ratelimit import Limiter, PermitTimeout
@@ -101,7 +103,10 @@ def _run_claimed(job_id: int, token: str, deps: Deps) -> JobResult:
         first_attempt = job.attempts - job.attempt_base + 1
         fingerprint = job.fingerprint
         batch = session.get(Batch, batch_id)
-        reuse = bool(batch and batch.settings.get("reuse", True))
+        assert batch is not None
+        reuse = bool(batch.settings.get("reuse", True))
+        # Reserve against a budget only when there is one: it costs two writes per call.
+        budgeted = batch.budget_usd is not None or settings.daily_budget_usd is not None
 
     stop_state = _batch_stop_state(deps, batch_id)
     if stop_state:
@@ -116,18 +121,35 @@ def _run_claimed(job_id: int, token: str, deps: Deps) -> JobResult:
             return _defer(deps, job_id, token, DUPLICATE_WAIT_SECONDS, "identical job in flight")
 
     remaining = max(settings.max_attempts - first_attempt + 1, 1)
+    pixels = _input_pixels(spec)
+    estimate = estimate_cost(spec, pixels, deps.prices)
 
     def call_once() -> CallOutcome:
         state = _batch_stop_state(deps, batch_id)
         if state:
             raise _Stop(state)
-        with deps.limiter.permit(spec.model, spec.n, max_wait=_max_permit_wait(settings)):
-            attempt_id = _start_attempt(deps, job_id)
-            outcome = deps.gateway.edit(spec)
+        ledger = _Ledger(batch_id, pixels, utcnow().date(), Decimal(0), budgeted)
+        if budgeted:
+            with deps.db.session() as session:
+                ledger.reserved, refusal = budget.reserve_call(
+                    session, batch_id, estimate, settings.daily_budget_usd, ledger.today
+                )
+            if refusal:
+                raise _Stop("held")  # the batch is held with the reason
+        try:
+            with deps.limiter.permit(spec.model, spec.n, max_wait=_max_permit_wait(settings)):
+                attempt_id = _start_attempt(deps, job_id)
+                outcome = deps.gateway.edit(spec)
+        except BaseException:
+            if budgeted:  # nothing was bought: give the reservation back
+                with deps.db.session() as session:
+                    budget.settle(session, batch_id, ledger.reserved, Decimal(0), ledger.today)
+                    session.commit()
+            raise
         if outcome.kind == "transient" and outcome.http_status == 429 and outcome.retry_after:
             deps.limiter.backoff(spec.model, outcome.retry_after)
         deps.limiter.observe(spec.model, outcome.headers)
-        _finish_attempt(deps, attempt_id, job_id, spec, outcome)
+        _finish_attempt(deps, attempt_id, job_id, spec, outcome, ledger)
         return outcome
 
     def before_sleep(retry_state: RetryCallState) -> None:
@@ -205,10 +227,43 @@ def _start_attempt(deps: Deps, job_id: int) -> int:
         return attempt.id
 
 
+@dataclass
+class _Ledger:
+    """What the budget needs to know about one call."""
+
+    batch_id: int
+    pixels: tuple[tuple[int, int], ...]
+    today: date
+    reserved: Decimal
+    budgeted: bool
+
+
+def _input_pixels(spec: EditSpec) -> tuple[tuple[int, int], ...]:
+    """Each input image's size, from its header (for estimates); (0, 0) if unreadable."""
+    sizes = []
+    for path in spec.images:
+        try:
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except OSError:
+            sizes.append((0, 0))
+    return tuple(sizes)
+
+
 def _finish_attempt(
-    deps: Deps, attempt_id: int, job_id: int, spec: EditSpec, outcome: CallOutcome
+    deps: Deps,
+    attempt_id: int,
+    job_id: int,
+    spec: EditSpec,
+    outcome: CallOutcome,
+    ledger: _Ledger,
 ) -> None:
     usage = outcome.usage
+    estimated = False
+    if usage is None and outcome.http_status == 200:
+        # Billed, but the API said nothing about tokens: estimate from the published tables.
+        usage = fallback_usage(spec, len(outcome.images) or spec.n, ledger.pixels)
+        estimated = True
     cost = deps.prices.cost(spec.model, usage) if usage is not None else None
     with deps.db.session() as session:
         attempt = session.get(Attempt, attempt_id)
@@ -229,8 +284,17 @@ def _finish_attempt(
             attempt.image_output_tokens = usage.image_output
             attempt.text_output_tokens = usage.text_output
         attempt.cost_usd = cost if cost is not None else Decimal(0)
+        attempt.cost_estimated = estimated
         attempt.priced = usage is None or cost is not None
         jobs.add_cost(session, job_id, attempt.cost_usd)
+        if ledger.budgeted:
+            if cost is not None:
+                actual = cost
+            elif outcome.http_status is None or usage is not None:
+                actual = ledger.reserved  # may have been billed (timeout, or no price): keep it
+            else:
+                actual = Decimal(0)
+            budget.settle(session, ledger.batch_id, ledger.reserved, actual, ledger.today)
         session.commit()
 
 

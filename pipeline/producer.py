@@ -18,9 +18,11 @@ from sqlalchemy import insert, select
 from pipeline.db.models import Batch, Job, utcnow
 from pipeline.db.session import Database
 from pipeline.errors import EditbatchError, RowError
+from pipeline.estimate import BatchEstimate, Estimate, estimate_batch, estimate_cost
 from pipeline.manifest import Defaults, read_manifest
 from pipeline.naming import OutputNameError, render_name
 from pipeline.preflight import Preflight
+from pipeline.pricing import PriceTable, load_prices
 from pipeline.spec import EditSpec, file_sha256
 
 log = logging.getLogger("editbatch.producer")
@@ -37,6 +39,7 @@ class CheckedRow:
     errors: list[RowError]
     notes: tuple[str, ...] = ()
     fingerprint: str | None = None
+    pixels: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -46,7 +49,8 @@ class SubmitResult:
     rejected: int = 0
     errors: list[RowError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    resumed: bool = False
+    estimate: BatchEstimate | None = None
+    models: set[str] = field(default_factory=set)
 
 
 class StrictRefusal(EditbatchError):
@@ -101,6 +105,7 @@ def check_rows(manifest: Path, defaults: Defaults, preflight: Preflight) -> Iter
             errors,
             result.notes,
             fingerprint,
+            tuple(result.pixels),
         )
     for row in sorted(pending):
         errs = pending[row]
@@ -144,6 +149,7 @@ def create_batch(
     budget_usd: Decimal | None = None,
     strict: bool = False,
     settings_snapshot: dict[str, Any] | None = None,
+    prices: PriceTable | None = None,
 ) -> SubmitResult:
     """Store a batch and all of its jobs in one transaction; nothing is enqueued here."""
     manifest_sha = file_sha256(str(manifest))
@@ -172,43 +178,53 @@ def create_batch(
         session.flush()
         result = SubmitResult(batch_id=batch.id)
         now = utcnow()
+        table = prices or load_prices()
+        estimates: list[tuple[Estimate, int]] = []
 
         def job_rows() -> Iterator[dict[str, Any]]:
+            # Every row dict has the same keys, so each chunk is one executemany.
             for r in checked_rows:
                 for note in r.notes:
                     result.notes.append(f"row {r.row}: {note}")
+                row: dict[str, Any] = {
+                    "batch_id": batch.id,
+                    "row_number": r.row,
+                    "external_key": r.key,
+                    "created_at": now,
+                    "updated_at": now,
+                }
                 if r.errors or r.spec is None:
                     result.rejected += 1
                     result.errors.extend(r.errors)
-                    first = r.errors[0]
-                    yield {
-                        "batch_id": batch.id,
-                        "row_number": r.row,
-                        "external_key": r.key,
-                        "spec": "{}",
-                        "state": "rejected",
-                        "last_error_code": f"invalid_{first.field}",
-                        "last_error_message": "; ".join(f"{e.field}: {e.reason}" for e in r.errors),
-                        "created_at": now,
-                        "updated_at": now,
-                        "finished_at": now,
-                    }
+                    row.update(
+                        spec="{}",
+                        state="rejected",
+                        fingerprint=None,
+                        estimated_usd=None,
+                        last_error_code=f"invalid_{r.errors[0].field}",
+                        last_error_message="; ".join(f"{e.field}: {e.reason}" for e in r.errors),
+                        finished_at=now,
+                    )
                 else:
                     result.accepted += 1
-                    yield {
-                        "batch_id": batch.id,
-                        "row_number": r.row,
-                        "external_key": r.key,
-                        "fingerprint": r.fingerprint,
-                        "spec": r.spec.to_json(),
-                        "state": "queued",
-                        "created_at": now,
-                        "updated_at": now,
-                    }
+                    est = estimate_cost(r.spec, r.pixels, table)
+                    estimates.append((est, r.spec.n))
+                    result.models.add(r.spec.model)
+                    row.update(
+                        spec=r.spec.to_json(),
+                        state="queued",
+                        fingerprint=r.fingerprint,
+                        estimated_usd=est.expected,
+                        last_error_code=None,
+                        last_error_message=None,
+                        finished_at=None,
+                    )
+                yield row
 
         for chunk in _chunks(job_rows(), CHUNK):
             session.execute(insert(Job), chunk)
         session.commit()
+    result.estimate = estimate_batch(estimates)
     return result
 
 

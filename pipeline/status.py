@@ -35,6 +35,10 @@ class BatchStatus:
     unpriced_attempts: int
     estimated_cost_attempts: int
     budget_usd: Decimal | None
+    reserved_usd: Decimal = Decimal(0)
+    estimated_usd: Decimal = Decimal(0)
+    estimated_remaining_usd: Decimal = Decimal(0)
+    unpriced_jobs: int = 0
     reused: int = 0
     saved_usd: Decimal = Decimal(0)
     drift_outputs: int = 0
@@ -61,6 +65,10 @@ class BatchStatus:
             "outputs": self.outputs,
             "outputs_uncollected": self.outputs_uncollected,
             "unpriced_attempts": self.unpriced_attempts,
+            "unpriced_jobs": self.unpriced_jobs,
+            "estimated_usd": str(self.estimated_usd),
+            "estimated_remaining_usd": str(self.estimated_remaining_usd),
+            "in_flight_reserved_usd": str(max(self.reserved_usd - self.cost_usd, Decimal(0))),
             "reused": self.reused,
             "saved_usd": str(self.saved_usd),
             "output_uri": self.output_uri,
@@ -114,6 +122,24 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         .join(Job, Job.id == Output.job_id)
         .where(Job.batch_id == batch_id)
     ).one()
+    est_total, est_remaining, unpriced_jobs = session.execute(
+        select(
+            func.coalesce(func.sum(Job.estimated_usd), 0),
+            func.coalesce(
+                func.sum(
+                    case(
+                        (
+                            Job.state.in_(("queued", "running", "retrying", "held")),
+                            Job.estimated_usd,
+                        ),
+                        else_=0,
+                    )
+                ),
+                0,
+            ),
+            func.sum(case((Job.estimated_usd.is_(None), 1), else_=0)),
+        ).where(Job.batch_id == batch_id, Job.state != "rejected")
+    ).one()
     donor = aliased(Job)
     reused, saved = session.execute(
         select(func.count(Job.id), func.coalesce(func.sum(donor.cost_usd), 0))
@@ -162,6 +188,10 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         unpriced_attempts=unpriced,
         estimated_cost_attempts=estimated,
         budget_usd=batch.budget_usd,
+        reserved_usd=Decimal(str(batch.reserved_usd or 0)),
+        estimated_usd=Decimal(str(est_total)),
+        estimated_remaining_usd=Decimal(str(est_remaining)),
+        unpriced_jobs=int(unpriced_jobs or 0),
         reused=int(reused or 0),
         saved_usd=Decimal(str(saved)),
         failures=failures,
