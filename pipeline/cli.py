@@ -193,12 +193,21 @@ def _status_table(status: BatchStatus) -> Table:
     table.add_row("attempts", str(status.attempts))
     cost = f"${status.cost_usd:.6f}"
     if status.unpriced_attempts:
-        cost += f" (+{status.unpriced_attempts} unpriced attempts)"
+        cost += f" + {status.unpriced_attempts} unpriced attempts (cost unknown)"
     table.add_row("cost", cost)
+    if status.unpriced_jobs:
+        table.add_row("unpriced", f"{status.unpriced_jobs} jobs use a model with no price")
+    table.add_row(
+        "estimate",
+        f"${status.estimated_usd:.4f} in all, ${status.estimated_remaining_usd:.4f} still to go",
+    )
     if status.reused:
         table.add_row("reused", f"{status.reused} jobs, saved ${status.saved_usd:.6f}")
     if status.budget_usd is not None:
-        table.add_row("budget", f"${status.budget_usd:.2f}")
+        in_flight = max(status.reserved_usd - status.cost_usd, Decimal(0))
+        table.add_row(
+            "budget", f"${status.budget_usd:.2f} (${in_flight:.4f} reserved by calls in flight)"
+        )
     table.add_row("outputs", f"{status.outputs} ({status.outputs_uncollected} not collected)")
     if status.drift_outputs and status.drift_mean is not None:
         table.add_row(
@@ -226,10 +235,15 @@ def _print_status(status: BatchStatus) -> None:
 
 
 def _print_estimate(
-    est: BatchEstimate, settings: Settings, models: set[str], budget: Decimal | None
+    est: BatchEstimate,
+    settings: Settings,
+    models: set[str],
+    budget: Decimal | None,
+    out: Console | None = None,
 ) -> None:
     if not est.calls:
         return
+    out = out or console
     latency = typical_latency(models)
     seconds = estimate_duration(
         est.calls,
@@ -238,7 +252,7 @@ def _print_estimate(
         settings.max_in_flight or settings.concurrency,
         latency,
     )
-    console.print(
+    out.print(
         f"estimate: ${est.expected:.2f} (range ${est.low:.2f}-${est.high:.2f}) for "
         f"{est.calls} calls, {est.images} images; about {_duration(seconds)} at "
         f"{settings.images_per_minute or 'unlimited'} images/min, "
@@ -461,6 +475,7 @@ def _submit(
     strict: bool,
     db: Database,
     reuse: bool = True,
+    quiet: bool = False,
 ) -> SubmitResult:
     result = create_batch(
         db,
@@ -479,7 +494,9 @@ def _submit(
         prices=load_prices(settings.prices_file),
     )
     if result.estimate is not None:
-        _print_estimate(result.estimate, settings, result.models, budget)
+        _print_estimate(
+            result.estimate, settings, result.models, budget, out=err if quiet else console
+        )
     return result
 
 
@@ -535,6 +552,7 @@ def submit(
             strict,
             db,
             reuse=not no_reuse,
+            quiet=as_json,
         )
         sent = _send(db, result.batch_id, settings)
     if as_json:
@@ -635,6 +653,7 @@ def run(
                 strict,
                 db,
                 reuse=not no_reuse,
+                quiet=as_json,
             )
             batch_id = result.batch_id
             _print_row_errors(result.errors, manifest)

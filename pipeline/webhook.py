@@ -53,6 +53,7 @@ __all__ = [
     "batch_summary",
     "encode_body",
     "notify_batch_finished",
+    "origin",
     "redact",
     "send",
     "sign",
@@ -193,7 +194,7 @@ class WebhookConfig:
             log.error(
                 "webhook to %s not sent: EDITBATCH_WEBHOOK_SECRET is not set (the webhook is "
                 "always signed); set it, and give the same secret to the receiver",
-                _where(settings.webhook_url),
+                origin(settings.webhook_url),
             )
             return None
         return cls(
@@ -208,7 +209,7 @@ class _Retryable(Exception):
     """An answer worth another try (408, 429, 5xx)."""
 
 
-def _where(url: str) -> str:
+def origin(url: str) -> str:
     """scheme://host[:port] only: a webhook URL's path or query may itself be a secret."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
@@ -228,7 +229,7 @@ def send(
     """
     own = client is None
     http = client or httpx.Client(timeout=config.timeout_s, follow_redirects=False)
-    where = _where(config.url)
+    where = origin(config.url)
 
     def attempt() -> int:
         headers = signed_headers(config.secret, body, clock())

@@ -120,7 +120,8 @@ class Stack:
     def submit(self, manifest: Path) -> int:
         proc = self.cli("submit", str(manifest), "--json", "--output", str(self.out))
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        return int(json.loads(proc.stdout)["batch_id"])
+        # The JSON is the last line (anything before it is for people).
+        return int(json.loads(proc.stdout.strip().splitlines()[-1])["batch_id"])
 
     def resume(self, batch_id: int) -> None:
         proc = self.cli("resume", str(batch_id))
@@ -408,3 +409,32 @@ def test_redis_flushall_mid_batch_then_resume_loses_nothing_and_pays_once(
         assert len(result.attempts) == jobs_total  # no fault injected: one call per job
     report = json.loads((st.out / f"report-{batch_id}.json").read_text())
     assert [j["state"] for j in report["jobs"]] == ["succeeded"] * jobs_total
+
+
+def test_reaper_resends_a_lost_message_when_the_broker_queue_is_empty(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The reaper's own case: Redis lost the message of a queued job and the queue is empty (in
+    Redis an empty queue is no key at all). The reaper sends the job again; a worker runs it."""
+    import redis
+
+    database_url = f"sqlite:///{tmp_path / 'editbatch.db'}"
+    manifest = write_manifest(tmp_path / "in" / "manifest.csv", small_rows(tmp_path / "in", 2))
+    with stack(tmp_path, redis_url, database_url) as st:
+        batch_id = st.submit(manifest)
+        flushall(redis_url)
+        with st.db.session() as s:  # waited long enough to count as lost (STALE_QUEUED_SECONDS)
+            for job in s.scalars(select(Job).where(Job.batch_id == batch_id)):
+                job.updated_at = datetime.now(UTC) - timedelta(minutes=10)
+            s.commit()
+        reaped = st.python(REAP)
+        assert reaped.returncode == 0, reaped.stderr[-2000:]
+        assert reaped.stdout.strip() == "2"
+        client = redis.Redis.from_url(redis_url)
+        assert client.llen("editbatch") == 2
+        client.close()
+        st.worker("w1", concurrency=2)
+        st.wait_finished(batch_id, 30)
+        result = audit(st.db, batch_id, st.out, st.billing_log)
+        result.assert_clean()
+        assert result.succeeded == result.billed_calls == 2

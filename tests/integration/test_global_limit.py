@@ -97,8 +97,16 @@ def test_three_workers_keep_one_global_rate(tmp_path: Path, redis_url: str) -> N
         workers = _start_workers(env, tmp_path)
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "pipeline.cli", "submit", str(manifest), "--json",
-                 "--output", str(tmp_path / "out")],
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline.cli",
+                    "submit",
+                    str(manifest),
+                    "--json",
+                    "--output",
+                    str(tmp_path / "out"),
+                ],
                 env={**os.environ, **env},
                 capture_output=True,
                 text=True,
@@ -140,8 +148,9 @@ def test_three_workers_keep_one_global_rate(tmp_path: Path, redis_url: str) -> N
     done = [w.log.read_text().count("succeeded in") for w in workers]
     assert all(n > 0 for n in done), f"jobs per worker: {done}"
     allowed = RATE * WINDOW / 60 + 2  # +1 for GCRA's burst of 1, +1 for timestamp jitter
-    busiest = max(sum(1 for t in starts[i:] if t < start + WINDOW) for i, start in
-                  enumerate(starts))
+    busiest = max(
+        sum(1 for t in starts[i:] if t < start + WINDOW) for i, start in enumerate(starts)
+    )
     assert busiest <= allowed, f"{busiest} calls started within {WINDOW} s (allowed {allowed})"
 
     # ... and did not waste it: calls went out at >= 90% of R from the first to the last.
