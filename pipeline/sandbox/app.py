@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -196,6 +196,12 @@ class EditsEndpoint:
     # -- deciding -------------------------------------------------------------------------
 
     async def _reply(self, scope: Scope, receive: Receive, request_id: str) -> Reply:
+        try:
+            return await self._read_and_reply(scope, receive, request_id)
+        except ClientDisconnect:  # the client left during the upload
+            return DISCONNECTED
+
+    async def _read_and_reply(self, scope: Scope, receive: Receive, request_id: str) -> Reply:
         request = Request(scope, receive)
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith(FORM_CONTENT_TYPES):

@@ -78,7 +78,9 @@ class SandboxServer:
         """Start serving; returns once the server accepts connections."""
         if self._thread is not None:
             raise RuntimeError("SandboxServer already started")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto must say TCP: asyncio only sets TCP_NODELAY on accepted sockets whose proto is
+        # IPPROTO_TCP, and without it every keep-alive response stalls ~40 ms on delayed ACKs.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]

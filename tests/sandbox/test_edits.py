@@ -177,3 +177,12 @@ def test_webp_and_jpeg_inputs_are_accepted(client: openai.OpenAI) -> None:
             image=("photo.bin", buf.getvalue(), mimetype), prompt="p", size="auto"
         )
         assert result.size == "1536x1024"
+
+
+def test_exif_orientation_is_applied(client: openai.OpenAI) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: a 300x200 landscape file shows as 200x300 portrait
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (5, 6, 7)).save(buf, "JPEG", exif=exif)
+    result = client.images.edit(image=("r.jpg", buf.getvalue(), "image/jpeg"), prompt="p")
+    assert result.size == "1024x1536"

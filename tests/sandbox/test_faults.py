@@ -60,16 +60,18 @@ def test_rate_limit_counts_images_and_says_when_capacity_returns(
     client: openai.OpenAI, sandbox: SandboxServer
 ) -> None:
     sandbox.config.rate_limit_per_minute = 3
+    before = time.monotonic()
     raw = client.images.with_raw_response.edit(image=IMAGE, prompt="p", n=2)
     assert raw.headers["x-ratelimit-limit-requests"] == "3"
     assert raw.headers["x-ratelimit-remaining-requests"] == "1"
     assert _status(client) == 200
-    started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as info:
         client.images.edit(image=IMAGE, prompt="p")
+    after = time.monotonic()
     assert info.value.code == "rate_limit_exceeded"
+    # Capacity returns 60 s after the first admission, which happened between before and after.
     wait_ms = int(info.value.response.headers["retry-after-ms"])
-    assert 58_000 <= wait_ms <= 60_000 - 1000 * (time.monotonic() - started) + 50
+    assert 60_000 - 1000 * (after - before) - 1 <= wait_ms <= 60_000
     assert info.value.response.headers["retry-after"] == str(-(-wait_ms // 1000))
     stats = admin(sandbox.base_url, "stats")
     assert stats["rate_limited"] == 1
@@ -133,7 +135,7 @@ def test_latency_lets_many_requests_wait_at_once(
         statuses = list(pool.map(lambda i: _status(client, prompt=f"p{i}"), range(40)))
     elapsed = time.monotonic() - started
     assert statuses == [200] * 40
-    assert 0.4 <= elapsed < 3
+    assert 0.4 <= elapsed < 10  # 40 x 0.4 s one after another would take 16 s
     stats = admin(sandbox.base_url, "stats")
     assert stats["max_in_flight"] >= 20
     assert stats["in_flight"] == 0
@@ -145,7 +147,7 @@ def test_time_scale_shrinks_latency(client: openai.OpenAI, sandbox: SandboxServe
     sandbox.config.time_scale = 0.001
     started = time.monotonic()
     assert _status(client) == 200
-    assert 0.04 <= time.monotonic() - started < 1
+    assert 0.04 <= time.monotonic() - started < 5  # unscaled: 40 s
 
 
 def test_billing_log_is_whole_lines_under_concurrency(

@@ -320,3 +320,14 @@ def test_unknown_path_is_openai_shaped_404(sandbox: SandboxServer) -> None:
     response = httpx2.post(f"{sandbox.base_url}/images/variations", data={})
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Invalid URL (POST /v1/images/variations)"
+
+
+def test_image_whose_body_does_not_decode_is_refused(sandbox: SandboxServer) -> None:
+    broken = png(64, 64)[:60]  # signature and IHDR intact, pixel data cut off
+    response = raw_edit(sandbox.base_url, fields={"prompt": "p"}, files=[("image", upload(broken))])
+    assert response.status_code == 400
+    assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (
+        "invalid_image",
+        "image",
+    )
+    assert billing_lines(sandbox.config.billing_log) == []

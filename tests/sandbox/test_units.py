@@ -1,0 +1,159 @@
+"""Pure pieces: token arithmetic, cost rounding, the sliding window, directive parsing."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from decimal import Decimal
+
+import pytest
+
+from pipeline.sandbox import tokens
+from pipeline.sandbox.app import _corrupt_b64, _duration
+from pipeline.sandbox.config import SandboxConfig
+from pipeline.sandbox.faults import (
+    DirectiveError,
+    Directives,
+    Fault,
+    latency_seconds,
+    parse_directives,
+    random_fault,
+)
+from pipeline.sandbox.models import MODELS
+from pipeline.sandbox.ratelimit import SlidingWindow
+from pipeline.sandbox.validation import nearest_standard_size
+
+
+def test_tables_carry_their_date_and_source() -> None:
+    assert (tokens.AS_OF, tokens.SOURCE) == ("2026-11-21", "../shared/API-FACTS.md")
+    assert set(tokens.PRICES) == set(MODELS)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((1024, 1024), 194),
+        ((512, 512), 194),
+        ((1024, 1536), 323),
+        ((1536, 1024), 323),
+        ((100, 300), 452),
+        ((2000, 2001), 194),
+        ((1000, 1001), 323),
+    ],
+)
+def test_input_image_tokens(size: tuple[int, int], expected: int) -> None:
+    assert tokens.input_image_tokens(*size) == expected
+
+
+@pytest.mark.parametrize(
+    ("size", "quality", "expected"),
+    [
+        ((1024, 1024), "low", 272),
+        ((1024, 1536), "medium", 1584),
+        ((1536, 1024), "high", 6208),
+        ((1536, 864), "medium", 1337),  # 1336.5 rounds half up
+        ((2048, 2048), "low", 1088),
+        ((1024, 1024), "xhigh", 8320),
+        ((1024, 1024), "max", 16640),
+    ],
+)
+def test_output_image_tokens(size: tuple[int, int], quality: str, expected: int) -> None:
+    assert tokens.output_image_tokens(*size, quality) == expected
+
+
+def test_text_tokens_round_up() -> None:
+    assert [tokens.text_tokens("x" * k) for k in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+
+
+def test_cost_is_rounded_once_half_up() -> None:
+    usage = tokens.usage(
+        prompt="abcd",
+        input_sizes=[(64, 64)],
+        input_fidelity=None,
+        output_size=(1024, 1024),
+        quality="low",
+        n=1,
+    )
+    # mini: 1 x 2.00 + 194 x 2.50 + 272 x 8.00 = 2663 per 1M -> 0.002663
+    assert tokens.cost_usd("gpt-image-1-mini", usage) == Decimal("0.002663")
+    half = {
+        "input_tokens_details": {"text_tokens": 0, "image_tokens": 1},
+        "output_tokens_details": {"text_tokens": 0, "image_tokens": 0},
+    }
+    assert tokens.cost_usd("gpt-image-1-mini", half) == Decimal("0.000003")  # 0.0000025 up
+
+
+def test_sliding_window_says_when_capacity_returns() -> None:
+    now = [0.0]
+    window = SlidingWindow(60.0, clock=lambda: now[0])
+    assert window.try_take(2, 3) == 0.0
+    now[0] = 10.0
+    assert window.try_take(1, 3) == 0.0
+    now[0] = 20.0
+    assert window.try_take(1, 3) == pytest.approx(40.0)  # the first 2 leave at t=60
+    assert window.try_take(3, 3) == pytest.approx(50.0)  # all three leave by t=70
+    assert window.try_take(4, 3) == 60.0  # never fits
+    assert window.used() == 3
+    now[0] = 60.0
+    assert window.used() == 1
+    assert window.try_take(2, 3) == 0.0
+    assert window.reset_in() == pytest.approx(10.0)
+
+
+def test_parse_directives() -> None:
+    assert parse_directives("plain prompt") == Directives()
+    assert parse_directives("x #sandbox:500x3") == Directives(Fault.SERVER_ERROR, 3, None)
+    assert parse_directives("#sandbox:latency=250 then #sandbox:timeout.") == Directives(
+        Fault.TIMEOUT, None, 250.0
+    )
+    assert parse_directives("#sandbox:badb64 #sandbox:429").fault is Fault.BAD_B64
+    with pytest.raises(DirectiveError):
+        parse_directives("#sandbox:5000")
+
+
+def test_random_faults_take_disjoint_slices() -> None:
+    config = SandboxConfig(error_rate=0.1, reset_rate=0.2, burst_429_rate=0.1)
+    assert random_fault(config, 0.05) is Fault.SERVER_ERROR
+    assert random_fault(config, 0.15) is Fault.RESET
+    assert random_fault(config, 0.35) is Fault.RATE_LIMIT
+    assert random_fault(config, 0.45) is None
+
+
+def test_latency_is_lognormal_around_the_median() -> None:
+    config = SandboxConfig(latency_ms=1000, latency_sigma=0.5, time_scale=0.1)
+    assert latency_seconds(config, 0.0) == pytest.approx(0.1)
+    assert latency_seconds(config, 1.0) == pytest.approx(0.1 * 1.6487, rel=1e-3)
+    assert latency_seconds(SandboxConfig(), 3.0) == 0.0
+
+
+def test_corrupt_base64_fails_every_decoder() -> None:
+    for length in [*range(1, 12), 200, 201, 202]:
+        value = _corrupt_b64(base64.b64encode(bytes(range(length))).decode())
+        for padding in ("", "=", "=="):
+            with pytest.raises(binascii.Error):
+                base64.b64decode(value + padding)
+
+
+def test_duration_format() -> None:
+    assert [_duration(s) for s in (0.02, 1.5, 59.9994, 360.0)] == [
+        "20ms",
+        "1.5s",
+        "59.999s",
+        "6m0s",
+    ]
+
+
+def test_auto_size_is_the_nearest_aspect() -> None:
+    assert nearest_standard_size(100, 100) == (1024, 1024)
+    assert nearest_standard_size(130, 100) == (1536, 1024)
+    assert nearest_standard_size(100, 115) == (1024, 1024)
+    assert nearest_standard_size(100, 300) == (1024, 1536)
+
+
+def test_config_update_checks_types() -> None:
+    config = SandboxConfig()
+    config.update({"latency_ms": 5, "api_keys": ["a"], "quota_after": None})
+    assert (config.latency_ms, config.api_keys) == (5.0, ["a"])
+    for bad in ({"seed": 1.5}, {"drift": -1}, {"hang_seconds": True}, {"nope": 1}):
+        with pytest.raises(ValueError):
+            config.update(bad)
