@@ -43,6 +43,7 @@ from pipeline.producer import (
     enqueue_batch,
     find_resumable,
 )
+from pipeline.remote import LocalManifest, localize_manifest
 from pipeline.settings import Settings, get_settings
 from pipeline.spec import file_sha256
 from pipeline.status import BatchStatus, batch_status, list_batches
@@ -59,7 +60,11 @@ console = Console()
 err = Console(stderr=True)
 
 ManifestArg = Annotated[
-    Path, typer.Argument(help="Manifest: .csv (header row), .json (array) or .jsonl.")
+    str,
+    typer.Argument(
+        help="Manifest: .csv (header row), .json (array) or .jsonl; a path or a URL "
+        "(s3://bucket/key.csv)."
+    ),
 ]
 ModelOpt = Annotated[str | None, typer.Option(help="Model for rows that name none.")]
 SizeOpt = Annotated[str | None, typer.Option(help="Size for rows that give none.")]
@@ -135,10 +140,15 @@ def _defaults(
 
 
 def _preflight(
-    settings: Settings, manifest: Path, roots: list[Path] | None, convert: bool, unknown: bool
+    settings: Settings,
+    manifest: LocalManifest,
+    roots: list[Path] | None,
+    convert: bool,
+    unknown: bool,
 ) -> Preflight:
-    allowed = (manifest.resolve().parent, *(r.resolve() for r in roots or []))
-    return Preflight(
+    # A remote manifest's files are in the download cache (manifest.roots), nowhere else.
+    allowed = (*manifest.roots, *(r.resolve() for r in roots or []))
+    return manifest.preflight(
         PreflightOptions(
             allowed_roots=allowed,
             catalog=load_catalog(settings.catalog_file),
@@ -166,7 +176,7 @@ def _output_uri(output: str | None) -> str:
     return target if "://" in target else str(Path(target).resolve())
 
 
-def _print_row_errors(errors: list[RowError], manifest: Path, limit: int = 50) -> None:
+def _print_row_errors(errors: list[RowError], manifest: str | Path, limit: int = 50) -> None:
     if not errors:
         return
     table = Table(title=f"Rejected rows in {manifest}", title_justify="left")
@@ -320,12 +330,13 @@ def check(
             name_template,
             mask_mode,
         )
-        pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
+        local = localize_manifest(manifest, settings)
+        pre = _preflight(settings, local, allow_root, convert, allow_unknown_model)
         rows = 0
         errors: list[RowError] = []
         notes: list[str] = []
         bad_rows = 0
-        for r in check_rows(manifest, defaults, pre):
+        for r in check_rows(local.path, defaults, pre):
             rows += 1
             if r.errors:
                 bad_rows += 1
@@ -385,11 +396,12 @@ def estimate(
             name_template,
             mask_mode,
         )
-        pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
+        local = localize_manifest(manifest, settings)
+        pre = _preflight(settings, local, allow_root, convert, allow_unknown_model)
         table_data = load_prices(settings.prices_file)
         per_row = []
         rejected = 0
-        for r in check_rows(manifest, defaults, pre):
+        for r in check_rows(local.path, defaults, pre):
             if r.spec is None or r.errors:
                 rejected += 1
                 continue
@@ -540,10 +552,11 @@ def submit(
             name_template,
             mask_mode,
         )
-        pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
+        local = localize_manifest(manifest, settings)
+        pre = _preflight(settings, local, allow_root, convert, allow_unknown_model)
         result = _submit(
             settings,
-            manifest,
+            local.path,
             name,
             output,
             defaults,
@@ -617,7 +630,8 @@ def run(
         settings = Settings(**overrides) if overrides else _settings()
         db = _db(settings)
         output_uri = _output_uri(output)
-        batch_id = find_resumable(db, file_sha256(str(manifest)), output_uri)
+        local = localize_manifest(manifest, settings)
+        batch_id = find_resumable(db, file_sha256(str(local.path)), output_uri)
         if batch_id is not None:
             with db.session() as session:
                 batch = session.get(Batch, batch_id)
@@ -641,10 +655,10 @@ def run(
                 name_template,
                 mask_mode,
             )
-            pre = _preflight(settings, manifest, allow_root, convert, allow_unknown_model)
+            pre = _preflight(settings, local, allow_root, convert, allow_unknown_model)
             result = _submit(
                 settings,
-                manifest,
+                local.path,
                 name,
                 output,
                 defaults,
@@ -902,6 +916,45 @@ def retry(
             return
         _send(db, batch, settings)
     console.print(f"batch {batch}: {n} failed jobs sent again")
+
+
+@app.command()
+def nightly(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what tonight's run would do; change nothing.")
+    ] = False,
+    date: Annotated[
+        str | None, typer.Option(help="Run as on this date (YYYY-MM-DD, UTC) instead of today.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit tonight's dated manifest once, as the beat entry does at EDITBATCH_NIGHTLY_CRON."""
+    from pipeline import nightly as nights
+
+    with _friendly_errors():
+        settings = _settings()
+        db = _db(settings)
+        now = nights.night_of(date)
+        if dry_run:
+            info = nights.preview(settings, now, db)
+        else:
+            from pipeline.ratelimit import LocalLimiter
+            from pipeline.runtime import build_deps
+            from worker.tasks import enqueue
+
+            finished = build_deps(settings, LocalLimiter(None, None), db).on_batch_finished
+            batch_id = nights.run_nightly(settings, now, enqueue, db=db, on_finished=finished)
+            info = {**nights.preview(settings, now, db), "batch_id": batch_id}
+    if as_json:
+        print(json.dumps(info))
+        return
+    title = "Nightly run" + (" (dry run: nothing submitted)" if dry_run else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("value", overflow="fold")
+    for key, value in info.items():
+        table.add_row(key, "" if value is None else str(value))
+    console.print(table)
 
 
 @app.command()

@@ -24,7 +24,7 @@ import re
 import string
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ __all__ = [
     "NightlyPlan",
     "cron_fields",
     "existing_batch",
+    "night_of",
     "plan",
     "preview",
     "render",
@@ -112,6 +113,16 @@ def render(pattern: str, day: date, setting: str = "pattern") -> str:
     return "".join(out)
 
 
+def night_of(day: str | None) -> datetime:
+    """`now` for a run: the given date (YYYY-MM-DD) at 00:00 UTC, or the current UTC time."""
+    if day is None:
+        return datetime.now(UTC)
+    try:
+        return datetime.combine(date.fromisoformat(day), time(0), UTC)
+    except ValueError as exc:
+        raise ConfigError(f"{day!r} is not a date: give YYYY-MM-DD") from exc
+
+
 def plan(settings: Settings, now: datetime) -> NightlyPlan:
     """Tonight's run for `now` (its calendar date, as given: the beat task passes UTC)."""
     if not settings.nightly_manifest:
@@ -128,6 +139,8 @@ def plan(settings: Settings, now: datetime) -> NightlyPlan:
     cron_fields(settings.nightly_cron)
     output = render(settings.nightly_output, day, "EDITBATCH_NIGHTLY_OUTPUT")
     webhook = origin(settings.webhook_url) if settings.webhook_url else None
+    if webhook and not settings.webhook_secret:
+        webhook += " (not sent: EDITBATCH_WEBHOOK_SECRET is not set)"
     return NightlyPlan(
         date=day,
         name=f"{NAME_PREFIX}{day.isoformat()}",

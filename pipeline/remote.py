@@ -326,31 +326,42 @@ class _Resolver:
 
     def __call__(self, ref: str) -> str:
         ref = ref.strip()
-        if not ref or ref in self.done:
-            return self.done.get(ref, ref)
-        self.done[ref] = result = self._resolve(ref)
-        return result
+        if not ref:
+            return ref
+        uri, refusal = self._absolute(ref)
+        if uri not in self.done:
+            self.done[uri] = self._refuse(uri, refusal) if refusal else self._local(uri)
+        return self.done[uri]
 
-    def _resolve(self, ref: str) -> str:
-        if self.remote and not is_remote(ref):
-            if "://" in ref or ref.startswith("/"):
-                return self._refuse(ref, "a remote manifest cannot name local files")
-            scheme, _, base = self.base.partition("://")
-            joined = posixpath.normpath(posixpath.join(base, ref))
-            bucket = base.split("/", 1)[0]
-            if not joined.startswith(bucket + "/"):
-                return self._refuse(f"{scheme}://{joined}", f"{ref!r} climbs out of {bucket}")
-            ref = f"{scheme}://{joined}"
-        if not is_remote(ref):
+    def _absolute(self, ref: str) -> tuple[str, str | None]:
+        """The reference as a URI or an absolute local path, and why it is refused, if it is."""
+        if not self.remote:
+            if is_remote(ref):
+                return ref, None
             if "file" not in self.options.schemes:
                 allowed = ", ".join(self.options.schemes)
-                return self._refuse(ref, f"scheme 'file' is not allowed (allowed: {allowed})")
-            return str((self.local_base / _file_path(ref)).resolve())
+                return ref, f"scheme 'file' is not allowed (allowed: {allowed})"
+            return str((self.local_base / _file_path(ref)).resolve()), None
+        if is_remote(ref):
+            return ref, None
+        if "://" in ref or ref.startswith("/"):
+            return ref, "a remote manifest cannot name local files"
+        scheme, _, base = self.base.partition("://")
+        joined = posixpath.normpath(posixpath.join(base, ref))
+        bucket = base.split("/", 1)[0]
+        if not joined.startswith(bucket + "/"):
+            return f"{scheme}://{joined}", f"{ref!r} climbs out of {bucket}"
+        return f"{scheme}://{joined}", None
+
+    def _local(self, uri: str) -> str:
+        """The local path to write for `uri`, fetching it when it is remote."""
+        if not is_remote(uri):
+            return uri
         self.any_remote = True
         try:
-            path, downloaded = _fetch(ref, self.options, self.options.max_image_bytes, "image")
+            path, downloaded = _fetch(uri, self.options, self.options.max_image_bytes, "image")
         except RemoteError as exc:
-            return self._refuse(ref, str(exc).removeprefix(f"{ref}: "))
+            return self._refuse(uri, str(exc).removeprefix(f"{uri}: "))
         self.fetched += downloaded
         return str(path)
 

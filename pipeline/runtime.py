@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline import webhook
 from pipeline.collector import StorageCache
 from pipeline.db.session import Database
 from pipeline.executor import Deps
@@ -17,7 +18,14 @@ def build_deps(settings: Settings, limiter: Limiter, db: Database | None = None)
     storages = StorageCache()
 
     def on_finished(batch_id: int) -> None:
-        write_report(database, batch_id, storages)
+        try:
+            report = write_report(database, batch_id, storages)
+        except Exception as exc:
+            # The webhook still goes out (saying the report is missing); then the error is
+            # raised as before, and `editbatch collect BATCH` writes the report later.
+            webhook.notify_batch_finished(settings, database, batch_id, None, str(exc))
+            raise
+        webhook.notify_batch_finished(settings, database, batch_id, report)
 
     return Deps(
         db=database,

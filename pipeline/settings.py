@@ -10,6 +10,7 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -62,6 +63,35 @@ class Settings(BaseSettings):
     prices_file: Path | None = Field(None, description="TOML price table replacing the built-in.")
     catalog_file: Path | None = Field(None, description="TOML model catalogue overrides.")
     daily_budget_usd: Decimal | None = Field(None, ge=0, description="Spend cap per UTC day.")
+    remote_schemes: tuple[str, ...] = Field(
+        ("file", "s3"),
+        description='Schemes inputs may be read from, JSON: ["file", "s3"] (fsspec protocols).',
+    )
+    remote_max_image_bytes: int = Field(
+        50_000_000, ge=1, description="Largest remote image (or mask) fetched."
+    )
+    remote_max_manifest_bytes: int = Field(
+        200_000_000, ge=1, description="Largest remote manifest fetched."
+    )
+    nightly_manifest: str | None = Field(
+        None,
+        description="Dated manifest for nightly runs, e.g. s3://b/manifests/{date:%Y-%m-%d}.csv.",
+    )
+    nightly_output: str | None = Field(
+        None, description="Output folder or URL of nightly runs; may hold {date:...} too."
+    )
+    nightly_budget_usd: Decimal | None = Field(
+        None, ge=0, description="Budget of each nightly batch (held when reached)."
+    )
+    nightly_cron: str = Field("0 2 * * *", description="When beat submits it (cron, UTC).")
+    webhook_url: str | None = Field(
+        None, description="POST a signed JSON summary here when a batch finishes."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key for X-Editbatch-Signature (required with the URL)."
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one POST.")
+    webhook_attempts: int = Field(5, ge=1, le=20, description="POSTs before giving up.")
     openai_api_key: SecretStr | None = Field(
         None,
         validation_alias="OPENAI_API_KEY",
@@ -123,6 +153,10 @@ class Settings(BaseSettings):
             out[name] = None if value is None else str(value)
         out["database_url"] = _mask_url_password(self.effective_database_url)
         out["broker_url"] = _mask_url_password(self.broker_url)
+        if self.webhook_url:  # a webhook URL's path or query often is a token itself
+            parts = urlsplit(self.webhook_url)
+            port = f":{parts.port}" if parts.port else ""
+            out["webhook_url"] = f"{parts.scheme}://{parts.hostname}{port}/****"
         return out
 
 

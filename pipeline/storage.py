@@ -61,8 +61,10 @@ class Storage:
                 raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
             return str(target)
         try:
-            with self.fs.open(f"{self.root}/{name}", "wb") as fh:
-                fh.write(data)
+            # pipe_file, not open("wb"): s3fs sends one PUT below 100 MiB (above, a multipart
+            # upload that is aborted on error), whereas a file object closed after an error
+            # still commits what it holds, and turns multipart at 50 MiB.
+            self.fs.pipe_file(f"{self.root}/{name}", data)
         except Exception as exc:  # fsspec backends raise their own types
             raise StorageError(f"cannot write {self.uri(name)}: {exc}") from exc
         return self.uri(name)

@@ -8,7 +8,9 @@ Edit calls are slow I/O (20-60 s), so the default pool is threads, not a process
 from __future__ import annotations
 
 from celery import Celery
+from celery.schedules import crontab
 
+from pipeline.nightly import cron_fields
 from pipeline.settings import get_settings
 from worker.constants import QUEUE
 
@@ -34,3 +36,9 @@ app.conf.update(
         "reap-expired-leases": {"task": "editbatch.reap", "schedule": 60.0},
     },
 )
+if settings.nightly_manifest:
+    # Tonight's dated manifest, submitted once (pipeline.nightly); the cron is read as UTC.
+    app.conf.beat_schedule["editbatch-nightly"] = {
+        "task": "editbatch.nightly",
+        "schedule": crontab(**cron_fields(settings.nightly_cron)),
+    }

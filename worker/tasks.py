@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Task
@@ -15,6 +15,7 @@ from pipeline import runtime
 from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
 from pipeline.executor import Deps, process_job
+from pipeline.nightly import run_nightly
 from pipeline.producer import Enqueue
 from pipeline.settings import get_settings
 from worker.app import app
@@ -68,6 +69,14 @@ def reap() -> int:
         ids += stale_queued(d, STALE_QUEUED_SECONDS)
     celery_enqueue(sorted(set(ids)))
     return len(ids)
+
+
+@app.task(name="editbatch.nightly")  # type: ignore[untyped-decorator]
+def nightly(now: str | None = None) -> int | None:
+    """Submit the dated manifest of `now` (ISO 8601; beat sends none: the UTC time) once."""
+    d = deps()
+    at = datetime.fromisoformat(now) if now else datetime.now(UTC)
+    return run_nightly(d.settings, at, celery_enqueue, db=d.db, on_finished=d.on_batch_finished)
 
 
 def stale_queued(d: Deps, older_than: float) -> list[int]:

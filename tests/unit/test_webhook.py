@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import update
 
 from pipeline import webhook
@@ -216,11 +217,11 @@ def test_notify_sends_the_summary_without_the_key(
         webhook, "send", lambda config, body, **_kw: sent.append((config, body)) or True
     )
     configured = settings.model_copy(
-        update={"webhook_url": "https://hooks.example.test/x", "webhook_secret": SECRET}
+        update={"webhook_url": "https://hooks.example.test/x", "webhook_secret": SecretStr(SECRET)}
     )
     report = ("s3://b/out/report-1.csv", "s3://b/out/report-1.json")
     assert webhook.notify_batch_finished(configured, db, batch_id, report)
-    (config, body), = sent
+    ((config, body),) = sent
     assert config.secret == SECRET
     text = body.decode()
     assert FAKE_KEY not in text and SECRET not in text
@@ -235,7 +236,7 @@ def test_notify_never_raises(
     tmp_path: Path, db: Database, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     configured = settings.model_copy(
-        update={"webhook_url": "https://hooks.example.test/x", "webhook_secret": SECRET}
+        update={"webhook_url": "https://hooks.example.test/x", "webhook_secret": SecretStr(SECRET)}
     )
     # No batch 999: building the summary fails; it is logged, not raised.
     assert webhook.notify_batch_finished(configured, db, 999, None) is False
