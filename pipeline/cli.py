@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import sys
 import threading
@@ -33,6 +32,7 @@ from pipeline.estimate import (
     estimate_duration,
     typical_latency,
 )
+from pipeline.logs import setup_logging
 from pipeline.manifest import Defaults
 from pipeline.preflight import Preflight, PreflightOptions
 from pipeline.pricing import load_prices
@@ -1045,9 +1045,12 @@ def db_downgrade(revision: Annotated[str, typer.Argument()]) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        settings = get_settings()
+        json_logs, level = settings.log_json, settings.log_level or "WARNING"
+    except ValueError:  # an invalid setting: the command reports it when it reads the settings
+        json_logs, level = False, "WARNING"
+    setup_logging(json=json_logs, level=level)
     try:
         app()
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
 
-from pipeline import budget, collector
+from pipeline import budget, collector, metrics
 from pipeline.backoff import wait_api
 from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
@@ -136,11 +136,17 @@ def _run_claimed(job_id: int, token: str, deps: Deps) -> JobResult:
                 )
             if refusal:
                 raise _Stop("held")  # the batch is held with the reason
+        wait_started = time.monotonic()
         try:
             with deps.limiter.permit(spec.model, spec.n, max_wait=_max_permit_wait(settings)):
+                metrics.observe_permit_wait(spec.model, time.monotonic() - wait_started)
                 attempt_id = _start_attempt(deps, job_id)
-                outcome = deps.gateway.edit(spec)
-        except BaseException:
+                with metrics.in_flight(spec.model):
+                    outcome = deps.gateway.edit(spec)
+        except BaseException as exc:
+            if isinstance(exc, PermitTimeout):
+                waited = time.monotonic() - wait_started
+                metrics.observe_permit_wait(spec.model, waited, timed_out=True)
             if budgeted:  # nothing was bought: give the reservation back
                 with deps.db.session() as session:
                     budget.settle(session, batch_id, ledger.reserved, Decimal(0), ledger.today)
@@ -265,6 +271,9 @@ def _finish_attempt(
         usage = fallback_usage(spec, len(outcome.images) or spec.n, ledger.pixels)
         estimated = True
     cost = deps.prices.cost(spec.model, usage) if usage is not None else None
+    metrics.observe_attempt(
+        spec.model, outcome.kind, outcome.http_status, outcome.latency_ms / 1000.0, cost
+    )
     with deps.db.session() as session:
         attempt = session.get(Attempt, attempt_id)
         assert attempt is not None

@@ -108,7 +108,7 @@ def setup_logging(
     """Log to `stream` (stderr) at `level`, as JSON lines or plain text; returns the handler.
 
     Calling it again replaces the handler it installed before (other handlers, such as pytest's
-    capture, are kept and get the redaction filter too).
+    capture, are kept and get the redaction filter too). Python warnings are logged as well.
     """
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -123,6 +123,7 @@ def setup_logging(
         if not any(isinstance(f, RedactKeys) for f in h.filters):
             h.addFilter(RedactKeys())
     root.setLevel(_level(level))
+    logging.captureWarnings(True)  # warnings become records too: formatted and redacted
     return handler
 
 

@@ -14,6 +14,7 @@ What the database says (refreshed at most every STATE_TTL_SECONDS, at scrape tim
 
     editbatch_jobs{state}        jobs of unfinished batches (running, held, paused) by job state
     editbatch_batches{state}     batches by state
+    editbatch_state_query_errors_total   failed reads of those counts
 
 The job gauges are read from SQL aggregates rather than counted from transitions: the database
 is the truth, transitions happen in many processes (producer, CLI controls, reaper, workers on
@@ -46,7 +47,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
@@ -114,11 +115,6 @@ PERMIT_WAIT = Histogram(
     "Time spent waiting for a rate-limit permit (result: granted or timeout).",
     ["model", "result"],
     buckets=PERMIT_WAIT_BUCKETS,
-    registry=REGISTRY,
-)
-STATE_ERRORS = Counter(
-    "editbatch_state_query_errors",
-    "Failed reads of the job and batch counts from the database.",
     registry=REGISTRY,
 )
 
@@ -201,13 +197,15 @@ class _StateCollector(Collector):
         self.ttl = ttl
         self._cached: StateCounts | None = None
         self._read_at = float("-inf")
+        self._errors = 0
         self._lock = threading.Lock()
 
     def set_source(self, source: Callable[[], StateCounts] | None) -> None:
         with self._lock:
             self.source, self._cached, self._read_at = source, None, float("-inf")
 
-    def _counts(self) -> StateCounts | None:
+    def _counts(self) -> tuple[StateCounts | None, int] | None:
+        """(the counts, or None when unreadable; errors so far), or None without a source."""
         with self._lock:
             if self.source is None:
                 return None
@@ -216,21 +214,30 @@ class _StateCollector(Collector):
                 try:
                     self._cached, self._read_at = self.source(), now
                 except Exception as exc:  # a scrape must not fail because the DB is down
-                    STATE_ERRORS.inc()
+                    self._errors += 1
                     log.warning("metrics: cannot read job counts from the database: %s", exc)
                     self._cached = None
-            return self._cached
+            return self._cached, self._errors
 
     def describe(self) -> Iterable[Metric]:
         return [
             GaugeMetricFamily("editbatch_jobs", "", labels=["state"]),
             GaugeMetricFamily("editbatch_batches", "", labels=["state"]),
+            CounterMetricFamily("editbatch_state_query_errors", ""),
         ]
 
     def collect(self) -> Iterable[Metric]:
-        counts = self._counts()
-        if counts is None:
+        read = self._counts()
+        if read is None:
             return []
+        counts, error_count = read
+        errors = CounterMetricFamily(
+            "editbatch_state_query_errors",
+            "Failed reads of the job and batch counts from the database.",
+            value=error_count,
+        )
+        if counts is None:
+            return [errors]
         jobs = GaugeMetricFamily(
             "editbatch_jobs", "Jobs of unfinished batches by state (database).", labels=["state"]
         )
@@ -241,7 +248,7 @@ class _StateCollector(Collector):
         )
         for state in sorted({*BATCH_STATES, *counts.batches}):
             batches.add_metric([state], counts.batches.get(state, 0))
-        return [jobs, batches]
+        return [jobs, batches, errors]
 
 
 _STATES = _StateCollector()
@@ -261,10 +268,12 @@ class MetricsServer:
         return int(self.server.server_port)
 
     def close(self) -> None:
+        """Stop serving and forget the state source (the registry itself stays)."""
         if not self.closed:
             self.closed = True
             self.server.shutdown()
             self.server.server_close()
+            _STATES.set_source(None)
 
 
 def start_metrics_server(

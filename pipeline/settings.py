@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     prices_file: Path | None = Field(None, description="TOML price table replacing the built-in.")
     catalog_file: Path | None = Field(None, description="TOML model catalogue overrides.")
     daily_budget_usd: Decimal | None = Field(None, ge=0, description="Spend cap per UTC day.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve Prometheus metrics from each worker on this port."
+    )
+    log_json: bool = Field(False, description="Log JSON lines instead of plain text.")
+    log_level: str | None = Field(
+        None, description="DEBUG, INFO, WARNING, ERROR; default WARNING (CLI), --loglevel (Celery)."
+    )
     remote_schemes: tuple[str, ...] = Field(
         ("file", "s3"),
         description='Schemes inputs may be read from, JSON: ["file", "s3"] (fsspec protocols).',
@@ -110,6 +117,18 @@ class Settings(BaseSettings):
                 "or postgresql+psycopg://user@host/db)"
             )
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        level = value.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(
+                f"unknown log level {value!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
+            )
+        return level
 
     @classmethod
     def settings_customise_sources(

@@ -7,9 +7,13 @@ Edit calls are slow I/O (20-60 s), so the default pool is threads, not a process
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
+
+from celery import Celery, signals
 from celery.schedules import crontab
 
+from pipeline.logs import setup_logging
+from pipeline.metrics import start_metrics_server, state_counts
 from pipeline.nightly import cron_fields
 from pipeline.settings import get_settings
 from worker.constants import QUEUE
@@ -42,3 +46,24 @@ if settings.nightly_manifest:
         "task": "editbatch.nightly",
         "schedule": crontab(**cron_fields(settings.nightly_cron)),
     }
+
+
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Our logging instead of Celery's: plain or JSON lines, keys redacted (EDITBATCH_LOG_*)."""
+    current = get_settings()
+    setup_logging(json=current.log_json, level=current.log_level or loglevel or "INFO")
+
+
+def _start_metrics(**_: Any) -> None:
+    """Serve Prometheus metrics from this worker process when EDITBATCH_METRICS_PORT is set."""
+    port = get_settings().metrics_port
+    if port is None:
+        return
+    from worker.tasks import deps  # worker.tasks imports this module
+
+    start_metrics_server(port, state_source=lambda: state_counts(deps().db))
+
+
+# Celery's signal decorators are untyped; connecting by call keeps mypy --strict meaningful.
+signals.setup_logging.connect(_setup_logging)
+signals.worker_init.connect(_start_metrics)
