@@ -228,7 +228,7 @@ def _start_attempt(deps: Deps, job_id: int) -> int:
             job_id=job_id, number=number + 1, started_at=utcnow(), outcome="in_flight"
         )
         session.add(attempt)
-        jobs.count_attempt(session, job_id)
+        jobs.count_attempt(session, job_id, deps.settings.lease_seconds)
         session.commit()
         return attempt.id
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -58,7 +58,10 @@ class Settings(BaseSettings):
         300.0, gt=0, description="Timeout of one edit call (edits take 20-60 s)."
     )
     lease_seconds: int = Field(
-        900, ge=30, description="A running job whose lease expires is requeued."
+        900,
+        ge=1,
+        description="A running job whose lease expires is requeued; longer than the request "
+        "timeout (each call renews it).",
     )
     prices_file: Path | None = Field(None, description="TOML price table replacing the built-in.")
     catalog_file: Path | None = Field(None, description="TOML model catalogue overrides.")
@@ -117,6 +120,16 @@ class Settings(BaseSettings):
                 "or postgresql+psycopg://user@host/db)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _lease_covers_a_call(self) -> Settings:
+        if self.lease_seconds <= self.request_timeout_seconds:
+            raise ValueError(
+                f"EDITBATCH_LEASE_SECONDS ({self.lease_seconds}) must be longer than "
+                f"EDITBATCH_REQUEST_TIMEOUT_SECONDS ({self.request_timeout_seconds}): a job "
+                "whose lease ends during a live call would be started (and paid for) twice"
+            )
+        return self
 
     @field_validator("log_level")
     @classmethod

@@ -103,12 +103,12 @@ def set_state(
     return rowcount(result) == 1
 
 
-def count_attempt(session: Session, job_id: int) -> None:
-    """One more call was started for the job. Caller commits."""
+def count_attempt(session: Session, job_id: int, lease_seconds: float) -> None:
+    """One more call is starting: count it and renew the lease to cover it. Caller commits."""
     session.execute(
         update(Job)
         .where(Job.id == job_id)
-        .values(attempts=Job.attempts + 1)
+        .values(attempts=Job.attempts + 1, lease_until=utcnow() + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
 
