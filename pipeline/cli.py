@@ -696,6 +696,13 @@ def run(
         console.print(f"outputs: {status.output_uri}")
         if report:
             console.print(f"report: {report} (and .json)")
+    if status.outputs_uncollected:
+        err.print(
+            f"[yellow]{status.outputs_uncollected} outputs could not be written[/] to "
+            f"{status.output_uri}; they wait in the spool (reasons above)."
+        )
+        err.print(f"fix the location, then run: editbatch collect {batch_id}")
+        raise typer.Exit(4)
     if status.state not in ("finished",):
         raise typer.Exit(3)
 

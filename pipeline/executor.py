@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
 
@@ -38,6 +39,9 @@ from pipeline.spec import EditSpec
 log = logging.getLogger("editbatch.executor")
 
 DUPLICATE_WAIT_SECONDS = 10.0
+# How long the record of a call already made is retried through database errors before the
+# job is given back (and the edit possibly bought again).
+DB_RETRY_SECONDS = 30.0
 PERMIT_RETRY_SECONDS = 5.0
 
 
@@ -155,7 +159,11 @@ def _run_claimed(job_id: int, token: str, deps: Deps) -> JobResult:
         if outcome.kind == "transient" and outcome.http_status == 429 and outcome.retry_after:
             deps.limiter.backoff(spec.model, outcome.retry_after)
         deps.limiter.observe(spec.model, outcome.headers)
-        _finish_attempt(deps, attempt_id, job_id, spec, outcome, ledger)
+        _persist(
+            deps,
+            f"job {job_id}: recording the attempt",
+            lambda: _finish_attempt(deps, attempt_id, job_id, spec, outcome, ledger),
+        )
         return outcome
 
     def before_sleep(retry_state: RetryCallState) -> None:
@@ -277,6 +285,8 @@ def _finish_attempt(
     with deps.db.session() as session:
         attempt = session.get(Attempt, attempt_id)
         assert attempt is not None
+        if attempt.outcome not in ("in_flight", "interrupted"):
+            return  # an earlier try committed before its error reached us: count it once
         attempt.finished_at = utcnow()
         attempt.outcome = outcome.kind
         attempt.http_status = outcome.http_status
@@ -335,7 +345,9 @@ def _reuse(deps: Deps, job_id: int, token: str, batch_id: int, donor: int) -> Jo
     except (OSError, StorageError) as exc:  # the donor's files are gone: buy the edit again
         log.warning("job %s: cannot reuse job %s outputs (%s); calling the API", job_id, donor, exc)
         return _defer(deps, job_id, token, 0.0, "reuse failed", disable_reuse_for=job_id)
-    paths = _spool(deps.settings.effective_spool_dir, batch_id, job_id, copied.ext, copied.data)
+    paths = _spool(
+        deps.settings.effective_spool_dir, batch_id, job_id, token, copied.ext, copied.data
+    )
     with deps.db.session() as session:
         if not jobs.set_state(session, job_id, token, "succeeded"):
             session.rollback()
@@ -382,17 +394,23 @@ def _settle(
     """Move the job to its resting state for the last outcome."""
     settings = deps.settings
     if outcome.kind == "ok":
-        paths = _spool(settings.effective_spool_dir, batch_id, job_id, spec.ext, outcome.images)
-        with deps.db.session() as session:
-            if not jobs.set_state(session, job_id, token, "succeeded"):
-                session.rollback()
-                for p in paths:
-                    p.unlink(missing_ok=True)
-                return JobResult(job_id, "skipped", "lost the claim before finishing")
-            for index, path in enumerate(paths, start=1):
-                session.add(Output(job_id=job_id, index=index, spool_path=str(path)))
-            session.commit()
-        collector.collect_job(deps.db, job_id, deps.storages)
+        paths = _spool(
+            settings.effective_spool_dir, batch_id, job_id, token, spec.ext, outcome.images
+        )
+        recorded = _persist(
+            deps,
+            f"job {job_id}: recording the outputs",
+            lambda: _record_outputs(deps, job_id, token, paths),
+        )
+        if not recorded:
+            for p in paths:
+                p.unlink(missing_ok=True)
+            return JobResult(job_id, "skipped", "lost the claim before finishing")
+        _persist(
+            deps,
+            f"job {job_id}: collecting the outputs",
+            lambda: collector.collect_job(deps.db, job_id, deps.storages),
+        )
         _maybe_finish(deps, batch_id)
         return JobResult(job_id, "succeeded")
     message = outcome.error_message or outcome.error_code or "unknown error"
@@ -414,18 +432,73 @@ def _settle(
     return JobResult(job_id, "failed", message)
 
 
+def _record_outputs(deps: Deps, job_id: int, token: str, paths: list[Path]) -> bool:
+    """The job succeeded with these spooled outputs, if it is still ours; True once recorded."""
+    with deps.db.session() as session:
+        if jobs.set_state(session, job_id, token, "succeeded"):
+            for index, path in enumerate(paths, start=1):
+                session.add(Output(job_id=job_id, index=index, spool_path=str(path)))
+            session.commit()
+            return True
+        session.rollback()
+        # Already recorded: an earlier try committed before its error reached us. The files
+        # are referenced then, and must not be deleted.
+        mine = session.scalar(
+            select(func.count())
+            .select_from(Output)
+            .where(Output.job_id == job_id, Output.spool_path.in_([str(p) for p in paths]))
+        )
+        return bool(mine)
+
+
+_T = TypeVar("_T")
+
+
+def _persist(deps: Deps, what: str, write: Callable[[], _T]) -> _T:
+    """Run `write` (safe to run twice) again after a database error, for DB_RETRY_SECONDS.
+
+    It records a call already made: its outcome exists only in this process, so giving up
+    would drop its cost from the ledger and buy the edit a second time.
+    """
+    delay = 0.1
+    deadline = time.monotonic() + DB_RETRY_SECONDS
+    while True:
+        try:
+            return write()
+        except DBAPIError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database error, trying again in %.1f s: %s", what, delay, exc.orig)
+            deps.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def _maybe_finish(deps: Deps, batch_id: int) -> None:
+    finish_if_done(deps, batch_id)
+
+
+def finish_if_done(deps: Deps, batch_id: int) -> bool:
+    """Finish the batch if no job is left: collect any output a dead worker left in the spool,
+    then report (once, by whoever wins the finish). True if this call finished it."""
     with deps.db.session() as session:
         finished = jobs.finish_batch_if_done(session, batch_id)
-    if finished and deps.on_batch_finished is not None:
+    if not finished:
+        return False
+    collector.collect_batch(deps.db, batch_id, deps.storages)
+    if deps.on_batch_finished is not None:
         deps.on_batch_finished(batch_id)
+    return True
 
 
 def _spool(
-    spool_dir: Path, batch_id: int, job_id: int, ext: str, images: tuple[bytes, ...]
+    spool_dir: Path, batch_id: int, job_id: int, token: str, ext: str, images: tuple[bytes, ...]
 ) -> list[Path]:
-    """Write raw outputs to the local spool atomically; they wait there until collected."""
-    folder = spool_dir / str(batch_id) / str(job_id)
+    """Write raw outputs to the local spool atomically; they wait there until collected.
+
+    The claim token is part of the path, so a worker whose lease lapsed never touches the files
+    of the worker that took the job over.
+    """
+    folder = spool_dir / str(batch_id) / str(job_id) / token
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, data in enumerate(images, start=1):

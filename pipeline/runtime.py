@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 from pipeline import webhook
 from pipeline.collector import StorageCache
 from pipeline.db.session import Database
+from pipeline.errors import StorageError
 from pipeline.executor import Deps
 from pipeline.gateway import Gateway
 from pipeline.pricing import load_prices
 from pipeline.ratelimit import Limiter
 from pipeline.report import write_report
 from pipeline.settings import Settings
+
+log = logging.getLogger("editbatch.report")
 
 
 def build_deps(settings: Settings, limiter: Limiter, db: Database | None = None) -> Deps:
@@ -21,10 +26,20 @@ def build_deps(settings: Settings, limiter: Limiter, db: Database | None = None)
         try:
             report = write_report(database, batch_id, storages)
         except Exception as exc:
-            # The webhook still goes out (saying the report is missing); then the error is
-            # raised as before, and `editbatch collect BATCH` writes the report later.
+            # The webhook still goes out (saying the report is missing). A storage error is
+            # not the job's failure (it succeeded): it is logged with what to do, and
+            # `editbatch collect BATCH` writes the report later. Anything else is raised.
             webhook.notify_batch_finished(settings, database, batch_id, None, str(exc))
-            raise
+            if not isinstance(exc, StorageError):
+                raise
+            log.warning(
+                "batch %s: report not written (%s); fix the output location, then run: "
+                "editbatch collect %s",
+                batch_id,
+                exc,
+                batch_id,
+            )
+            return
         webhook.notify_batch_finished(settings, database, batch_id, report)
 
     return Deps(

@@ -8,7 +8,7 @@ atomic by nature.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import fsspec
@@ -47,7 +47,10 @@ class Storage:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 # A symlinked folder inside the root could still point outside: re-check.
                 self._local_target(name)
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+                # Not mkstemp: its file is 0600, and os.replace would keep that mode. Created
+                # like this, the file gets what any new file gets (0666 less the umask).
+                tmp = target.parent / f".tmp-{secrets.token_hex(8)}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
                 try:
                     with os.fdopen(fd, "wb") as fh:
                         fh.write(data)

@@ -8,13 +8,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Task
+from kombu.exceptions import ChannelError
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from pipeline import runtime
 from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
-from pipeline.executor import Deps, process_job
+from pipeline.executor import Deps, finish_if_done, process_job
 from pipeline.nightly import run_nightly
 from pipeline.producer import Enqueue
 from pipeline.settings import get_settings
@@ -68,6 +69,10 @@ def reap() -> int:
     if broker_queue_length() == 0:
         ids += stale_queued(d, STALE_QUEUED_SECONDS)
     celery_enqueue(sorted(set(ids)))
+    # A worker that died between a batch's last job and its finish leaves the batch running
+    # with nothing to do: finish it (collect what it spooled, write the report).
+    for batch_id in jobs.idle_running_batches(d.db):
+        finish_if_done(d, batch_id)
     return len(ids)
 
 
@@ -96,7 +101,10 @@ def stale_queued(d: Deps, older_than: float) -> list[int]:
 def broker_queue_length() -> int:
     """Messages waiting in the broker's queue (not counting those workers already hold)."""
     with app.connection_for_write() as conn:
-        _, count, _ = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
+        try:
+            _, count, _ = conn.default_channel.queue_declare(queue=QUEUE, passive=True)
+        except ChannelError:  # Redis keeps no key for an empty list: "no queue" means empty
+            return 0
         return int(count)
 
 

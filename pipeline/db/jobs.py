@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, Result, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.db.models import Attempt, Batch, Job, utcnow
+from pipeline.db.session import Database
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -203,3 +204,12 @@ def batch_cost(session: Session, batch_id: int) -> Decimal:
         select(func.coalesce(func.sum(Job.cost_usd), 0)).where(Job.batch_id == batch_id)
     )
     return Decimal(str(total))
+
+
+def idle_running_batches(db: Database) -> list[int]:
+    """Running batches with no job left to run (their finish may have been missed)."""
+    active = select(Job.id).where(Job.batch_id == Batch.id, Job.state.in_((*ACTIVE, "held")))
+    with db.session() as session:
+        return list(
+            session.scalars(select(Batch.id).where(Batch.state == "running", ~active.exists()))
+        )

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,19 +26,27 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 
 from pipeline.db.models import Attempt, Batch, Job, Output
 from pipeline.db.session import Database
 from pipeline.sandbox import SandboxConfig, SandboxServer
+from pipeline.settings import Settings
 from pipeline.spec import EditSpec
 from tests.conftest import FAKE_KEY, billed_total
 from tests.factories import make_image, write_manifest
 from tests.servers import REPO, CeleryWorker
 
 TERMINAL = ("succeeded", "failed", "rejected", "cancelled")
-LEASE_SECONDS = 4
+
+
+def shortest_lease(wanted: int) -> int:
+    """`wanted` seconds, or the shortest lease Settings accepts if that is longer."""
+    floors = [getattr(m, "ge", None) for m in Settings.model_fields["lease_seconds"].metadata]
+    return max([wanted, *(int(f) for f in floors if f is not None)])
+
+
+LEASE_SECONDS = shortest_lease(4)
 
 
 # -- shared helpers ----------------------------------------------------------------------------
@@ -62,8 +71,9 @@ def small_rows(folder: Path, count: int, **overrides: Any) -> list[dict[str, Any
     return rows
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str,
-             interval: float = 0.1) -> None:
+def wait_for(
+    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1
+) -> None:
     """Poll until `predicate()` is truthy; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,6 +81,11 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str,
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def aware(moment: datetime) -> datetime:
+    """A timestamp from the database as an aware UTC datetime (SQLite gives naive UTC)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def sha256_file(path: Path) -> str:
@@ -120,8 +135,7 @@ class Stack:
     def submit(self, manifest: Path) -> int:
         proc = self.cli("submit", str(manifest), "--json", "--output", str(self.out))
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        # The JSON is the last line (anything before it is for people).
-        return int(json.loads(proc.stdout.strip().splitlines()[-1])["batch_id"])
+        return int(json.loads(proc.stdout)["batch_id"])
 
     def resume(self, batch_id: int) -> None:
         proc = self.cli("resume", str(batch_id))
@@ -142,9 +156,32 @@ class Stack:
     def done(self, batch_id: int) -> int:
         return sum(n for state, n in self.counts(batch_id).items() if state in TERMINAL)
 
+    @contextmanager
+    def beat(self, every: float) -> Iterator[None]:
+        """Run the reaper every `every` seconds meanwhile, as `celery beat` does (every 60 s)."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every):
+                self.python(REAP)
+
+        thread = threading.Thread(target=loop, name="beat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+
+    def finished(self, batch_id: int) -> bool:
+        """The batch is finished and its report written (that comes just after)."""
+        with self.db.session() as s:
+            row = s.execute(select(Batch.state, Batch.report_uri).where(Batch.id == batch_id)).one()
+        return row.state == "finished" and row.report_uri is not None
+
     def wait_finished(self, batch_id: int, timeout: float) -> None:
         try:
-            wait_for(lambda: self.batch_state(batch_id) == "finished", timeout, "the batch")
+            wait_for(lambda: self.finished(batch_id), timeout, "the batch and its report")
         except AssertionError as exc:
             logs = "\n".join(
                 f"--- {w.log.name}\n{w.log.read_text(errors='replace')[-3000:]}"
@@ -155,7 +192,10 @@ class Stack:
 
 @contextmanager
 def stack(
-    tmp_path: Path, redis_url: str, database_url: str, config: SandboxConfig | None = None,
+    tmp_path: Path,
+    redis_url: str,
+    database_url: str,
+    config: SandboxConfig | None = None,
     **env: str,
 ) -> Iterator[Stack]:
     """The sandbox on a free port, the database, and the environment of every process."""
@@ -172,6 +212,7 @@ def stack(
             "EDITBATCH_BACKOFF_BASE_SECONDS": "0.05",
             "EDITBATCH_BACKOFF_MAX_SECONDS": "0.2",
             "EDITBATCH_LEASE_SECONDS": str(LEASE_SECONDS),
+            "EDITBATCH_REQUEST_TIMEOUT_SECONDS": "3",  # shorter than the lease, as required
             "OPENAI_BASE_URL": sandbox.base_url,
             "OPENAI_API_KEY": FAKE_KEY,
             **env,
@@ -262,9 +303,9 @@ def audit(db: Database, batch_id: int, out_dir: Path, billing_log: Path) -> Audi
     recorded = {str(Path(o.uri).resolve()) for o in outputs if o.uri}
     if out_dir.is_dir():
         for path in sorted(out_dir.rglob("*")):
-            if path.is_file() and not path.name.startswith("report-"):
-                if str(path.resolve()) not in recorded:
-                    duplicates.append(str(path))
+            report = path.name.startswith("report-")
+            if path.is_file() and not report and str(path.resolve()) not in recorded:
+                duplicates.append(str(path))
     billed, per_request = billed_total(billing_log)
     paid_ids = {a.request_id for a in attempts if a.cost_usd and a.request_id}
     return Audit(
@@ -314,8 +355,14 @@ def test_worker_sigkilled_mid_call_is_retried_once_and_billed_once(
     # The first request with this prompt hangs (the sandbox's timeout fault); a retry does not.
     rows[0]["prompt"] = "white studio background, slow one #sandbox:timeoutx1"
     manifest = write_manifest(tmp_path / "in" / "manifest.csv", rows)
+    lease = shortest_lease(8)
     with stack(
-        tmp_path, redis_url, database_url, config, EDITBATCH_REQUEST_TIMEOUT_SECONDS="30"
+        tmp_path,
+        redis_url,
+        database_url,
+        config,
+        EDITBATCH_LEASE_SECONDS=str(lease),
+        EDITBATCH_REQUEST_TIMEOUT_SECONDS=str(lease - 2),  # the kill comes long before
     ) as st:
         first = st.worker("w1", concurrency=2)
         batch_id = st.submit(manifest)
@@ -335,7 +382,7 @@ def test_worker_sigkilled_mid_call_is_retried_once_and_billed_once(
         with st.db.session() as s:
             job = s.get(Job, slow_id)
             assert job is not None and job.state == "running" and job.lease_until is not None
-            lease_until = job.lease_until
+            lease_until = aware(job.lease_until)
         # The sandbox sees the client go away and bills nothing for the call.
         wait_for(
             lambda: st.sandbox.sandbox.stats.snapshot()["by_status"].get("disconnected") == 1,
@@ -348,8 +395,8 @@ def test_worker_sigkilled_mid_call_is_retried_once_and_billed_once(
         # visibility timeout (the lease + 5 minutes). The reaper (beat, every minute) requeues
         # the job once its lease has expired and sends it again.
         wait_for(
-            lambda: datetime.now(UTC) > lease_until.replace(tzinfo=UTC) + timedelta(seconds=0.2),
-            LEASE_SECONDS + 5,
+            lambda: datetime.now(UTC) > lease_until + timedelta(seconds=0.2),
+            lease + 5,
             "the lease to expire",
         )
         with st.db.session() as s:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import psycopg
@@ -17,7 +18,13 @@ from sqlalchemy.engine import make_url
 
 from pipeline.sandbox import SandboxConfig
 from tests.factories import write_manifest
-from tests.integration.test_crash_safety import audit, small_rows, stack, wait_for
+from tests.integration.test_crash_safety import (
+    audit,
+    shortest_lease,
+    small_rows,
+    stack,
+    wait_for,
+)
 from tests.servers import PostgresServer
 
 JOBS = 100
@@ -26,7 +33,7 @@ LOCK_SECONDS = 2.0
 
 def _succeeded(path: str, batch_id: int) -> int:
     # A plain reader: in WAL mode it reads while another connection holds the write lock.
-    with sqlite3.connect(path, timeout=0) as conn:
+    with closing(sqlite3.connect(path, timeout=0)) as conn:
         row = conn.execute(
             "SELECT count(*) FROM jobs WHERE batch_id = ? AND state = 'succeeded'", (batch_id,)
         ).fetchone()
@@ -38,9 +45,7 @@ def test_sqlite_locked_by_another_writer_is_waited_out_not_fatal(
 ) -> None:
     db_file = tmp_path / "editbatch.db"
     manifest = write_manifest(tmp_path / "in" / "m.csv", small_rows(tmp_path / "in", JOBS))
-    with stack(
-        tmp_path, redis_url, f"sqlite:///{db_file}", SandboxConfig(latency_ms=20)
-    ) as st:
+    with stack(tmp_path, redis_url, f"sqlite:///{db_file}", SandboxConfig(latency_ms=20)) as st:
         st.worker("w1", concurrency=16)
         st.worker("w2", concurrency=16)
         batch_id = st.submit(manifest)
@@ -81,7 +86,13 @@ def test_postgresql_connections_killed_mid_batch_are_survived(
     database_url = postgres_server.create_database()
     url = make_url(database_url)
     manifest = write_manifest(tmp_path / "in" / "m.csv", small_rows(tmp_path / "in", JOBS))
-    with stack(tmp_path, redis_url, database_url, SandboxConfig(latency_ms=100)) as st:
+    with stack(
+        tmp_path,
+        redis_url,
+        database_url,
+        SandboxConfig(latency_ms=100),
+        EDITBATCH_LEASE_SECONDS=str(shortest_lease(10)),
+    ) as st:
         st.worker("w1", concurrency=8)
         st.worker("w2", concurrency=8)
         batch_id = st.submit(manifest)
@@ -94,7 +105,10 @@ def test_postgresql_connections_killed_mid_batch_are_survived(
                 killed.append(_terminate_backends(admin, str(url.database)))
         assert all(killed), f"no connection to kill at some point: {killed}"
         assert st.done(batch_id) < JOBS, "the batch ended before the last kill"
-        st.wait_finished(batch_id, 120)
+        # A job whose claim was committed but whose worker never heard back (the connection
+        # died with the answer) waits for its lease to run out; the reaper then requeues it.
+        with st.beat(every=3.0):
+            st.wait_finished(batch_id, 120)
         result = audit(st.db, batch_id, st.out, st.billing_log)
         assert not result.lost, result.lost
         assert not result.duplicates, result.duplicates

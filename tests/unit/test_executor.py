@@ -6,6 +6,7 @@ import threading
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from pipeline.db.models import Attempt, Batch, Job, Output
@@ -206,3 +207,29 @@ def test_unreadable_image_data_is_retried_and_cost_recorded(
         assert job is not None and job.attempts == 2
         assert job.cost_usd == billed  # the bad response was billed, and so recorded
         assert job.cost_usd > Decimal(0)
+
+
+def test_batch_whose_last_worker_died_before_finishing_is_finished_by_the_reaper(
+    tmp_path: Path, db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import executor
+    from pipeline.db import jobs as jobs_db
+
+    batch_id, (job_id,) = _batch(tmp_path, db, product_rows(tmp_path / "in", 1))
+    deps = _deps(settings, db)
+    # The worker "dies" right after recording success: nothing collected, batch not finished.
+    with monkeypatch.context() as m:
+        m.setattr(executor.collector, "collect_job", lambda *a, **k: 0)
+        m.setattr(executor, "_maybe_finish", lambda *a, **k: None)
+        assert process_job(job_id, deps).state == "succeeded"
+    with db.session() as s:
+        assert s.get(Batch, batch_id).state == "running"  # type: ignore[union-attr]
+        assert s.scalar(select(Output.uri).where(Output.job_id == job_id)) is None
+    assert jobs_db.idle_running_batches(db) == [batch_id]
+    assert executor.finish_if_done(deps, batch_id)
+    with db.session() as s:
+        batch = s.get(Batch, batch_id)
+        assert batch is not None and batch.state == "finished" and batch.report_uri
+        uri = s.scalar(select(Output.uri).where(Output.job_id == job_id))
+        assert uri and Path(uri).is_file()
+    assert jobs_db.idle_running_batches(db) == []
