@@ -211,6 +211,10 @@ def _status_table(status: BatchStatus) -> Table:
         "estimate",
         f"${status.estimated_usd:.4f} in all, ${status.estimated_remaining_usd:.4f} still to go",
     )
+    if status.cost_per_output_usd is not None:
+        table.add_row("per output", f"${status.cost_per_output_usd:.6f}")
+    if status.retry_waste_usd:
+        table.add_row("retry waste", f"${status.retry_waste_usd:.6f} (attempts that gave nothing)")
     if status.reused:
         table.add_row("reused", f"{status.reused} jobs, saved ${status.saved_usd:.6f}")
     if status.budget_usd is not None:
@@ -233,6 +237,15 @@ def _print_status(status: BatchStatus) -> None:
     if status.hold_reason and status.state == "held":
         console.print(f"[yellow]held:[/] {status.hold_reason}")
         console.print(f"resume with: editbatch resume {status.batch_id}")
+    if len(status.breakdown) > 1:
+        table = Table(title="Cost by model, quality and state", title_justify="left")
+        for col in ("model", "quality", "state", "jobs", "cost $"):
+            table.add_column(col, justify="right" if col in ("jobs", "cost $") else "left")
+        for b in status.breakdown:
+            table.add_row(
+                b["model"] or "", b["quality"] or "", b["state"], str(b["jobs"]), b["cost_usd"]
+            )
+        console.print(table)
     if status.failures:
         table = Table(title="Failed and rejected jobs", title_justify="left")
         for col in ("row", "id", "state", "code", "message"):

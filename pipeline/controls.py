@@ -92,6 +92,7 @@ def retry_failed(
                 model=model if model is not None else spec.model,
             )
             job.spec = spec.to_json()
+            job.model = spec.model
             job.fingerprint = None  # a changed request is a different edit: never reuse
         job.state = "queued"
         job.attempt_base = job.attempts

@@ -198,6 +198,8 @@ def create_batch(
                     result.errors.extend(r.errors)
                     row.update(
                         spec="{}",
+                        model=None,
+                        quality=None,
                         state="rejected",
                         fingerprint=None,
                         estimated_usd=None,
@@ -212,6 +214,8 @@ def create_batch(
                     result.models.add(r.spec.model)
                     row.update(
                         spec=r.spec.to_json(),
+                        model=r.spec.model,
+                        quality=r.spec.quality,
                         state="queued",
                         fingerprint=r.fingerprint,
                         estimated_usd=est.expected,

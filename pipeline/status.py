@@ -39,12 +39,21 @@ class BatchStatus:
     estimated_usd: Decimal = Decimal(0)
     estimated_remaining_usd: Decimal = Decimal(0)
     unpriced_jobs: int = 0
+    breakdown: list[dict[str, Any]] = field(default_factory=list)
+    retry_waste_usd: Decimal = Decimal(0)
     reused: int = 0
     saved_usd: Decimal = Decimal(0)
     drift_outputs: int = 0
     drift_mean: float | None = None
     drift_max: float | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def cost_per_output_usd(self) -> Decimal | None:
+        """Spend divided by the images delivered (None before the first one)."""
+        if not self.outputs:
+            return None
+        return (self.cost_usd / self.outputs).quantize(Decimal("0.000001"))
 
     @property
     def done(self) -> int:
@@ -69,6 +78,11 @@ class BatchStatus:
             "estimated_usd": str(self.estimated_usd),
             "estimated_remaining_usd": str(self.estimated_remaining_usd),
             "in_flight_reserved_usd": str(max(self.reserved_usd - self.cost_usd, Decimal(0))),
+            "cost_per_output_usd": None
+            if self.cost_per_output_usd is None
+            else str(self.cost_per_output_usd),
+            "retry_waste_usd": str(self.retry_waste_usd),
+            "cost_breakdown": self.breakdown,
             "reused": self.reused,
             "saved_usd": str(self.saved_usd),
             "output_uri": self.output_uri,
@@ -140,6 +154,37 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
             func.sum(case((Job.estimated_usd.is_(None), 1), else_=0)),
         ).where(Job.batch_id == batch_id, Job.state != "rejected")
     ).one()
+    breakdown = [
+        {
+            "model": model,
+            "quality": quality,
+            "state": state,
+            "jobs": int(n),
+            "cost_usd": str(Decimal(str(c)).quantize(Decimal("0.000001"))),
+        }
+        for model, quality, state, n, c in session.execute(
+            select(
+                Job.model,
+                Job.quality,
+                Job.state,
+                func.count(),
+                func.coalesce(func.sum(Job.cost_usd), 0),
+            )
+            .where(Job.batch_id == batch_id, Job.state != "rejected")
+            .group_by(Job.model, Job.quality, Job.state)
+            .order_by(Job.model, Job.quality, Job.state)
+        )
+    ]
+    # Retry waste: what attempts cost that produced nothing kept (billed bad responses, and
+    # successes whose job lost its claim).
+    waste = session.scalar(
+        select(func.coalesce(func.sum(Attempt.cost_usd), 0))
+        .join(Job, Job.id == Attempt.job_id)
+        .where(
+            Job.batch_id == batch_id,
+            (Attempt.outcome != "ok") | (Job.state != "succeeded"),
+        )
+    )
     donor = aliased(Job)
     reused, saved = session.execute(
         select(func.count(Job.id), func.coalesce(func.sum(donor.cost_usd), 0))
@@ -192,6 +237,8 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         estimated_usd=Decimal(str(est_total)),
         estimated_remaining_usd=Decimal(str(est_remaining)),
         unpriced_jobs=int(unpriced_jobs or 0),
+        breakdown=breakdown,
+        retry_waste_usd=Decimal(str(waste or 0)),
         reused=int(reused or 0),
         saved_usd=Decimal(str(saved)),
         failures=failures,

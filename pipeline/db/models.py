@@ -68,6 +68,8 @@ class Job(Base):
     external_key: Mapped[str | None] = mapped_column(String(500))
     fingerprint: Mapped[str | None] = mapped_column(String(64))
     spec: Mapped[str] = mapped_column(Text)  # EditSpec JSON
+    model: Mapped[str | None] = mapped_column(String(100))  # copies of the spec's, for reports
+    quality: Mapped[str | None] = mapped_column(String(20))
     # rejected | queued | running | retrying | succeeded | failed | held | cancelled
     state: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -18,6 +18,7 @@ from pipeline.ratelimit import LocalLimiter
 from pipeline.runtime import build_deps
 from pipeline.sandbox import SandboxServer
 from pipeline.settings import Settings
+from pipeline.status import batch_status
 from tests.conftest import billed_total
 from tests.factories import product_rows, write_manifest
 from tests.unit.helpers import make_preflight
@@ -207,6 +208,21 @@ def test_unreadable_image_data_is_retried_and_cost_recorded(
         assert job is not None and job.attempts == 2
         assert job.cost_usd == billed  # the bad response was billed, and so recorded
         assert job.cost_usd > Decimal(0)
+        first = s.scalar(
+            select(Attempt.cost_usd).where(Attempt.job_id == job_id, Attempt.number == 1)
+        )
+        status = batch_status(s, job.batch_id)
+    assert first and status.retry_waste_usd == first  # paid for, produced nothing kept
+    assert status.cost_per_output_usd == job.cost_usd
+    assert status.breakdown == [
+        {
+            "model": "gpt-image-1.5",
+            "quality": "low",
+            "state": "succeeded",
+            "jobs": 1,
+            "cost_usd": str(job.cost_usd),
+        }
+    ]
 
 
 def test_batch_whose_last_worker_died_before_finishing_is_finished_by_the_reaper(
