@@ -977,26 +977,19 @@ def nightly(
     console.print(table)
 
 
-@app.command()
-def sandbox(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8089,
-    latency_ms: Annotated[float, typer.Option(help="Median latency per call.")] = 0.0,
-    rate_limit: Annotated[int | None, typer.Option(help="Images per minute.")] = None,
-    error_rate: Annotated[float, typer.Option(help="Share of calls answered 500.")] = 0.0,
-    billing_log: Annotated[str | None, typer.Option(help="JSONL log of billed calls.")] = None,
-) -> None:
-    """Serve the OpenAI-compatible sandbox (`POST /v1/images/edits`) for tests and demos."""
-    from pipeline.sandbox import SandboxConfig
-    from pipeline.sandbox.server import serve
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def sandbox(ctx: typer.Context) -> None:
+    """Serve the OpenAI-compatible sandbox (`POST /v1/images/edits`) for tests and demos.
 
-    config = SandboxConfig(
-        latency_ms=latency_ms,
-        rate_limit_per_minute=rate_limit,
-        error_rate=error_rate,
-        billing_log=billing_log,
-    )
-    console.print(f"sandbox on http://127.0.0.1:{port}/v1 — set OPENAI_BASE_URL to that")
-    serve(config, "127.0.0.1", port)
+    Every option of `python -m pipeline.sandbox` works here: --port, --latency-ms,
+    --rate-limit, --error-rate, --quota-after, --billing-log, ... (`editbatch sandbox --help`).
+    """
+    from pipeline.sandbox.__main__ import main as sandbox_main
+
+    sandbox_main(list(ctx.args))
 
 
 @app.command()
