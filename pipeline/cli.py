@@ -159,6 +159,20 @@ def _preflight(
     )
 
 
+def _inputs(
+    settings: Settings,
+    manifest: str,
+    roots: list[Path] | None,
+    convert: bool,
+    allow_unknown_model: bool,
+    **row_defaults: Any,
+) -> tuple[LocalManifest, Defaults, Preflight]:
+    """The manifest as a local file, the batch-wide row defaults, and a preflight for it."""
+    local = localize_manifest(manifest, settings)
+    defaults = _defaults(settings, **row_defaults)
+    return local, defaults, _preflight(settings, local, roots, convert, allow_unknown_model)
+
+
 def _budget(value: str | None) -> Decimal | None:
     if value is None:
         return None
@@ -331,20 +345,22 @@ def check(
     """Validate every row (files, formats, masks, model rules) without spending anything."""
     with _friendly_errors():
         settings = _settings()
-        defaults = _defaults(
+        local, defaults, pre = _inputs(
             settings,
-            model,
-            size,
-            quality,
-            n,
-            output_format,
-            input_fidelity,
-            background,
-            name_template,
-            mask_mode,
+            manifest,
+            allow_root,
+            convert,
+            allow_unknown_model,
+            model=model,
+            size=size,
+            quality=quality,
+            n=n,
+            output_format=output_format,
+            input_fidelity=input_fidelity,
+            background=background,
+            name_template=name_template,
+            mask_mode=mask_mode,
         )
-        local = localize_manifest(manifest, settings)
-        pre = _preflight(settings, local, allow_root, convert, allow_unknown_model)
         rows = 0
         errors: list[RowError] = []
         notes: list[str] = []
@@ -397,20 +413,22 @@ def estimate(
     """What a manifest will cost (per row and in total, low-high) and how long it will take."""
     with _friendly_errors():
         settings = _settings()
-        defaults = _defaults(
+        local, defaults, pre = _inputs(
             settings,
-            model,
-            size,
-            quality,
-            n,
-            output_format,
-            input_fidelity,
-            background,
-            name_template,
-            mask_mode,
+            manifest,
+            allow_root,
+            convert,
+            allow_unknown_model,
+            model=model,
+            size=size,
+            quality=quality,
+            n=n,
+            output_format=output_format,
+            input_fidelity=input_fidelity,
+            background=background,
+            name_template=name_template,
+            mask_mode=mask_mode,
         )
-        local = localize_manifest(manifest, settings)
-        pre = _preflight(settings, local, allow_root, convert, allow_unknown_model)
         table_data = load_prices(settings.prices_file)
         per_row = []
         rejected = 0
@@ -553,20 +571,22 @@ def submit(
     with _friendly_errors():
         settings = _settings()
         db = _db(settings)
-        defaults = _defaults(
+        local, defaults, pre = _inputs(
             settings,
-            model,
-            size,
-            quality,
-            n,
-            output_format,
-            input_fidelity,
-            background,
-            name_template,
-            mask_mode,
+            manifest,
+            allow_root,
+            convert,
+            allow_unknown_model,
+            model=model,
+            size=size,
+            quality=quality,
+            n=n,
+            output_format=output_format,
+            input_fidelity=input_fidelity,
+            background=background,
+            name_template=name_template,
+            mask_mode=mask_mode,
         )
-        local = localize_manifest(manifest, settings)
-        pre = _preflight(settings, local, allow_root, convert, allow_unknown_model)
         result = _submit(
             settings,
             local.path,

@@ -12,27 +12,19 @@ from pipeline.db.models import Attempt, Batch, Job
 from pipeline.db.session import Database
 from pipeline.errors import EditbatchError
 from pipeline.executor import Deps, process_job
-from pipeline.manifest import Defaults
-from pipeline.producer import create_batch, queued_job_ids
+from pipeline.producer import queued_job_ids
 from pipeline.ratelimit import LocalLimiter
 from pipeline.runtime import build_deps
 from pipeline.settings import Settings
 from tests.factories import product_rows, write_manifest
-from tests.unit.helpers import make_preflight
+from tests.unit.helpers import new_batch
 
 
 def setup(
     tmp_path: Path, db: Database, settings: Settings, rows: list[dict[str, object]]
 ) -> tuple[int, Deps]:
     manifest = write_manifest(tmp_path / "in" / "m.csv", rows)
-    result = create_batch(
-        db,
-        manifest,
-        name="t",
-        output_uri=str(tmp_path / "out"),
-        defaults=Defaults(),
-        preflight=make_preflight(manifest),
-    )
+    result = new_batch(db, manifest, str(tmp_path / "out"))
     deps = build_deps(settings, LocalLimiter(None, None), db)
     deps.sleep = lambda _s: None
     return result.batch_id, deps

@@ -12,8 +12,7 @@ from sqlalchemy import func, select
 from pipeline.db.models import Attempt, Batch, Job, Output
 from pipeline.db.session import Database
 from pipeline.executor import Deps, process_job
-from pipeline.manifest import Defaults
-from pipeline.producer import create_batch, queued_job_ids
+from pipeline.producer import queued_job_ids
 from pipeline.ratelimit import LocalLimiter
 from pipeline.runtime import build_deps
 from pipeline.sandbox import SandboxServer
@@ -21,7 +20,7 @@ from pipeline.settings import Settings
 from pipeline.status import batch_status
 from tests.conftest import billed_total
 from tests.factories import product_rows, write_manifest
-from tests.unit.helpers import make_preflight
+from tests.unit.helpers import new_batch
 
 
 def _deps(settings: Settings, db: Database) -> Deps:
@@ -32,14 +31,7 @@ def _deps(settings: Settings, db: Database) -> Deps:
 
 def _batch(tmp_path: Path, db: Database, rows: list[dict[str, object]]) -> tuple[int, list[int]]:
     manifest = write_manifest(tmp_path / "in" / "m.csv", rows)
-    result = create_batch(
-        db,
-        manifest,
-        name="t",
-        output_uri=str(tmp_path / "out"),
-        defaults=Defaults(),
-        preflight=make_preflight(manifest),
-    )
+    result = new_batch(db, manifest, str(tmp_path / "out"))
     ids = [i for chunk in queued_job_ids(db, result.batch_id) for i in chunk]
     return result.batch_id, ids
 

@@ -17,14 +17,13 @@ from pipeline import metrics
 from pipeline.db.models import Batch
 from pipeline.db.session import Database
 from pipeline.executor import Deps, process_job
-from pipeline.manifest import Defaults
-from pipeline.producer import create_batch, queued_job_ids
+from pipeline.producer import queued_job_ids
 from pipeline.ratelimit import LocalLimiter, PermitTimeout
 from pipeline.runtime import build_deps
 from pipeline.settings import Settings, get_settings
 from tests.factories import product_rows, write_manifest
 from tests.servers import free_port
-from tests.unit.helpers import make_preflight
+from tests.unit.helpers import new_batch
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 MODEL = "gpt-image-1.5"
@@ -201,14 +200,7 @@ def _batch(tmp_path: Path, db: Database, count: int, **row: Any) -> tuple[int, l
     manifest = write_manifest(
         tmp_path / "in" / "m.csv", product_rows(tmp_path / "in", count, **row)
     )
-    result = create_batch(
-        db,
-        manifest,
-        name="t",
-        output_uri=str(tmp_path / "out"),
-        defaults=Defaults(),
-        preflight=make_preflight(manifest),
-    )
+    result = new_batch(db, manifest, str(tmp_path / "out"))
     return result.batch_id, [i for chunk in queued_job_ids(db, result.batch_id) for i in chunk]
 
 

@@ -9,10 +9,9 @@ from sqlalchemy import func, select
 
 from pipeline.db.models import Batch, Job
 from pipeline.db.session import Database
-from pipeline.manifest import Defaults
-from pipeline.producer import StrictRefusal, create_batch, enqueue_batch
+from pipeline.producer import StrictRefusal, enqueue_batch
 from tests.factories import make_image, make_mask, write_manifest
-from tests.unit.helpers import make_preflight
+from tests.unit.helpers import new_batch
 
 
 def bad_manifest(folder: Path) -> Path:
@@ -36,14 +35,7 @@ def bad_manifest(folder: Path) -> Path:
 def test_rejected_rows_stored_with_reason_and_never_enqueued(tmp_path: Path, db: Database) -> None:
     manifest = bad_manifest(tmp_path / "in")
     make_image(tmp_path / "outside.png")
-    result = create_batch(
-        db,
-        manifest,
-        name="t",
-        output_uri=str(tmp_path / "out"),
-        defaults=Defaults(),
-        preflight=make_preflight(manifest),
-    )
+    result = new_batch(db, manifest, str(tmp_path / "out"))
     assert (result.accepted, result.rejected) == (2, 6)
     assert {(e.row, e.field) for e in result.errors} >= {
         (2, "image"),
@@ -66,15 +58,7 @@ def test_rejected_rows_stored_with_reason_and_never_enqueued(tmp_path: Path, db:
 def test_strict_refuses_whole_manifest(tmp_path: Path, db: Database) -> None:
     manifest = bad_manifest(tmp_path / "in")
     with pytest.raises(StrictRefusal, match="--strict refuses"):
-        create_batch(
-            db,
-            manifest,
-            name="t",
-            output_uri=str(tmp_path / "out"),
-            defaults=Defaults(),
-            preflight=make_preflight(manifest),
-            strict=True,
-        )
+        new_batch(db, manifest, str(tmp_path / "out"), strict=True)
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(Batch)) == 0
         assert s.scalar(select(func.count()).select_from(Job)) == 0
@@ -89,13 +73,6 @@ def test_output_name_collisions_are_row_errors(tmp_path: Path, db: Database) -> 
         {"id": "C", "image": "a.png", "prompt": "q", "output": "../up.png"},
     ]
     manifest = write_manifest(folder / "m.csv", rows)
-    result = create_batch(
-        db,
-        manifest,
-        name="t",
-        output_uri=str(tmp_path / "out"),
-        defaults=Defaults(),
-        preflight=make_preflight(manifest),
-    )
+    result = new_batch(db, manifest, str(tmp_path / "out"))
     assert [(e.row, e.field) for e in result.errors] == [(2, "output"), (3, "output")]
     assert "also produced by row 1" in result.errors[0].reason

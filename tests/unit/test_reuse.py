@@ -11,29 +11,20 @@ from sqlalchemy import select
 from pipeline.db.models import Job, Output
 from pipeline.db.session import Database
 from pipeline.executor import process_job
-from pipeline.manifest import Defaults
-from pipeline.producer import create_batch, queued_job_ids
+from pipeline.producer import queued_job_ids
 from pipeline.ratelimit import LocalLimiter
 from pipeline.runtime import build_deps
 from pipeline.sandbox import SandboxServer
 from pipeline.settings import Settings
 from pipeline.status import batch_status
 from tests.factories import product_rows, write_manifest
-from tests.unit.helpers import make_preflight
+from tests.unit.helpers import new_batch
 
 
 def run_batch(
     tmp_path: Path, db: Database, settings: Settings, manifest: Path, out: str, reuse: bool = True
 ) -> int:
-    result = create_batch(
-        db,
-        manifest,
-        name="t",
-        output_uri=str(tmp_path / out),
-        defaults=Defaults(),
-        preflight=make_preflight(manifest),
-        settings_snapshot={"reuse": reuse},
-    )
+    result = new_batch(db, manifest, str(tmp_path / out), settings_snapshot={"reuse": reuse})
     deps = build_deps(settings, LocalLimiter(None, None), db)
     for ids in queued_job_ids(db, result.batch_id):
         for job_id in ids:
@@ -95,14 +86,7 @@ def test_reuse_falls_back_to_buying_when_donor_files_are_gone(
     run_batch(tmp_path, db, settings, manifest, "out1")
     for f in (tmp_path / "out1").glob("*.png"):
         f.unlink()
-    result = create_batch(
-        db,
-        manifest,
-        name="t",
-        output_uri=str(tmp_path / "out2"),
-        defaults=Defaults(),
-        preflight=make_preflight(manifest),
-    )
+    result = new_batch(db, manifest, str(tmp_path / "out2"))
     deps = build_deps(settings, LocalLimiter(None, None), db)
     (job_id,) = next(queued_job_ids(db, result.batch_id))
     assert process_job(job_id, deps).state == "deferred"

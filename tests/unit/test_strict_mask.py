@@ -10,13 +10,12 @@ from sqlalchemy import select
 from pipeline.db.models import Job, Output
 from pipeline.db.session import Database
 from pipeline.executor import process_job
-from pipeline.manifest import Defaults
-from pipeline.producer import create_batch, queued_job_ids
+from pipeline.producer import queued_job_ids
 from pipeline.ratelimit import LocalLimiter
 from pipeline.runtime import build_deps
 from pipeline.settings import Settings
 from tests.factories import make_image, make_mask, write_manifest
-from tests.unit.helpers import make_preflight
+from tests.unit.helpers import new_batch
 
 FEATHER = 3
 THRESHOLD = 8
@@ -57,14 +56,7 @@ def test_strict_output_is_source_where_protected_and_drift_is_recorded(
     }
     rows = [{"id": "guide", **common}, {"id": "strict", "mask_mode": "strict", **common}]
     manifest = write_manifest(folder / "m.csv", rows)
-    result = create_batch(
-        db,
-        manifest,
-        name="t",
-        output_uri=str(tmp_path / "out"),
-        defaults=Defaults(),
-        preflight=make_preflight(manifest),
-    )
+    result = new_batch(db, manifest, str(tmp_path / "out"))
     assert result.rejected == 0, result.errors
     deps = build_deps(settings, LocalLimiter(None, None), db)
     for ids in queued_job_ids(db, result.batch_id):
