@@ -221,18 +221,23 @@ class RedisLimiter:
     def _attempt(self, model: str, images: int, token: str) -> _Reply:
         limit = self.limit_for(model)
         interval_us = round(60_000_000 / limit.images_per_minute) if limit.images_per_minute else 0
-        raw: Any = self._permit_script(
-            keys=list(self.keys(model)),
-            args=[
-                interval_us,
-                max(limit.burst, 1),
-                max(images, 1),
-                limit.max_in_flight or 0,
-                token,
-                self._lease_ms,
-                self._poll_ms,
-            ],
-        )
+        try:
+            raw: Any = self._permit_script(
+                keys=list(self.keys(model)),
+                args=[
+                    interval_us,
+                    max(limit.burst, 1),
+                    max(images, 1),
+                    limit.max_in_flight or 0,
+                    token,
+                    self._lease_ms,
+                    self._poll_ms,
+                ],
+            )
+        except RedisError as exc:
+            # No permit without the shared limiter: hand the job back (it is retried later)
+            # rather than call the API unlimited or leave the job claimed.
+            raise PermitTimeout(f"the rate limiter's Redis is unavailable: {exc}") from exc
         granted, wait_ms, reason = raw
         text = reason.decode() if isinstance(reason, bytes) else str(reason)
         return _Reply(bool(int(granted)), int(wait_ms) / 1000.0, text)
@@ -307,6 +312,9 @@ def build_limiter(settings: Settings, redis: Redis | None = None) -> Limiter:
     if client is None:
         client = Redis.from_url(
             settings.effective_redis_url,
+            # One connection per worker thread that may wait for a permit (redis-py caps a
+            # pool at 100 by default, which a 200-thread worker exhausts).
+            max_connections=max(settings.concurrency * 2, 100),
             socket_timeout=10,
             socket_connect_timeout=5,
             health_check_interval=30,
