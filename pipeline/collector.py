@@ -55,8 +55,9 @@ def finish_output(spec: EditSpec, raw: bytes) -> tuple[bytes, dict[str, object]]
     drift: float | None = None
     img: Image.Image
     with Image.open(io.BytesIO(raw)) as img:
-        img.load()
+        # Without a mask only the header is needed (size, format): no full decode.
         if spec.mask is not None:
+            img.load()
             with Image.open(spec.images[0]) as src, Image.open(spec.mask) as mask:
                 src.load()
                 mask.load()
