@@ -193,23 +193,38 @@ def phases(folder: Path, manifest: Path, db_url: str, profile: bool) -> dict[str
     return out
 
 
+def batched_enqueue(ids: list[int]) -> None:
+    """Prototype for worker.tasks.celery_enqueue: the same `apply_async` messages, but inside
+    kombu's `Producer.batch()`, so the Redis transport LPUSHes them through one pipeline (and
+    one redis client) per 1,000 instead of building a client and a round trip per message."""
+    from worker.tasks import app, edit
+
+    if not ids:
+        return
+    with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
+        for job_id in ids:
+            edit.apply_async((job_id,), producer=producer)
+
+
+# `python -c BOOT submit ...`: the real CLI in a fresh process, with the prototype enqueue.
+BOOT = (
+    "import sys; sys.path.insert(0, {bench!r}); import submit as bench; "
+    "import worker.tasks as tasks; tasks.enqueue = bench.batched_enqueue; "
+    "from pipeline.cli import main; sys.argv[0] = 'editbatch'; main()"
+)
+
+
 def enqueue_variants(db_url: str, batch_id: int, redis_url: str) -> dict[str, float]:
     """Send the batch's ids again with each enqueue strategy; seconds per strategy."""
     from pipeline.db.session import Database
     from pipeline.producer import queued_job_ids
-    from worker.tasks import app, celery_enqueue, edit
-
-    def batched(ids: list[int]) -> None:
-        """Prototype: the same messages, LPUSHed through one Redis pipeline per 1,000."""
-        with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
-            for job_id in ids:
-                edit.apply_async((job_id,), producer=producer)
+    from worker.tasks import celery_enqueue
 
     db = Database(db_url)
     all_ids = [i for chunk in queued_job_ids(db, batch_id) for i in chunk]
     db.dispose()
     results = {}
-    for name, send in (("celery", celery_enqueue), ("batch", batched)):
+    for name, send in (("celery", celery_enqueue), ("batch", batched_enqueue)):
         flush(redis_url)
         with Timer() as t:
             for start in range(0, len(all_ids), 1000):
@@ -226,12 +241,11 @@ def same_message(redis_url: str) -> bool:
     from redis import Redis
 
     from worker.constants import QUEUE
-    from worker.tasks import app, celery_enqueue, edit
+    from worker.tasks import celery_enqueue
 
     flush(redis_url)
     celery_enqueue([7])
-    with app.producer_or_acquire() as producer, producer.batch(max_size=10):
-        edit.apply_async((7,), producer=producer)
+    batched_enqueue([7])
     client = Redis.from_url(redis_url)
     a, b = (json.loads(m) for m in client.lrange(QUEUE, 0, -1))
     client.close()
@@ -244,19 +258,17 @@ def same_message(redis_url: str) -> bool:
     return bool(a == b)
 
 
-def cli_submit(manifest: Path, env: dict[str, str], out: Path) -> tuple[float, dict[str, Any]]:
+def cli_submit(
+    manifest: Path, env: dict[str, str], out: Path, prototype: bool = False
+) -> tuple[float, dict[str, Any]]:
+    """`editbatch submit --json` in a fresh process; `prototype`: with `batched_enqueue`."""
+    if prototype:
+        command = ["-c", BOOT.format(bench=str(Path(__file__).parent))]
+    else:
+        command = ["-m", "pipeline.cli"]
     with Timer() as t:
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.cli",
-                "submit",
-                str(manifest),
-                "--json",
-                "--output",
-                str(out),
-            ],
+            [sys.executable, *command, "submit", str(manifest), "--json", "--output", str(out)],
             cwd=REPO,
             env=env_with(env),
             capture_output=True,
@@ -323,10 +335,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"(target < {TARGET_S:.0f} s: {'met' if total < TARGET_S else 'MISSED'})"
             )
             if "profile" in r:
+                print("  (under cProfile: every phase is inflated, the enqueue about 2.5x)")
                 print()
-                print("profile (top 30 by own time)")
+                print("profile (top 25 by own time)")
                 r["profile"].stream = sys.stdout
-                r["profile"].print_stats(30)
+                r["profile"].print_stats(25)
+                print("profile (pipeline/ and worker/ functions, top 25 by cumulative time)")
+                r["profile"].sort_stats("cumulative").print_stats(r"main/(pipeline|worker)/", 25)
             if args.variants:
                 v = enqueue_variants(db_url, r["batch_id"], redis.url)
                 print()
@@ -337,20 +352,25 @@ def main(argv: list[str] | None = None) -> None:
                 for label, seconds in v.items():
                     print(f"  {label:<8} {seconds:6.1f} s  ({r['sent'] / seconds:,.0f} msg/s)")
             if args.cli:
-                flush(redis.url)
-                env = {
-                    "EDITBATCH_BROKER_URL": redis.url,
-                    "EDITBATCH_DATABASE_URL": new_db("cli"),
-                    "EDITBATCH_HOME": str(tmp / "home-cli"),
-                }
-                seconds, out = cli_submit(manifest, env, tmp / "out-cli")
-                length = queue_length(redis.url)
                 print()
-                print(
-                    f"editbatch submit --json (fresh process, fresh {args.db} database): "
-                    f"{seconds:.1f} s for {args.rows:,} rows -> {out}; queue length {length:,} "
-                    f"(target < {TARGET_S:.0f} s: {'met' if seconds < TARGET_S else 'MISSED'})"
-                )
+                for label, prototype in (("as is", False), ("with batched_enqueue", True)):
+                    flush(redis.url)
+                    env = {
+                        "EDITBATCH_BROKER_URL": redis.url,
+                        "EDITBATCH_DATABASE_URL": new_db(f"cli{int(prototype)}"),
+                        "EDITBATCH_HOME": str(tmp / f"home-cli{int(prototype)}"),
+                    }
+                    seconds, out = cli_submit(
+                        manifest, env, tmp / f"out-cli{int(prototype)}", prototype
+                    )
+                    length = queue_length(redis.url)
+                    verdict = "met" if seconds < TARGET_S else "MISSED"
+                    print(
+                        f"editbatch submit --json, {label} (fresh process, fresh {args.db} "
+                        f"database): {seconds:.1f} s for {args.rows:,} rows; "
+                        f"accepted {out['accepted']:,}, queue length {length:,} "
+                        f"(target < {TARGET_S:.0f} s: {verdict})"
+                    )
         finally:
             redis.stop()
             if pg is not None:

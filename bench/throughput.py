@@ -60,6 +60,7 @@ from tests.servers import CeleryWorker, PostgresServer, RedisServer
 
 MODEL = "gpt-image-1.5"
 LOCKED = b"database is locked"
+LIMITER_POOL_DEFAULT = 100  # redis-py's default max_connections per client (>= 6)
 
 # Mode defaults; every one can be overridden by its flag.
 MODES: dict[str, dict[str, Any]] = {
@@ -96,7 +97,9 @@ MODES: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class Job_:
+class Edit:
+    """One manifest row, as the baselines send it."""
+
     image: Path
     prompt: str
 
@@ -122,13 +125,13 @@ class RunResult:
 # -- inputs ----------------------------------------------------------------------------------
 
 
-def make_inputs(folder: Path, args: argparse.Namespace) -> tuple[Path, list[Job_]]:
+def make_inputs(folder: Path, args: argparse.Namespace) -> tuple[Path, list[Edit]]:
     """N manifest rows over a few images; every prompt differs, so no two jobs are identical
     (editbatch would otherwise reuse one job's outputs for its twin and skip the call)."""
     maker = noise_image if args.input == "noise" else product_image
     images = [maker(folder / f"img{i}.png", args.input_side, seed=i) for i in range(8)]
     jobs = [
-        Job_(images[i % len(images)], f"white studio background, variant {i}")
+        Edit(images[i % len(images)], f"white studio background, variant {i}")
         for i in range(args.jobs)
     ]
     manifest = write_csv(
@@ -192,6 +195,12 @@ def run_editbatch(
         "OPENAI_BASE_URL": sandbox.base_url,
         "OPENAI_API_KEY": FAKE_KEY,
     }
+    if args.pool_workaround and args.concurrency > LIMITER_POOL_DEFAULT - 10:
+        # redis-py >= 6 caps a client's pool at 100 connections; the limiter's client is built
+        # without a size, so > ~100 threads waiting on permits fail with MaxConnectionsError
+        # and leave their jobs `running` (docs/performance.md). redis-py reads the pool size
+        # from the URL.
+        env["EDITBATCH_REDIS_URL"] = f"{redis.url}?max_connections={args.concurrency + 20}"
     db = Database(db_url)  # migrates once, before the workers race to do it
     workers = start_workers(env, tmp, args.workers, args.concurrency)
     extra: dict[str, Any] = {}
@@ -234,7 +243,26 @@ def run_editbatch(
             if state == "finished":
                 break
             if time.monotonic() > deadline or any(w.proc.poll() is not None for w in workers):
-                raise RuntimeError(f"batch {batch_id} did not finish (state {state})")
+                with db.session() as s:
+                    counts = dict(
+                        s.execute(
+                            select(Job.state, func.count())
+                            .where(Job.batch_id == batch_id)
+                            .group_by(Job.state)
+                        ).all()
+                    )
+                for w in workers:  # kept for a look after the temporary folder is gone
+                    (Path(tempfile.gettempdir()) / f"editbatch-bench-{w.log.name}").write_bytes(
+                        w.log.read_bytes()
+                    )
+                tails = "\n".join(
+                    f"--- {w.log.name}\n" + "\n".join(w.log.read_text().splitlines()[-15:])
+                    for w in workers
+                )
+                raise RuntimeError(
+                    f"batch {batch_id} did not finish: {state}, jobs {counts}, "
+                    f"sandbox {sandbox.stats()}\n{tails}"
+                )
             time.sleep(0.25)
         cpu = sum(cpu_seconds(pid) - before for pid, before in cpu0.items())
         extra["redis_cpu"] = cpu_seconds(redis.proc.pid) - redis_cpu0
@@ -244,7 +272,12 @@ def run_editbatch(
         for w in workers:
             w.stop()
     extra["locked"] = sum(w.log.read_bytes().count(LOCKED) for w in workers)
+    # RedisLimiter.backoff logs this line: after a 429, or when a response said
+    # x-ratelimit-remaining-requests: 0 (observe), every worker pauses.
+    extra["pauses"] = sum(w.log.read_bytes().count(b"by every worker") for w in workers)
     extra["threads"] = args.concurrency
+    extra["pool_workaround"] = "EDITBATCH_REDIS_URL" in env
+    extra["errors"] = sum(w.log.read_bytes().count(b"Traceback") for w in workers)
 
     with db.session() as s:
         batch = s.get(Batch, batch_id)
@@ -313,7 +346,7 @@ def _save(folder: Path, i: int, b64: str | None, ext: str) -> None:
 
 
 def run_sequential(
-    args: argparse.Namespace, sandbox: SandboxProcess, jobs: list[Job_], out: Path
+    args: argparse.Namespace, sandbox: SandboxProcess, jobs: list[Edit], out: Path
 ) -> RunResult:
     """The naive script: the SDK with its defaults, one call after another."""
     sandbox.reset()
@@ -351,7 +384,7 @@ def run_sequential(
 
 
 async def _async_run(
-    args: argparse.Namespace, base_url: str, jobs: list[Job_], out: Path
+    args: argparse.Namespace, base_url: str, jobs: list[Edit], out: Path
 ) -> tuple[float, list[float], int, int]:
     """Semaphore K + an exact pacer at R; 429s wait `retry-after`, then queue for a new slot."""
     client = openai.AsyncOpenAI(api_key=FAKE_KEY, base_url=base_url, max_retries=0, timeout=300)
@@ -371,7 +404,7 @@ async def _async_run(
         if at > now:
             await asyncio.sleep(at - now)
 
-    async def one(i: int, job: Job_) -> None:
+    async def one(i: int, job: Edit) -> None:
         nonlocal seen_429, failed
         async with sem:
             for _ in range(10):
@@ -402,7 +435,7 @@ async def _async_run(
 
 
 def run_asyncio(
-    args: argparse.Namespace, sandbox: SandboxProcess, jobs: list[Job_], out: Path
+    args: argparse.Namespace, sandbox: SandboxProcess, jobs: list[Edit], out: Path
 ) -> RunResult:
     sandbox.reset()
     out.mkdir(parents=True, exist_ok=True)
@@ -486,7 +519,11 @@ def report(
         f"{extra['redis_cpu'] / args.jobs * 1000:.2f} ms/job)"
     )
     print(f"  peak RSS per worker       {', '.join(mb(x) for x in extra['peak_rss'])}")
+    print(f"  limiter pauses            {extra['pauses']} (after a 429 or remaining-requests 0)")
     print(f"  'database is locked'      {extra['locked']} in worker logs")
+    print(f"  tracebacks in worker logs {extra['errors']}")
+    if extra["pool_workaround"]:
+        print("  note                      limiter Redis pool sized by URL (?max_connections=)")
     print(f"  successes per 10 s        {extra['timeline']}")
     for b in baselines:
         print()
@@ -542,6 +579,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-format", choices=("png", "jpeg", "webp"))
     parser.add_argument("--input", choices=("product", "noise"), help="input picture kind")
     parser.add_argument("--input-side", type=int, help="side of the square input pictures")
+    parser.add_argument(
+        "--pool-workaround",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="size the limiter's Redis pool by URL when threads > 90 (see docs/performance.md)",
+    )
     parser.add_argument("--sequential-jobs", type=int, default=20, help="subset for sequential")
     parser.add_argument("--async-jobs", type=int, help="subset for asyncio (default: N)")
     parser.add_argument(
