@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,7 +20,6 @@ from rich.table import Table
 
 from pipeline import controls
 from pipeline.catalog import load_catalog
-from pipeline.collector import StorageCache, collect_batch
 from pipeline.db import jobs
 from pipeline.db.models import Batch
 from pipeline.db.session import Database, upgrade
@@ -34,19 +33,18 @@ from pipeline.estimate import (
 )
 from pipeline.logs import setup_logging
 from pipeline.manifest import Defaults
-from pipeline.preflight import Preflight, PreflightOptions
 from pipeline.pricing import load_prices
-from pipeline.producer import (
-    SubmitResult,
-    check_rows,
-    create_batch,
-    enqueue_batch,
-    find_resumable,
-)
-from pipeline.remote import LocalManifest, localize_manifest
 from pipeline.settings import Settings, get_settings
 from pipeline.spec import file_sha256
 from pipeline.status import BatchStatus, batch_status, list_batches
+
+if TYPE_CHECKING:
+    from pipeline.preflight import Preflight
+    from pipeline.producer import SubmitResult
+    from pipeline.remote import LocalManifest
+
+# Commands import the modules that pull in Pillow, fsspec and the producer when they run, so
+# that `editbatch status` starts fast (docs/performance.md).
 
 app = typer.Typer(
     help="Run AI image edits in bulk, reliably and at a known cost.",
@@ -146,6 +144,8 @@ def _preflight(
     convert: bool,
     unknown: bool,
 ) -> Preflight:
+    from pipeline.preflight import PreflightOptions
+
     # A remote manifest's files are in the download cache (manifest.roots), nowhere else.
     allowed = (*manifest.roots, *(r.resolve() for r in roots or []))
     return manifest.preflight(
@@ -168,6 +168,8 @@ def _inputs(
     **row_defaults: Any,
 ) -> tuple[LocalManifest, Defaults, Preflight]:
     """The manifest as a local file, the batch-wide row defaults, and a preflight for it."""
+    from pipeline.remote import localize_manifest
+
     local = localize_manifest(manifest, settings)
     defaults = _defaults(settings, **row_defaults)
     return local, defaults, _preflight(settings, local, roots, convert, allow_unknown_model)
@@ -343,6 +345,8 @@ def check(
     as_json: JsonOpt = False,
 ) -> None:
     """Validate every row (files, formats, masks, model rules) without spending anything."""
+    from pipeline.producer import check_rows
+
     with _friendly_errors():
         settings = _settings()
         local, defaults, pre = _inputs(
@@ -411,6 +415,8 @@ def estimate(
     as_json: JsonOpt = False,
 ) -> None:
     """What a manifest will cost (per row and in total, low-high) and how long it will take."""
+    from pipeline.producer import check_rows
+
     with _friendly_errors():
         settings = _settings()
         local, defaults, pre = _inputs(
@@ -520,6 +526,8 @@ def _submit(
     reuse: bool = True,
     quiet: bool = False,
 ) -> SubmitResult:
+    from pipeline.producer import create_batch
+
     result = create_batch(
         db,
         manifest,
@@ -655,8 +663,11 @@ def run(
 
     Ctrl-C stops after the calls in flight; run the same command again to continue.
     """
+    from pipeline.collector import collect_batch
     from pipeline.localrun import LocalPool, reclaim_orphans
+    from pipeline.producer import find_resumable
     from pipeline.ratelimit import LocalLimiter
+    from pipeline.remote import localize_manifest
     from pipeline.runtime import build_deps
 
     with _friendly_errors(), _maybe_sandbox(sandbox) as overrides:
@@ -845,6 +856,7 @@ def status(
 @app.command()
 def collect(batch: Annotated[int, typer.Argument(help="Batch id.")]) -> None:
     """Retry writing spooled outputs to the output location (after a storage failure)."""
+    from pipeline.collector import StorageCache, collect_batch
     from pipeline.report import write_report
 
     with _friendly_errors():
@@ -862,6 +874,7 @@ def collect(batch: Annotated[int, typer.Argument(help="Batch id.")]) -> None:
 
 
 def _send(db: Database, batch_id: int, settings: Settings) -> int:
+    from pipeline.producer import enqueue_batch
     from worker.tasks import enqueue
 
     try:
@@ -881,6 +894,7 @@ LocalOpt = Annotated[
 
 
 def _run_local(settings: Settings, db: Database, batch_id: int) -> None:
+    from pipeline.collector import collect_batch
     from pipeline.localrun import LocalPool
     from pipeline.ratelimit import LocalLimiter
     from pipeline.runtime import build_deps

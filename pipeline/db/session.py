@@ -5,16 +5,17 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 _MIGRATED: set[str] = set()
 _LOCK = threading.Lock()
@@ -22,6 +23,8 @@ _LOCK = threading.Lock()
 
 def alembic_config(url: str) -> Config:
     """Alembic config pointing at the packaged `migrations/` folder."""
+    from alembic.config import Config  # imported when needed: it costs 70 ms at start-up
+
     script_dir = Path(migrations.__file__).parent
     cfg = Config()
     cfg.set_main_option("script_location", str(script_dir))
@@ -72,7 +75,22 @@ def make_engine(url: str) -> Engine:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply migrations up to `revision`."""
+    from alembic import command
+
     command.upgrade(alembic_config(url), revision)
+
+
+def at_head(url: str) -> bool:
+    """True when the database is already at the newest revision (checked without alembic)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    except DBAPIError:  # no database or no version table yet
+        return False
+    finally:
+        engine.dispose()
+    return row is not None and row[0] == migrations.HEAD
 
 
 def ensure_migrated(url: str) -> None:
@@ -81,6 +99,9 @@ def ensure_migrated(url: str) -> None:
         if url in _MIGRATED:
             return
         _ensure_sqlite_folder(url)
+        if at_head(url):
+            _MIGRATED.add(url)
+            return
         try:
             upgrade(url)
         except DBAPIError:
