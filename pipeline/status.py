@@ -1,4 +1,4 @@
-"""Batch status from SQL aggregates (never by loading every job)."""
+"""Batch status from per-batch counters kept by triggers (never by aggregating every job)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, aliased
 
-from pipeline.db.models import Attempt, Batch, Job, Output
+from pipeline.db.models import Batch, Job
 from pipeline.errors import NotFoundError
 
 STATES = ("queued", "running", "retrying", "held", "succeeded", "failed", "rejected", "cancelled")
@@ -95,101 +95,93 @@ class BatchStatus:
         }
 
 
+ACTIVE = ("queued", "running", "retrying", "held")
+MICRO = Decimal("0.000001")
+
+
+def _usd(micros: object) -> Decimal:
+    """Integer micro-dollars from the counters as USD with six decimals."""
+    return Decimal(int(str(micros or 0))).scaleb(-6)
+
+
 def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> BatchStatus:
+    """Read from the per-batch counters that triggers keep (migration 0005): a few rows."""
     batch = session.get(Batch, batch_id)
     if batch is None:
         raise NotFoundError(f"no batch {batch_id}; `editbatch status` lists the batches")
+    b = {"b": batch_id}
     counts = {s: 0 for s in STATES}
-    cost = Decimal(0)
-    for state, n, state_cost in session.execute(
-        select(Job.state, func.count(), func.coalesce(func.sum(Job.cost_usd), 0))
-        .where(Job.batch_id == batch_id)
-        .group_by(Job.state)
+    cost = est_total = est_remaining = kept = 0
+    unpriced_jobs = 0
+    groups: dict[tuple[str | None, str | None, str], list[int]] = {}
+    for model, quality, state, n, c, est, unest, k in session.execute(
+        text(
+            "SELECT model, quality, state, jobs, cost_micros, estimated_micros, unestimated, "
+            "kept_micros FROM batch_job_counts WHERE batch_id = :b"
+        ),
+        b,
     ):
-        counts[state] = int(n)
-        cost += Decimal(str(state_cost))
+        n, c, est, unest, k = int(n), int(c), int(est), int(unest), int(k)
+        counts[state] = counts.get(state, 0) + n
+        cost += c
+        kept += k
+        if state != "rejected":
+            est_total += est
+            unpriced_jobs += unest
+            if state in ACTIVE:
+                est_remaining += est
+            if n:
+                key = (model or None, quality or None, state)
+                group = groups.setdefault(key, [0, 0])
+                group[0] += n
+                group[1] += c
     by_outcome: dict[str, int] = {}
-    unpriced = 0
-    estimated = 0
-    for outcome, n, n_unpriced, n_estimated in session.execute(
-        select(
-            Attempt.outcome,
-            func.count(),
-            func.sum(case((Attempt.priced.is_(False), 1), else_=0)),
-            func.sum(case((Attempt.cost_estimated.is_(True), 1), else_=0)),
-        )
-        .join(Job, Job.id == Attempt.job_id)
-        .where(Job.batch_id == batch_id)
-        .group_by(Attempt.outcome)
+    unpriced = estimated = attempt_cost = 0
+    for outcome, n, n_unpriced, n_estimated, c in session.execute(
+        text(
+            "SELECT outcome, attempts, unpriced, estimated, cost_micros "
+            "FROM batch_attempt_counts WHERE batch_id = :b"
+        ),
+        b,
     ):
-        by_outcome[outcome] = int(n)
-        unpriced += int(n_unpriced or 0)
-        estimated += int(n_estimated or 0)
-    out_total, out_left, drift_n, drift_avg, drift_max = session.execute(
-        select(
-            func.count(Output.id),
-            func.count(Output.id) - func.count(Output.collected_at),
-            func.count(Output.drift),
-            func.avg(Output.drift),
-            func.max(Output.drift),
+        if int(n):
+            by_outcome[outcome] = int(n)
+        unpriced += int(n_unpriced)
+        estimated += int(n_estimated)
+        attempt_cost += int(c)
+    out = session.execute(
+        text(
+            "SELECT outputs, uncollected, drift_n, drift_sum, drift_max "
+            "FROM batch_output_counts WHERE batch_id = :b"
+        ),
+        b,
+    ).one_or_none()
+    out_total, out_left, drift_n, drift_sum, drift_max = out or (0, 0, 0, 0.0, None)
+    drift_n = int(drift_n or 0)
+    # ORDER BY model, quality, state as the database sorts NULL: first (SQLite), last (PG).
+    null_first = session.get_bind().dialect.name == "sqlite"
+
+    def order(item: tuple[tuple[str | None, str | None, str], list[int]]) -> tuple[Any, ...]:
+        return tuple(
+            (v is not None, v or "") if null_first else (v is None, v or "") for v in item[0]
         )
-        .join(Job, Job.id == Output.job_id)
-        .where(Job.batch_id == batch_id)
-    ).one()
-    est_total, est_remaining, unpriced_jobs = session.execute(
-        select(
-            func.coalesce(func.sum(Job.estimated_usd), 0),
-            func.coalesce(
-                func.sum(
-                    case(
-                        (
-                            Job.state.in_(("queued", "running", "retrying", "held")),
-                            Job.estimated_usd,
-                        ),
-                        else_=0,
-                    )
-                ),
-                0,
-            ),
-            func.sum(case((Job.estimated_usd.is_(None), 1), else_=0)),
-        ).where(Job.batch_id == batch_id, Job.state != "rejected")
-    ).one()
+
     breakdown = [
         {
             "model": model,
             "quality": quality,
             "state": state,
-            "jobs": int(n),
-            "cost_usd": str(Decimal(str(c)).quantize(Decimal("0.000001"))),
+            "jobs": n,
+            "cost_usd": str(_usd(c)),
         }
-        for model, quality, state, n, c in session.execute(
-            select(
-                Job.model,
-                Job.quality,
-                Job.state,
-                func.count(),
-                func.coalesce(func.sum(Job.cost_usd), 0),
-            )
-            .where(Job.batch_id == batch_id, Job.state != "rejected")
-            .group_by(Job.model, Job.quality, Job.state)
-            .order_by(Job.model, Job.quality, Job.state)
-        )
+        for (model, quality, state), (n, c) in sorted(groups.items(), key=order)
     ]
-    # Retry waste: what attempts cost that produced nothing kept (billed bad responses, and
-    # successes whose job lost its claim).
-    waste = session.scalar(
-        select(func.coalesce(func.sum(Attempt.cost_usd), 0))
-        .join(Job, Job.id == Attempt.job_id)
-        .where(
-            Job.batch_id == batch_id,
-            (Attempt.outcome != "ok") | (Job.state != "succeeded"),
-        )
-    )
+    # Reuse: the few reused jobs (a partial index holds just them) joined to their donors.
     donor = aliased(Job)
     reused, saved = session.execute(
         select(func.count(Job.id), func.coalesce(func.sum(donor.cost_usd), 0))
         .join(donor, donor.id == Job.reused_from_job_id)
-        .where(Job.batch_id == batch_id)
+        .where(Job.batch_id == batch_id, Job.reused_from_job_id.is_not(None))
     ).one()
     failures = [
         {
@@ -222,23 +214,25 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         output_uri=batch.output_uri,
         jobs_total=sum(counts.values()),
         counts=counts,
-        cost_usd=cost,
+        cost_usd=_usd(cost),
         attempts=sum(by_outcome.values()),
         attempts_by_outcome=by_outcome,
         outputs=int(out_total or 0),
         outputs_uncollected=int(out_left or 0),
-        drift_outputs=int(drift_n or 0),
-        drift_mean=None if drift_avg is None else float(drift_avg),
-        drift_max=None if drift_max is None else float(drift_max),
+        drift_outputs=drift_n,
+        drift_mean=float(drift_sum) / drift_n if drift_n else None,
+        drift_max=None if drift_max is None or not drift_n else float(drift_max),
         unpriced_attempts=unpriced,
         estimated_cost_attempts=estimated,
         budget_usd=batch.budget_usd,
         reserved_usd=Decimal(str(batch.reserved_usd or 0)),
-        estimated_usd=Decimal(str(est_total)),
-        estimated_remaining_usd=Decimal(str(est_remaining)),
-        unpriced_jobs=int(unpriced_jobs or 0),
+        estimated_usd=_usd(est_total),
+        estimated_remaining_usd=_usd(est_remaining),
+        unpriced_jobs=unpriced_jobs,
         breakdown=breakdown,
-        retry_waste_usd=Decimal(str(waste or 0)),
+        # Retry waste: what attempts cost that produced nothing kept (billed bad responses,
+        # and successes whose job lost its claim) = all attempts - ok attempts of succeeded jobs.
+        retry_waste_usd=_usd(attempt_cost - kept),
         reused=int(reused or 0),
         saved_usd=Decimal(str(saved)),
         failures=failures,
@@ -246,19 +240,16 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
 
 
 def list_batches(session: Session, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest batches with their job count and cost (from the counters)."""
     rows = session.execute(
-        select(
-            Batch.id,
-            Batch.name,
-            Batch.state,
-            Batch.created_at,
-            func.count(Job.id),
-            func.coalesce(func.sum(Job.cost_usd), 0),
-        )
-        .outerjoin(Job, Job.batch_id == Batch.id)
-        .group_by(Batch.id)
-        .order_by(Batch.id.desc())
-        .limit(limit)
+        text(
+            "SELECT b.id, b.name, b.state, b.created_at, coalesce(sum(c.jobs), 0), "
+            "coalesce(sum(c.cost_micros), 0) "
+            "FROM (SELECT id, name, state, created_at FROM batches ORDER BY id DESC LIMIT :n) b "
+            "LEFT JOIN batch_job_counts c ON c.batch_id = b.id "
+            "GROUP BY b.id, b.name, b.state, b.created_at ORDER BY b.id DESC"
+        ).columns(created_at=Batch.__table__.c.created_at.type),
+        {"n": limit},
     )
     return [
         {
@@ -267,7 +258,7 @@ def list_batches(session: Session, limit: int = 50) -> list[dict[str, Any]]:
             "state": state,
             "created_at": created.isoformat(timespec="seconds"),
             "jobs_total": int(total),
-            "cost_usd": str(Decimal(str(cost)).quantize(Decimal("0.000001"))),
+            "cost_usd": str(_usd(cost)),
         }
         for bid, name, state, created, total, cost in rows
     ]
