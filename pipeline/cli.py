@@ -18,19 +18,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pipeline import controls
 from pipeline.catalog import load_catalog
 from pipeline.db import jobs
 from pipeline.db.models import Batch
 from pipeline.db.session import Database, upgrade
 from pipeline.errors import EditbatchError, RowError
-from pipeline.estimate import (
-    BatchEstimate,
-    estimate_batch,
-    estimate_cost,
-    estimate_duration,
-    typical_latency,
-)
 from pipeline.logs import setup_logging
 from pipeline.manifest import Defaults
 from pipeline.pricing import load_prices
@@ -39,6 +31,7 @@ from pipeline.spec import file_sha256
 from pipeline.status import BatchStatus, batch_status, list_batches
 
 if TYPE_CHECKING:
+    from pipeline.estimate import BatchEstimate
     from pipeline.preflight import Preflight
     from pipeline.producer import SubmitResult
     from pipeline.remote import LocalManifest
@@ -280,6 +273,8 @@ def _print_estimate(
     budget: Decimal | None,
     out: Console | None = None,
 ) -> None:
+    from pipeline.estimate import estimate_duration, typical_latency
+
     if not est.calls:
         return
     out = out or console
@@ -415,6 +410,7 @@ def estimate(
     as_json: JsonOpt = False,
 ) -> None:
     """What a manifest will cost (per row and in total, low-high) and how long it will take."""
+    from pipeline.estimate import estimate_batch, estimate_cost, estimate_duration, typical_latency
     from pipeline.producer import check_rows
 
     with _friendly_errors():
@@ -913,6 +909,8 @@ def _run_local(settings: Settings, db: Database, batch_id: int) -> None:
 @app.command()
 def resume(batch: BatchArg, budget: BudgetOpt = None, local: LocalOpt = False) -> None:
     """Continue a held or paused batch, and re-send every unfinished job from the database."""
+    from pipeline import controls
+
     with _friendly_errors():
         settings = _settings()
         db = _db(settings)
@@ -928,6 +926,8 @@ def resume(batch: BatchArg, budget: BudgetOpt = None, local: LocalOpt = False) -
 @app.command()
 def pause(batch: BatchArg) -> None:
     """Stop starting new calls (calls in flight finish); `editbatch resume` continues."""
+    from pipeline import controls
+
     with _friendly_errors():
         db = _db(_settings())
         with db.session() as session:
@@ -938,6 +938,8 @@ def pause(batch: BatchArg) -> None:
 @app.command()
 def cancel(batch: BatchArg) -> None:
     """Cancel every job not yet started (calls in flight finish and are recorded)."""
+    from pipeline import controls
+
     with _friendly_errors():
         db = _db(_settings())
         with db.session() as session:
@@ -957,6 +959,8 @@ def retry(
     if not failed:
         err.print("say what to retry: editbatch retry BATCH --failed")
         raise typer.Exit(2)
+    from pipeline import controls
+
     with _friendly_errors():
         settings = _settings()
         db = _db(settings)
