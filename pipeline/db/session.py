@@ -80,26 +80,23 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
-def at_head(url: str) -> bool:
+def at_head(engine: Engine) -> bool:
     """True when the database is already at the newest revision (checked without alembic)."""
-    engine = create_engine(url)
     try:
         with engine.connect() as conn:
             row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
     except DBAPIError:  # no database or no version table yet
         return False
-    finally:
-        engine.dispose()
     return row is not None and row[0] == migrations.HEAD
 
 
-def ensure_migrated(url: str) -> None:
-    """Run `alembic upgrade head` once per process per database."""
+def ensure_migrated(url: str, engine: Engine | None = None) -> None:
+    """Run `alembic upgrade head` once per process per database (skipped when current)."""
     with _LOCK:
         if url in _MIGRATED:
             return
         _ensure_sqlite_folder(url)
-        if at_head(url):
+        if engine is not None and at_head(engine):
             _MIGRATED.add(url)
             return
         try:
@@ -116,10 +113,10 @@ class Database:
     """An engine plus a session factory, built once per process and passed in."""
 
     def __init__(self, url: str, migrate: bool = True) -> None:
-        if migrate:
-            ensure_migrated(url)
         self.url = url
         self.engine = make_engine(url)
+        if migrate:
+            ensure_migrated(url, self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
 
