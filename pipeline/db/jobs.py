@@ -30,7 +30,6 @@ def rowcount(result: Result[Any]) -> int:
 
 TERMINAL = ("succeeded", "failed", "rejected", "cancelled")
 ACTIVE = ("queued", "running", "retrying")
-BATCH_ACTIVE = ("running",)
 
 
 def claim(session: Session, job_id: int, lease_seconds: float) -> str | None:
@@ -197,13 +196,6 @@ def mark_interrupted(session: Session, job_ids: list[int]) -> None:
         )
         .execution_options(synchronize_session=False)
     )
-
-
-def batch_cost(session: Session, batch_id: int) -> Decimal:
-    total = session.scalar(
-        select(func.coalesce(func.sum(Job.cost_usd), 0)).where(Job.batch_id == batch_id)
-    )
-    return Decimal(str(total))
 
 
 def idle_running_batches(db: Database) -> list[int]:
