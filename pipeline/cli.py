@@ -19,7 +19,6 @@ from rich.live import Live
 from rich.table import Table
 
 from pipeline.catalog import load_catalog
-from pipeline.db import jobs
 from pipeline.db.models import Batch
 from pipeline.db.session import Database, upgrade
 from pipeline.errors import EditbatchError, RowError
@@ -659,12 +658,8 @@ def run(
 
     Ctrl-C stops after the calls in flight; run the same command again to continue.
     """
-    from pipeline.collector import collect_batch
-    from pipeline.localrun import LocalPool, reclaim_orphans
     from pipeline.producer import find_resumable
-    from pipeline.ratelimit import LocalLimiter
     from pipeline.remote import localize_manifest
-    from pipeline.runtime import build_deps
 
     with _friendly_errors(), _maybe_sandbox(sandbox) as overrides:
         settings = Settings(**overrides) if overrides else _settings()
@@ -714,18 +709,9 @@ def run(
             console.print(
                 f"batch {batch_id}: {result.accepted} jobs to run, {result.rejected} rejected"
             )
-        workers = concurrency or settings.concurrency
-        deps = build_deps(
-            settings, LocalLimiter(settings.images_per_minute, settings.max_in_flight), db
+        status = _run_local(
+            settings, db, batch_id, concurrency or settings.concurrency, reclaim=True
         )
-        reclaim_orphans(deps, batch_id)
-        pool = LocalPool(deps, workers)
-        _run_with_progress(pool, db, batch_id)
-        collect_batch(db, batch_id, deps.storages)
-        with db.session() as session:
-            if jobs.finish_batch_if_done(session, batch_id) and deps.on_batch_finished:
-                deps.on_batch_finished(batch_id)
-            status = batch_status(session, batch_id)
     if as_json:
         print(json.dumps(status.to_json()))
     else:
@@ -889,21 +875,26 @@ LocalOpt = Annotated[
 ]
 
 
-def _run_local(settings: Settings, db: Database, batch_id: int) -> None:
+def _run_local(
+    settings: Settings, db: Database, batch_id: int, concurrency: int, reclaim: bool = False
+) -> BatchStatus:
+    """Run the batch's jobs in this process, collect, finish if done; the status afterwards."""
     from pipeline.collector import collect_batch
-    from pipeline.localrun import LocalPool
+    from pipeline.executor import finish_if_done
+    from pipeline.localrun import LocalPool, reclaim_orphans
     from pipeline.ratelimit import LocalLimiter
     from pipeline.runtime import build_deps
 
     deps = build_deps(
         settings, LocalLimiter(settings.images_per_minute, settings.max_in_flight), db
     )
-    _run_with_progress(LocalPool(deps, settings.concurrency), db, batch_id)
-    collect_batch(db, batch_id, deps.storages)
+    if reclaim:
+        reclaim_orphans(deps, batch_id)
+    _run_with_progress(LocalPool(deps, concurrency), db, batch_id)
+    collect_batch(db, batch_id, deps.storages)  # outputs a storage failure left in the spool
+    finish_if_done(deps, batch_id)
     with db.session() as session:
-        if jobs.finish_batch_if_done(session, batch_id) and deps.on_batch_finished:
-            deps.on_batch_finished(batch_id)
-        _print_status(batch_status(session, batch_id))
+        return batch_status(session, batch_id)
 
 
 @app.command()
@@ -917,7 +908,7 @@ def resume(batch: BatchArg, budget: BudgetOpt = None, local: LocalOpt = False) -
         with db.session() as session:
             controls.resume(session, batch, _budget(budget))
         if local:
-            _run_local(settings, db, batch)
+            _print_status(_run_local(settings, db, batch, settings.concurrency))
             return
         sent = _send(db, batch, settings)
     console.print(f"batch {batch}: {sent} jobs sent to the workers")
@@ -970,7 +961,7 @@ def retry(
             console.print(f"batch {batch} has no failed jobs")
             return
         if local:
-            _run_local(settings, db, batch)
+            _print_status(_run_local(settings, db, batch, settings.concurrency))
             return
         _send(db, batch, settings)
     console.print(f"batch {batch}: {n} failed jobs sent again")

@@ -12,11 +12,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
 from pipeline.db import jobs
-from pipeline.db.models import Job
 from pipeline.executor import Deps, JobResult, process_job
 from pipeline.producer import queued_job_ids
 
@@ -84,23 +82,7 @@ def reclaim_orphans(deps: Deps, batch_id: int) -> int:
     Only for single-machine runs, where no other process can be working on this batch.
     """
     with deps.db.session() as session:
-        ids = list(
-            session.scalars(
-                select(Job.id).where(
-                    Job.batch_id == batch_id, Job.state.in_(("running", "retrying"))
-                )
-            )
-        )
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids))
-            .values(state="queued", claim_token=None, lease_until=None)
-            .execution_options(synchronize_session=False)
-        )
-        jobs.mark_interrupted(session, ids)
-        session.commit()
-        n = len(ids)
-    with deps.db.session() as session:
+        ids = jobs.requeue_expired(session, batch_id, ignore_lease=True)
         jobs.release_held_jobs(session, batch_id)
         session.commit()
-    return n
+    return len(ids)

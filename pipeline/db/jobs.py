@@ -165,10 +165,18 @@ def release_held_jobs(session: Session, batch_id: int) -> int:
     return rowcount(result)
 
 
-def requeue_expired(session: Session, batch_id: int | None = None) -> list[int]:
-    """Jobs left running/retrying past their lease (worker gone) go back to queued."""
+def requeue_expired(
+    session: Session, batch_id: int | None = None, ignore_lease: bool = False
+) -> list[int]:
+    """Jobs left running/retrying past their lease (worker gone) go back to queued.
+
+    `ignore_lease`: every running job of the batch, for a single-machine `run` whose previous
+    process was killed (no other process can be working on it).
+    """
     now = utcnow()
-    cond = [Job.state.in_(("running", "retrying")), Job.lease_until < now]
+    cond: list[ColumnElement[bool]] = [Job.state.in_(("running", "retrying"))]
+    if not ignore_lease:
+        cond.append(Job.lease_until < now)
     if batch_id is not None:
         cond.append(Job.batch_id == batch_id)
     ids = list(session.scalars(select(Job.id).where(*cond)))
