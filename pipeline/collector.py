@@ -15,7 +15,7 @@ from pathlib import Path
 
 import fsspec
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from pipeline import masks
 from pipeline.db.models import Batch, Job, Output, utcnow
@@ -188,13 +188,9 @@ def collect_batch(db: Database, batch_id: int, storages: StorageCache) -> tuple[
         )
     written = sum(collect_job(db, job_id, storages) for job_id in job_ids)
     with db.session() as session:
-        left = len(
-            list(
-                session.scalars(
-                    select(Output.id)
-                    .join(Job, Job.id == Output.job_id)
-                    .where(Job.batch_id == batch_id, Output.collected_at.is_(None))
-                )
-            )
+        left = session.scalar(
+            select(func.count(Output.id))
+            .join(Job, Job.id == Output.job_id)
+            .where(Job.batch_id == batch_id, Output.collected_at.is_(None))
         )
-    return written, left
+    return written, int(left or 0)
