@@ -21,10 +21,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.catalog import load_catalog
 from pipeline.errors import RowError
-from pipeline.manifest import Defaults, read_manifest
-from pipeline.preflight import Preflight, PreflightOptions
+from pipeline.intake.catalog import load_catalog
+from pipeline.intake.manifest import Defaults, read_manifest
+from pipeline.intake.preflight import Preflight, PreflightOptions
 
 MASKS = 20  # distinct masks; a quarter of them grayscale (converted by preflight)
 

@@ -6,7 +6,7 @@ Fills a fresh database in seconds with `INSERT ... SELECT` over a recursive CTE 
 `generate_series` (PostgreSQL): one batch of `--jobs` jobs in a realistic mix of states (90%
 succeeded, 2% failed, 1% rejected, 4% queued, 1% running, 1% retrying, 1% cancelled; 1% reused
 from a twin), one attempt per started job plus a 429 retry on every 20th, and one output per
-succeeded job. Then times `pipeline.status.batch_status` (cold: first call after the fill;
+succeeded job. Then times `pipeline.batch.status.batch_status` (cold: first call after the fill;
 warm: best of 5), each SQL statement it runs, and the real CLI `editbatch status BATCH` in a
 fresh process (with the interpreter's import time shown apart).
 
@@ -34,9 +34,9 @@ from typing import Any
 from _common import REPO, Timer, env_with
 from sqlalchemy import Engine, event, text
 
+from pipeline.batch.status import batch_status
 from pipeline.db.models import Batch
 from pipeline.db.session import Database
-from pipeline.status import batch_status
 from tests.servers import PostgresServer
 
 TARGET_S = 0.5

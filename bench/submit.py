@@ -131,11 +131,11 @@ def timed_generator(func: Callable[..., Iterator[Any]], spent: list[float]) -> C
 
 def phases(folder: Path, manifest: Path, db_url: str, profile: bool) -> dict[str, Any]:
     """The CLI's submit path in this process, phase by phase."""
-    from pipeline import producer
-    from pipeline.catalog import load_catalog
+    from pipeline.batch import submit as producer
     from pipeline.db.session import Database
-    from pipeline.manifest import Defaults
-    from pipeline.preflight import Preflight, PreflightOptions
+    from pipeline.intake.catalog import load_catalog
+    from pipeline.intake.manifest import Defaults
+    from pipeline.intake.preflight import Preflight, PreflightOptions
     from worker import tasks
 
     db = Database(db_url)  # migrations: not part of any phase
@@ -216,8 +216,8 @@ BOOT = (
 
 def enqueue_variants(db_url: str, batch_id: int, redis_url: str) -> dict[str, float]:
     """Send the batch's ids again with each enqueue strategy; seconds per strategy."""
+    from pipeline.batch.submit import queued_job_ids
     from pipeline.db.session import Database
-    from pipeline.producer import queued_job_ids
     from worker.tasks import celery_enqueue
 
     db = Database(db_url)

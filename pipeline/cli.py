@@ -18,22 +18,22 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pipeline.catalog import load_catalog
+from pipeline.batch.status import BatchStatus, batch_status, list_batches
+from pipeline.cost.pricing import load_prices
 from pipeline.db.models import Batch
 from pipeline.db.session import Database, upgrade
 from pipeline.errors import EditbatchError, RowError
-from pipeline.logs import setup_logging
-from pipeline.manifest import Defaults
-from pipeline.pricing import load_prices
+from pipeline.intake.catalog import load_catalog
+from pipeline.intake.manifest import Defaults
+from pipeline.observe.logs import setup_logging
 from pipeline.settings import Settings, get_settings
 from pipeline.spec import file_sha256
-from pipeline.status import BatchStatus, batch_status, list_batches
 
 if TYPE_CHECKING:
-    from pipeline.estimate import BatchEstimate
-    from pipeline.preflight import Preflight
-    from pipeline.producer import SubmitResult
-    from pipeline.remote import LocalManifest
+    from pipeline.batch.submit import SubmitResult
+    from pipeline.cost.estimate import BatchEstimate
+    from pipeline.intake.preflight import Preflight
+    from pipeline.intake.remote import LocalManifest
 
 # Commands import the modules that pull in Pillow, fsspec and the producer when they run, so
 # that `editbatch status` starts fast (docs/performance.md).
@@ -136,7 +136,7 @@ def _preflight(
     convert: bool,
     unknown: bool,
 ) -> Preflight:
-    from pipeline.preflight import PreflightOptions
+    from pipeline.intake.preflight import PreflightOptions
 
     # A remote manifest's files are in the download cache (manifest.roots), nowhere else.
     allowed = (*manifest.roots, *(r.resolve() for r in roots or []))
@@ -160,7 +160,7 @@ def _inputs(
     **row_defaults: Any,
 ) -> tuple[LocalManifest, Defaults, Preflight]:
     """The manifest as a local file, the batch-wide row defaults, and a preflight for it."""
-    from pipeline.remote import localize_manifest
+    from pipeline.intake.remote import localize_manifest
 
     local = localize_manifest(manifest, settings)
     defaults = _defaults(settings, **row_defaults)
@@ -272,7 +272,7 @@ def _print_estimate(
     budget: Decimal | None,
     out: Console | None = None,
 ) -> None:
-    from pipeline.estimate import estimate_duration, typical_latency
+    from pipeline.cost.estimate import estimate_duration, typical_latency
 
     if not est.calls:
         return
@@ -339,7 +339,7 @@ def check(
     as_json: JsonOpt = False,
 ) -> None:
     """Validate every row (files, formats, masks, model rules) without spending anything."""
-    from pipeline.producer import check_rows
+    from pipeline.batch.submit import check_rows
 
     with _friendly_errors():
         settings = _settings()
@@ -409,8 +409,13 @@ def estimate(
     as_json: JsonOpt = False,
 ) -> None:
     """What a manifest will cost (per row and in total, low-high) and how long it will take."""
-    from pipeline.estimate import estimate_batch, estimate_cost, estimate_duration, typical_latency
-    from pipeline.producer import check_rows
+    from pipeline.batch.submit import check_rows
+    from pipeline.cost.estimate import (
+        estimate_batch,
+        estimate_cost,
+        estimate_duration,
+        typical_latency,
+    )
 
     with _friendly_errors():
         settings = _settings()
@@ -521,7 +526,7 @@ def _submit(
     reuse: bool = True,
     quiet: bool = False,
 ) -> SubmitResult:
-    from pipeline.producer import create_batch
+    from pipeline.batch.submit import create_batch
 
     result = create_batch(
         db,
@@ -658,8 +663,8 @@ def run(
 
     Ctrl-C stops after the calls in flight; run the same command again to continue.
     """
-    from pipeline.producer import find_resumable
-    from pipeline.remote import localize_manifest
+    from pipeline.batch.submit import find_resumable
+    from pipeline.intake.remote import localize_manifest
 
     with _friendly_errors(), _maybe_sandbox(sandbox) as overrides:
         settings = Settings(**overrides) if overrides else _settings()
@@ -838,8 +843,8 @@ def status(
 @app.command()
 def collect(batch: Annotated[int, typer.Argument(help="Batch id.")]) -> None:
     """Retry writing spooled outputs to the output location (after a storage failure)."""
-    from pipeline.collector import StorageCache, collect_batch
-    from pipeline.report import write_report
+    from pipeline.output.collector import StorageCache, collect_batch
+    from pipeline.output.report import write_report
 
     with _friendly_errors():
         db = _db(_settings())
@@ -856,7 +861,7 @@ def collect(batch: Annotated[int, typer.Argument(help="Batch id.")]) -> None:
 
 
 def _send(db: Database, batch_id: int, settings: Settings) -> int:
-    from pipeline.producer import enqueue_batch
+    from pipeline.batch.submit import enqueue_batch
     from worker.tasks import enqueue
 
     try:
@@ -879,11 +884,11 @@ def _run_local(
     settings: Settings, db: Database, batch_id: int, concurrency: int, reclaim: bool = False
 ) -> BatchStatus:
     """Run the batch's jobs in this process, collect, finish if done; the status afterwards."""
-    from pipeline.collector import collect_batch
-    from pipeline.executor import finish_if_done
-    from pipeline.localrun import LocalPool, reclaim_orphans
-    from pipeline.ratelimit import LocalLimiter
-    from pipeline.runtime import build_deps
+    from pipeline.output.collector import collect_batch
+    from pipeline.run.deps import build_deps
+    from pipeline.run.executor import finish_if_done
+    from pipeline.run.localpool import LocalPool, reclaim_orphans
+    from pipeline.run.ratelimit import LocalLimiter
 
     deps = build_deps(
         settings, LocalLimiter(settings.images_per_minute, settings.max_in_flight), db
@@ -900,7 +905,7 @@ def _run_local(
 @app.command()
 def resume(batch: BatchArg, budget: BudgetOpt = None, local: LocalOpt = False) -> None:
     """Continue a held or paused batch, and re-send every unfinished job from the database."""
-    from pipeline import controls
+    from pipeline.batch import controls
 
     with _friendly_errors():
         settings = _settings()
@@ -917,7 +922,7 @@ def resume(batch: BatchArg, budget: BudgetOpt = None, local: LocalOpt = False) -
 @app.command()
 def pause(batch: BatchArg) -> None:
     """Stop starting new calls (calls in flight finish); `editbatch resume` continues."""
-    from pipeline import controls
+    from pipeline.batch import controls
 
     with _friendly_errors():
         db = _db(_settings())
@@ -929,7 +934,7 @@ def pause(batch: BatchArg) -> None:
 @app.command()
 def cancel(batch: BatchArg) -> None:
     """Cancel every job not yet started (calls in flight finish and are recorded)."""
-    from pipeline import controls
+    from pipeline.batch import controls
 
     with _friendly_errors():
         db = _db(_settings())
@@ -950,7 +955,7 @@ def retry(
     if not failed:
         err.print("say what to retry: editbatch retry BATCH --failed")
         raise typer.Exit(2)
-    from pipeline import controls
+    from pipeline.batch import controls
 
     with _friendly_errors():
         settings = _settings()
@@ -978,7 +983,7 @@ def nightly(
     as_json: JsonOpt = False,
 ) -> None:
     """Submit tonight's dated manifest once, as the beat entry does at EDITBATCH_NIGHTLY_CRON."""
-    from pipeline import nightly as nights
+    from pipeline.batch import nightly as nights
 
     with _friendly_errors():
         settings = _settings()
@@ -987,8 +992,8 @@ def nightly(
         if dry_run:
             info = nights.preview(settings, now, db)
         else:
-            from pipeline.ratelimit import LocalLimiter
-            from pipeline.runtime import build_deps
+            from pipeline.run.deps import build_deps
+            from pipeline.run.ratelimit import LocalLimiter
             from worker.tasks import enqueue
 
             finished = build_deps(settings, LocalLimiter(None, None), db).on_batch_finished

@@ -12,9 +12,9 @@ from typing import Any
 from celery import Celery, signals
 from celery.schedules import crontab
 
-from pipeline.logs import setup_logging
-from pipeline.metrics import start_metrics_server, state_counts
-from pipeline.nightly import cron_fields
+from pipeline.batch.nightly import cron_fields
+from pipeline.observe.logs import setup_logging
+from pipeline.observe.metrics import start_metrics_server, state_counts
 from pipeline.settings import get_settings
 from worker.constants import QUEUE
 
@@ -41,7 +41,7 @@ app.conf.update(
     },
 )
 if settings.nightly_manifest:
-    # Tonight's dated manifest, submitted once (pipeline.nightly); the cron is read as UTC.
+    # Tonight's dated manifest, submitted once (pipeline.batch.nightly); the cron is read as UTC.
     app.conf.beat_schedule["editbatch-nightly"] = {
         "task": "editbatch.nightly",
         "schedule": crontab(**cron_fields(settings.nightly_cron)),

@@ -1,6 +1,6 @@
 """The limiter shared by every worker process on every machine, in Redis.
 
-`RedisLimiter` implements `pipeline.ratelimit.Limiter`: images per minute (GCRA), a cap on calls
+`RedisLimiter` implements `pipeline.run.ratelimit.Limiter`: images per minute (GCRA), a cap on calls
 in flight and a shared pause after a 429, per (API key, model). Each permit attempt is ONE Lua
 script call that reads Redis server time, so workers with skewed clocks agree. See
 docs/ratelimit.md for the design.
@@ -22,7 +22,7 @@ from typing import Any
 from redis import Redis, RedisError
 
 from pipeline.errors import ConfigError
-from pipeline.ratelimit import Limiter, LocalLimiter, PermitTimeout, parse_reset
+from pipeline.run.ratelimit import Limiter, LocalLimiter, PermitTimeout, parse_reset
 from pipeline.settings import Settings
 from worker.constants import RATE_PAUSE_PREFIX, RATE_SLOTS_PREFIX, RATE_TAT_PREFIX
 

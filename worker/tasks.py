@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers that pass a job id to `pipeline.executor.process_job`."""
+"""Celery tasks: thin wrappers that pass a job id to `pipeline.run.executor.process_job`."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from kombu.exceptions import ChannelError
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from pipeline import runtime
+from pipeline.batch.nightly import run_nightly
+from pipeline.batch.submit import Enqueue
 from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
-from pipeline.executor import Deps, finish_if_done, process_job
-from pipeline.nightly import run_nightly
-from pipeline.producer import Enqueue
+from pipeline.run import deps as runtime
+from pipeline.run.executor import Deps, finish_if_done, process_job
 from pipeline.settings import get_settings
 from worker.app import app
 from worker.constants import QUEUE

@@ -4,7 +4,7 @@ Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-22
 
-Three tables hold, per batch, what `pipeline.status.batch_status` used to aggregate over jobs,
+Three tables hold, per batch, what `pipeline.batch.status.batch_status` used to aggregate over jobs,
 attempts and outputs at every call (2.5 s on a 1,000,000-job batch):
 
     batch_job_counts      (batch_id, model, quality, state): jobs, cost, estimates, kept

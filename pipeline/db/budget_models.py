@@ -1,4 +1,4 @@
-"""The daily spend ledger: one row per UTC day, shared by every batch (see pipeline.budget)."""
+"""The daily spend ledger: one row per UTC day, shared by every batch (see pipeline.cost.budget)."""
 
 from __future__ import annotations
 

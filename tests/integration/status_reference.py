@@ -7,9 +7,9 @@ from decimal import Decimal
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, aliased
 
+from pipeline.batch.status import STATES, BatchStatus
 from pipeline.db.models import Attempt, Batch, Job, Output
 from pipeline.errors import NotFoundError
-from pipeline.status import STATES, BatchStatus
 
 
 def reference_status(session: Session, batch_id: int, failures_limit: int = 20) -> BatchStatus:

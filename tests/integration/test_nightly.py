@@ -24,13 +24,13 @@ from celery.schedules import crontab
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
+from pipeline.batch.nightly import cron_fields, plan, preview, render, run_nightly
 from pipeline.db.models import Batch, Job
 from pipeline.db.session import Database
 from pipeline.errors import ConfigError
-from pipeline.nightly import cron_fields, plan, preview, render, run_nightly
+from pipeline.observe.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from pipeline.sandbox import SandboxConfig, SandboxServer
 from pipeline.settings import Settings
-from pipeline.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from tests.conftest import FAKE_KEY
 from tests.factories import product_rows
 from tests.integration.test_s3 import MotoS3, fs, moto_s3, upload_manifest
@@ -250,7 +250,7 @@ def test_a_racing_second_submission_cancels_itself(
     assert first is not None and len(sent) == 1 and len(sent[0]) == 2
     # Another submitter that checked before `first` was stored: it stores its batch too, sees
     # the earlier one, and cancels its own before sending anything.
-    from pipeline import nightly
+    from pipeline.batch import nightly
 
     real = nightly.existing_batch
     calls = {"n": 0}

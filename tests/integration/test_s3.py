@@ -23,18 +23,18 @@ import pytest
 from fsspec.asyn import sync_wrapper
 from sqlalchemy import select
 
-from pipeline.catalog import load_catalog
+from pipeline.batch.submit import create_batch, queued_job_ids
 from pipeline.db.models import Batch, Job, Output
 from pipeline.db.session import Database
-from pipeline.executor import process_job
-from pipeline.manifest import Defaults
-from pipeline.preflight import PreflightOptions
-from pipeline.producer import create_batch, queued_job_ids
-from pipeline.ratelimit import LocalLimiter
-from pipeline.remote import localize_manifest
-from pipeline.runtime import build_deps
+from pipeline.intake.catalog import load_catalog
+from pipeline.intake.manifest import Defaults
+from pipeline.intake.preflight import PreflightOptions
+from pipeline.intake.remote import localize_manifest
+from pipeline.output.storage import Storage
+from pipeline.run.deps import build_deps
+from pipeline.run.executor import process_job
+from pipeline.run.ratelimit import LocalLimiter
 from pipeline.settings import Settings
-from pipeline.storage import Storage
 from tests.factories import product_rows
 from tests.servers import REPO, free_port
 

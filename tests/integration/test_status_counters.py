@@ -19,17 +19,17 @@ import pytest
 from alembic import command
 from sqlalchemy import create_engine, inspect, select, text, update
 
-from pipeline import controls
+from pipeline.batch import controls
+from pipeline.batch.status import BatchStatus, batch_status, list_batches
+from pipeline.batch.submit import queued_job_ids
 from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
 from pipeline.db.session import Database, alembic_config
-from pipeline.executor import Deps, process_job
-from pipeline.producer import queued_job_ids
-from pipeline.ratelimit import LocalLimiter
-from pipeline.runtime import build_deps
+from pipeline.run.deps import build_deps
+from pipeline.run.executor import Deps, process_job
+from pipeline.run.ratelimit import LocalLimiter
 from pipeline.sandbox import SandboxServer
 from pipeline.settings import Settings
-from pipeline.status import BatchStatus, batch_status, list_batches
 from tests.conftest import FAKE_KEY
 from tests.factories import product_rows, write_manifest
 from tests.integration.status_reference import reference_status

@@ -181,7 +181,7 @@ def test_outputs_are_written_with_the_mode_any_new_file_gets(tmp_path: Path) -> 
     or the web server, the sync job or the colleague reading the folder cannot open it."""
     import os
 
-    from pipeline.storage import Storage
+    from pipeline.output.storage import Storage
 
     umask = os.umask(0o022)
     try:

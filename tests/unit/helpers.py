@@ -3,11 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog import load_catalog
+from pipeline.batch.submit import SubmitResult, create_batch
 from pipeline.db.session import Database
-from pipeline.manifest import Defaults
-from pipeline.preflight import Preflight, PreflightOptions
-from pipeline.producer import SubmitResult, create_batch
+from pipeline.intake.catalog import load_catalog
+from pipeline.intake.manifest import Defaults
+from pipeline.intake.preflight import Preflight, PreflightOptions
 
 
 def make_preflight(manifest: Path) -> Preflight:

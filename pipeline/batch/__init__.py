@@ -1,0 +1,1 @@
+"""Batches: the one submit, the controls a person uses, status, nightly runs."""

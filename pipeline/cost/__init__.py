@@ -1,0 +1,1 @@
+"""Cost: prices as data, estimates before spend, budgets held atomically."""

@@ -1,0 +1,294 @@
+"""What a call will cost and how long a batch will take, before anything is sent (pure).
+
+Token figures come from the published tables (shared/API-FACTS.md, checked 2026-11-21); prices
+from `pipeline.cost.pricing`. Every amount is a `Decimal` rounded once, to the micro-dollar, by
+`ModelPrice.cost`. Assumptions where nothing is published (each one is listed in docs/cost.md):
+
+- `quality=auto` is expected to resolve to `medium`, and can land anywhere in low..high.
+- `size=auto` is expected to resolve to the standard size nearest the first image's aspect ratio,
+  and can land on any of the three standard sizes.
+- `xhigh` / `max` (2.5 models) are priced as 2x / 4x the `high` figure.
+- A mask or a markup guide adds no input tokens.
+- An input image whose size is unknown ((0, 0), or missing) is counted as 1024x1024.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from pipeline.cost.pricing import PriceTable, Usage
+from pipeline.intake.catalog import parse_size
+from pipeline.spec import EditSpec
+
+__all__ = [
+    "FIXED_SIZES",
+    "OUTPUT_IMAGE_TOKENS",
+    "BatchEstimate",
+    "Estimate",
+    "estimate_batch",
+    "estimate_cost",
+    "estimate_duration",
+    "estimate_usage",
+    "fallback_usage",
+    "input_image_tokens",
+    "output_image_tokens",
+    "resolve_size",
+    "text_tokens",
+]
+
+# Output image tokens per image (gpt-image-1 table; gpt-image-1.5 by inference), API-FACTS.
+OUTPUT_IMAGE_TOKENS: dict[str, dict[str, int]] = {
+    "1024x1024": {"low": 272, "medium": 1056, "high": 4160},
+    "1024x1536": {"low": 408, "medium": 1584, "high": 6240},
+    "1536x1024": {"low": 400, "medium": 1568, "high": 6208},
+}
+FIXED_SIZES: tuple[str, ...] = tuple(OUTPUT_IMAGE_TOKENS)
+BASE_QUALITIES = ("low", "medium", "high")
+# Not published: an assumption, kept on the expensive side so that budgets stay safe.
+EXTRA_QUALITY_FACTOR: dict[str, int] = {"xhigh": 2, "max": 4}
+EXPECTED_AUTO_QUALITY = "medium"
+SQUARE_AREA = 1024 * 1024
+
+# Input image tokens (gpt-image-1, low fidelity): short side scaled to 512 px, 65 + 129 per tile.
+INPUT_TILE_PX = 512
+INPUT_BASE_TOKENS = 65
+INPUT_TILE_TOKENS = 129
+HIGH_FIDELITY_SQUARE = 4096
+HIGH_FIDELITY_OTHER = 6144
+UNKNOWN_PIXELS = (1024, 1024)
+CHARS_PER_TEXT_TOKEN = 4
+
+
+def _round_half_up_div(numerator: int, denominator: int) -> int:
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def _known(pixels: tuple[int, int]) -> tuple[int, int]:
+    width, height = pixels
+    return (width, height) if width > 0 and height > 0 else UNKNOWN_PIXELS
+
+
+def text_tokens(prompt: str) -> int:
+    """Prompt tokens, at about four characters a token: ceil(len / 4)."""
+    return -(-len(prompt) // CHARS_PER_TEXT_TOKEN)
+
+
+def input_image_tokens(width: int, height: int) -> int:
+    """Tokens of one input image: short side scaled to 512 px, 65 + 129 per 512-px tile.
+
+    The scaled long side is a whole number of pixels (rounded half up), as a resized image is.
+    """
+    width, height = _known((width, height))
+    short, long = sorted((width, height))
+    scaled_long = _round_half_up_div(long * INPUT_TILE_PX, short)
+    tiles = -(-scaled_long // INPUT_TILE_PX)  # the short side is exactly one tile
+    return INPUT_BASE_TOKENS + INPUT_TILE_TOKENS * tiles
+
+
+def fidelity_tokens(first: tuple[int, int], input_fidelity: str | None) -> int:
+    """Extra input tokens of `input_fidelity=high`, charged once, by the first image's shape."""
+    if input_fidelity != "high":
+        return 0
+    width, height = _known(first)
+    return HIGH_FIDELITY_SQUARE if width == height else HIGH_FIDELITY_OTHER
+
+
+def output_image_tokens(size: str, quality: str) -> int:
+    """Tokens of one output image at a concrete `size` ("WxH") and `quality` (never `auto`).
+
+    Standard sizes read the table; other WxH sizes (gpt-image-2 and later) scale the 1024x1024
+    figure by pixel area, rounded half up.
+    """
+    if quality == "auto":
+        raise ValueError("resolve quality=auto before counting tokens")
+    factor = EXTRA_QUALITY_FACTOR.get(quality, 1)
+    base = "high" if quality in EXTRA_QUALITY_FACTOR else quality
+    if base not in BASE_QUALITIES:
+        raise ValueError(f"no token figure for quality {quality!r}")
+    table = OUTPUT_IMAGE_TOKENS.get(size)
+    if table is not None:
+        return table[base] * factor
+    parsed = parse_size(size)
+    if parsed is None:
+        raise ValueError(f"size {size!r} is not WIDTHxHEIGHT")
+    width, height = parsed
+    square = OUTPUT_IMAGE_TOKENS["1024x1024"][base] * factor
+    return _round_half_up_div(square * width * height, SQUARE_AREA)
+
+
+def resolve_size(size: str, pixels: Sequence[tuple[int, int]]) -> str:
+    """`size`, with `auto` replaced by the standard size nearest the first image's aspect."""
+    if size != "auto":
+        return size
+    width, height = _known(pixels[0] if pixels else UNKNOWN_PIXELS)
+    aspect = math.log(width / height)
+
+    def distance(candidate: str) -> float:
+        w, h = (int(p) for p in candidate.split("x"))
+        return abs(math.log(w / h) - aspect)
+
+    return min(FIXED_SIZES, key=distance)
+
+
+def _input_usage(spec: EditSpec, pixels: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(text tokens, image tokens) of the request side; the mask and markup add nothing."""
+    count = max(len(spec.images), 1)
+    sizes = [_known(p) for p in pixels[:count]]
+    sizes += [UNKNOWN_PIXELS] * (count - len(sizes))
+    image = sum(input_image_tokens(w, h) for w, h in sizes)
+    image += fidelity_tokens(sizes[0], spec.input_fidelity)
+    return text_tokens(spec.prompt), image
+
+
+def _usage(
+    spec: EditSpec, pixels: Sequence[tuple[int, int]], quality: str, size: str, n: int
+) -> Usage:
+    text_in, image_in = _input_usage(spec, pixels)
+    return Usage(
+        text_input=text_in,
+        image_input=image_in,
+        image_output=output_image_tokens(size, quality) * n,
+    )
+
+
+def estimate_usage(
+    spec: EditSpec,
+    pixels: Sequence[tuple[int, int]],
+    quality: str | None = None,
+    size: str | None = None,
+) -> Usage:
+    """Expected tokens of one call for `spec`; `pixels` is each input image's (width, height).
+
+    `quality` / `size` override the spec's (e.g. to bound a range); `auto` resolves to the
+    expected value: medium quality, the standard size nearest the first image's aspect.
+    """
+    chosen_quality = quality or spec.quality
+    if chosen_quality == "auto":
+        chosen_quality = EXPECTED_AUTO_QUALITY
+    chosen_size = resolve_size(size or spec.size, pixels)
+    return _usage(spec, pixels, chosen_quality, chosen_size, spec.n)
+
+
+def fallback_usage(
+    spec: EditSpec,
+    images_returned: int,
+    pixels: Sequence[tuple[int, int]] = (),
+    quality: str | None = None,
+    size: str | None = None,
+) -> Usage:
+    """Estimated tokens of a call whose response carried no `usage` (record it as estimated).
+
+    Counts the images that came back rather than `n`. Pass the response's resolved `quality`
+    and `size` when it has them, and the input images' pixels when known (else 1024x1024).
+    """
+    chosen_quality = quality or spec.quality
+    if chosen_quality == "auto":
+        chosen_quality = EXPECTED_AUTO_QUALITY
+    chosen_size = resolve_size(size or spec.size, pixels)
+    return _usage(spec, pixels, chosen_quality, chosen_size, max(images_returned, 0))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The cost of one call: expected value and range, in USD (micro-dollar Decimals).
+
+    `priced` is False when the model has no price; the amounts are None then (never a silent 0).
+    """
+
+    model: str
+    usage: Usage  # the expected usage
+    expected: Decimal | None
+    low: Decimal | None
+    high: Decimal | None
+    priced: bool
+
+
+def _quality_range(quality: str) -> tuple[str, str]:
+    return ("low", "high") if quality == "auto" else (quality, quality)
+
+
+def _size_candidates(size: str) -> tuple[str, ...]:
+    # What `auto` might resolve to: any standard size (the API does not publish its rule).
+    return FIXED_SIZES if size == "auto" else (size,)
+
+
+def estimate_cost(
+    spec: EditSpec, pixels: Sequence[tuple[int, int]], prices: PriceTable
+) -> Estimate:
+    """Expected cost of one call for `spec`, with the range `auto` quality / size leave open.
+
+    low: the lowest quality and cheapest size the spec allows; high: the highest quality and
+    dearest size it allows. A row that fixes quality and size has low == expected == high.
+    """
+    usage = estimate_usage(spec, pixels)
+    price = prices.get(spec.model)
+    if price is None:
+        return Estimate(spec.model, usage, None, None, None, priced=False)
+    low_quality, high_quality = _quality_range(spec.quality)
+    sizes = _size_candidates(spec.size)
+    low = min(price.cost(_usage(spec, pixels, low_quality, s, spec.n)) for s in sizes)
+    high = max(price.cost(_usage(spec, pixels, high_quality, s, spec.n)) for s in sizes)
+    return Estimate(spec.model, usage, price.cost(usage), low, high, priced=True)
+
+
+@dataclass(frozen=True)
+class BatchEstimate:
+    """Totals over many calls; `unpriced` counts the calls left out because their model has no
+    price (a non-zero count means the totals are incomplete, not that those calls are free)."""
+
+    calls: int
+    images: int
+    expected: Decimal
+    low: Decimal
+    high: Decimal
+    unpriced: int
+    unpriced_models: tuple[str, ...]
+
+
+def estimate_batch(estimates: Iterable[tuple[Estimate, int]]) -> BatchEstimate:
+    """Sum (estimate, images it asks for) pairs, one per call, into batch totals."""
+    calls = images = unpriced = 0
+    expected = low = high = Decimal(0)
+    models: set[str] = set()
+    for est, n in estimates:
+        calls += 1
+        images += n
+        if not est.priced or est.expected is None or est.low is None or est.high is None:
+            unpriced += 1
+            models.add(est.model)
+            continue
+        expected += est.expected
+        low += est.low
+        high += est.high
+    return BatchEstimate(calls, images, expected, low, high, unpriced, tuple(sorted(models)))
+
+
+def estimate_duration(
+    n_calls: int,
+    images: int,
+    images_per_minute: float | None,
+    max_in_flight: int | None,
+    latency_s: float,
+) -> float:
+    """Seconds a batch needs at best: max(images / rate, calls x latency / in-flight).
+
+    Never less than one call's latency when there is a call. None means no limit of that kind.
+    """
+    if n_calls <= 0:
+        return 0.0
+    by_rate = images * 60.0 / images_per_minute if images_per_minute else 0.0
+    by_concurrency = n_calls * latency_s / max_in_flight if max_in_flight else latency_s
+    return max(by_rate, by_concurrency, latency_s)
+
+
+# Median edit latency in seconds (API-FACTS, checked 2026-11-21); others are a guess of 40 s.
+TYPICAL_LATENCY_S = {"gpt-image-1.5": 39.0, "gpt-image-1-mini": 18.0}
+DEFAULT_LATENCY_S = 40.0
+
+
+def typical_latency(models: Iterable[str]) -> float:
+    """The slowest median latency among `models` (a conservative duration estimate)."""
+    return max((TYPICAL_LATENCY_S.get(m, DEFAULT_LATENCY_S) for m in models), default=0.0)

@@ -1,0 +1,1 @@
+"""Intake: from a manifest to validated EditSpecs (no database here)."""

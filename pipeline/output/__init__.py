@@ -1,0 +1,1 @@
+"""Output: spool, post-processing, atomic writes to storage, reports."""

@@ -1,0 +1,125 @@
+"""The batch report: one row per job (the user's id, state, outputs, cost, error), CSV and JSON.
+
+CSV cells that a spreadsheet would run as a formula (starting with = + - @, tab or CR) are
+prefixed with a quote, so a hostile prompt or file name cannot execute in Excel.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+
+from pipeline.batch.status import batch_status
+from pipeline.db.models import Batch, Job, Output
+from pipeline.db.session import Database
+from pipeline.output.collector import StorageCache
+
+COLUMNS = (
+    "row",
+    "id",
+    "state",
+    "model",
+    "quality",
+    "attempts",
+    "cost_usd",
+    "outputs",
+    "sha256",
+    "mask_drift",
+    "error_code",
+    "error_message",
+)
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    if text.startswith(FORMULA_START):
+        return "'" + text
+    return text
+
+
+def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
+    """Yield the report rows in manifest order, a chunk of jobs at a time."""
+    last_id = 0
+    while True:
+        with db.session() as session:
+            chunk = list(
+                session.execute(
+                    select(
+                        Job.id,
+                        Job.row_number,
+                        Job.external_key,
+                        Job.state,
+                        Job.model,
+                        Job.quality,
+                        Job.attempts,
+                        Job.cost_usd,
+                        Job.last_error_code,
+                        Job.last_error_message,
+                    )
+                    .where(Job.batch_id == batch_id, Job.id > last_id)
+                    .order_by(Job.id)
+                    .limit(1000)
+                )
+            )
+            if not chunk:
+                return
+            ids = [r.id for r in chunk]
+            outputs: dict[int, list[tuple[str, str, float | None]]] = {}
+            for job_id, uri, sha, drift in session.execute(
+                select(Output.job_id, Output.uri, Output.sha256, Output.drift)
+                .where(Output.job_id.in_(ids))
+                .order_by(Output.job_id, Output.index)
+            ):
+                outputs.setdefault(job_id, []).append((uri or "", sha or "", drift))
+        for r in chunk:
+            outs = outputs.get(r.id, [])
+            yield {
+                "row": r.row_number,
+                "id": r.external_key,
+                "state": r.state,
+                "model": r.model,
+                "quality": r.quality,
+                "attempts": r.attempts,
+                "cost_usd": str(Decimal(str(r.cost_usd)).quantize(Decimal("0.000001"))),
+                "outputs": [u for u, _, _ in outs],
+                "sha256": [s for _, s, _ in outs],
+                "mask_drift": [f"{d:.4f}" for _, _, d in outs if d is not None],
+                "error_code": r.last_error_code,
+                "error_message": r.last_error_message,
+            }
+        last_id = ids[-1]
+
+
+def write_report(db: Database, batch_id: int, storages: StorageCache) -> tuple[str, str]:
+    """Write report-<batch>.csv and .json at the output root; returns their URIs."""
+    with db.session() as session:
+        status = batch_status(session, batch_id)
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        output_uri = batch.output_uri
+    rows = list(report_rows(db, batch_id))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow(
+            [safe_cell("|".join(row[c]) if isinstance(row[c], list) else row[c]) for c in COLUMNS]
+        )
+    summary = status.to_json()
+    storage = storages.get(output_uri)
+    csv_uri = storage.write(f"report-{batch_id}.csv", text.getvalue().encode("utf-8"))
+    body = json.dumps({"summary": summary, "jobs": rows}, indent=2, default=str)
+    json_uri = storage.write(f"report-{batch_id}.json", body.encode("utf-8"))
+    with db.session() as session:
+        b = session.get(Batch, batch_id)
+        assert b is not None
+        b.report_uri = csv_uri
+        session.commit()
+    return csv_uri, json_uri

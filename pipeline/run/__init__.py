@@ -1,0 +1,1 @@
+"""Running a job: executor, retry policy, gateway (the only openai importer), limits."""

@@ -1,0 +1,55 @@
+"""Build the per-process dependencies (database, gateway, prices, limiter) from settings."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.cost.pricing import load_prices
+from pipeline.db.session import Database
+from pipeline.errors import StorageError
+from pipeline.observe import webhook
+from pipeline.output.collector import StorageCache
+from pipeline.output.report import write_report
+from pipeline.run.executor import Deps
+from pipeline.run.gateway import Gateway
+from pipeline.run.ratelimit import Limiter
+from pipeline.settings import Settings
+
+log = logging.getLogger("editbatch.report")
+
+
+def build_deps(settings: Settings, limiter: Limiter, db: Database | None = None) -> Deps:
+    database = db or Database(settings.effective_database_url)
+    storages = StorageCache()
+
+    def on_finished(batch_id: int) -> None:
+        try:
+            report = write_report(database, batch_id, storages)
+        except Exception as exc:
+            # The webhook still goes out (saying the report is missing). A storage error is
+            # not the job's failure (it succeeded): it is logged with what to do, and
+            # `editbatch collect BATCH` writes the report later. Anything else is raised.
+            webhook.notify_batch_finished(settings, database, batch_id, None, str(exc))
+            if not isinstance(exc, StorageError):
+                raise
+            log.warning(
+                "batch %s: report not written (%s); fix the output location, then run: "
+                "editbatch collect %s",
+                batch_id,
+                exc,
+                batch_id,
+            )
+            return
+        webhook.notify_batch_finished(settings, database, batch_id, report)
+
+    return Deps(
+        db=database,
+        gateway=Gateway(
+            settings.api_key(), settings.openai_base_url, settings.request_timeout_seconds
+        ),
+        settings=settings,
+        prices=load_prices(settings.prices_file),
+        limiter=limiter,
+        on_batch_finished=on_finished,
+        storages=storages,
+    )

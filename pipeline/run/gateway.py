@@ -1,0 +1,269 @@
+"""The only module that talks to the OpenAI SDK: one call, one classified outcome.
+
+The SDK's own retries are off (`max_retries=0`) so every attempt is seen, recorded and priced;
+the executor owns the retry policy. Nothing here raises for an API failure: the result is a
+`CallOutcome` whose `kind` says what the caller must do (see ARCHITECTURE.md, error classes).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+from PIL import Image
+
+from pipeline.cost.pricing import Usage
+from pipeline.spec import EditSpec
+
+# 429 bodies that mean "no money / no quota": retrying cannot help and costs nothing but time.
+QUOTA_CODES = frozenset(
+    {
+        "insufficient_quota",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
+        "billing_hard_limit_reached",
+    }
+)
+TRANSIENT_STATUSES = frozenset({408, 409, 429})
+HOLD_STATUSES = frozenset({401, 403})
+MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "jpg": "image/jpeg"}
+MAX_RETRY_AFTER_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """What one call to the edit endpoint did, as plain values.
+
+    kind: "ok" (images present), "transient" (retry later), "hold" (stop the batch: quota, auth),
+    "failed" (this job cannot succeed as asked).
+    """
+
+    kind: str
+    latency_ms: float
+    http_status: int | None = None
+    request_id: str | None = None
+    error_type: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retry_after: float | None = None
+    usage: Usage | None = None
+    images: tuple[bytes, ...] = ()
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def classify(status: int | None, error_type: str | None, code: str | None) -> str:
+    """Map an HTTP status and OpenAI error type/code to transient | hold | failed (pure)."""
+    if status is None:
+        return "transient"  # timeout, connection reset, unreadable body
+    if status == 429:
+        if error_type in QUOTA_CODES or code in QUOTA_CODES:
+            return "hold"
+        return "transient"
+    if status in HOLD_STATUSES:
+        return "hold"
+    if status in TRANSIENT_STATUSES or status >= 500:
+        return "transient"
+    return "failed"
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from `retry-after-ms` (preferred) or `retry-after`, if present and sane."""
+    if headers is None:
+        return None
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) / divisor
+        except ValueError:
+            continue
+        if 0 <= value <= MAX_RETRY_AFTER_SECONDS:
+            return value
+    return None
+
+
+def usage_from_response(usage: Any) -> Usage | None:
+    """Our Usage from the SDK's `ImagesResponse.usage` (None when the API sent none)."""
+    if usage is None:
+        return None
+    in_details = getattr(usage, "input_tokens_details", None)
+    out_details = getattr(usage, "output_tokens_details", None)
+    input_tokens = int(getattr(usage, "input_tokens", 0) or 0)
+    output_tokens = int(getattr(usage, "output_tokens", 0) or 0)
+    if in_details is not None:
+        image_in = int(getattr(in_details, "image_tokens", 0) or 0)
+        text_in = int(getattr(in_details, "text_tokens", 0) or 0)
+    else:  # no split given: count it all as text (the cheaper rate would under-report)
+        image_in, text_in = 0, input_tokens
+    if out_details is not None:
+        image_out = int(getattr(out_details, "image_tokens", 0) or 0)
+        text_out = int(getattr(out_details, "text_tokens", 0) or 0)
+    else:  # an image endpoint's output tokens are image tokens
+        image_out, text_out = output_tokens, 0
+    cached = getattr(in_details, "cached_tokens", None) if in_details is not None else None
+    return Usage(
+        text_input=text_in,
+        image_input=image_in,
+        image_output=image_out,
+        text_output=text_out,
+        cached_image_input=int(cached or 0),
+    )
+
+
+def decode_images(data: list[Any]) -> tuple[bytes, ...] | str:
+    """The decoded image bytes, or a reason why the response's images are unusable."""
+    images: list[bytes] = []
+    for i, item in enumerate(data or [], start=1):
+        b64 = getattr(item, "b64_json", None)
+        if not b64:
+            return f"image {i}: no b64_json in the response"
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            return f"image {i}: invalid base64"
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                img.verify()
+        except Exception as exc:  # Pillow raises many types for bad data
+            return f"image {i}: not a readable image ({type(exc).__name__})"
+        images.append(raw)
+    if not images:
+        return "the response contained no images"
+    return tuple(images)
+
+
+def _files(spec: EditSpec) -> dict[str, Any]:
+    def file_tuple(path: str) -> tuple[str, bytes, str]:
+        p = Path(path)
+        ext = p.suffix.lower().lstrip(".")
+        return (p.name, p.read_bytes(), MIME.get(ext, "application/octet-stream"))
+
+    files: dict[str, Any] = {
+        "image": [file_tuple(p) for p in spec.images]
+        if len(spec.images) > 1
+        else file_tuple(spec.images[0])
+    }
+    if spec.mask:
+        files["mask"] = file_tuple(spec.mask)
+    if spec.markup:
+        files["markup"] = file_tuple(spec.markup)
+    return files
+
+
+class Gateway:
+    """A configured OpenAI client, built once per process and shared by all threads."""
+
+    def __init__(self, api_key: str, base_url: str | None, timeout: float) -> None:
+        self._secret = api_key
+        self.client = openai.OpenAI(
+            api_key=api_key or "missing-key",
+            base_url=base_url,
+            max_retries=0,
+            timeout=timeout,
+        )
+
+    def _redact(self, text: str) -> str:
+        """Remove the API key from text that will be stored (the API may echo it back)."""
+        if self._secret and len(self._secret) >= 8:
+            text = text.replace(self._secret, "sk-****")
+        return text
+
+    def close(self) -> None:
+        self.client.close()
+
+    def edit(self, spec: EditSpec) -> CallOutcome:
+        """Make exactly one edit call for `spec` and classify what came back."""
+        files = _files(spec)
+        started = time.perf_counter()
+
+        def elapsed() -> float:
+            return (time.perf_counter() - started) * 1000.0
+
+        try:
+            raw = self.client.images.with_raw_response.edit(**files, **spec.api_params())
+            headers = {
+                k.lower(): v
+                for k, v in raw.headers.items()
+                if k.lower().startswith(
+                    ("x-ratelimit", "x-request-id", "retry-after", "openai-processing")
+                )
+            }
+            request_id = raw.headers.get("x-request-id")
+            response = raw.parse()
+        except openai.APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            error = body.get("error", body) if isinstance(body, dict) else {}
+            error_type = error.get("type") if isinstance(error, dict) else None
+            code = getattr(exc, "code", None) or (
+                error.get("code") if isinstance(error, dict) else None
+            )
+            message = error.get("message") if isinstance(error, dict) else None
+            return CallOutcome(
+                kind=classify(exc.status_code, error_type, code),
+                latency_ms=elapsed(),
+                http_status=exc.status_code,
+                request_id=exc.request_id,
+                error_type=error_type or type(exc).__name__,
+                error_code=str(code) if code else None,
+                error_message=self._redact(str(message or exc.message))[:2000],
+                retry_after=parse_retry_after(exc.response.headers),
+            )
+        except openai.APITimeoutError:
+            return CallOutcome(
+                kind="transient",
+                latency_ms=elapsed(),
+                error_type="timeout",
+                error_code="timeout",
+                error_message="the request timed out",
+            )
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__
+            detail = f": {type(cause).__name__}" if cause is not None else ""
+            return CallOutcome(
+                kind="transient",
+                latency_ms=elapsed(),
+                error_type="connection",
+                error_code="connection_error",
+                error_message=f"connection failed or was cut off{detail}",
+            )
+        except (ValueError, openai.APIResponseValidationError) as exc:
+            return CallOutcome(
+                kind="transient",
+                latency_ms=elapsed(),
+                http_status=200,
+                error_type="bad_response",
+                error_code="unreadable_response",
+                error_message=f"the response could not be parsed: {type(exc).__name__}",
+            )
+        usage = usage_from_response(response.usage)
+        decoded = decode_images(list(response.data or []))
+        if isinstance(decoded, str):
+            return CallOutcome(
+                kind="transient",
+                latency_ms=elapsed(),
+                http_status=raw.status_code,
+                request_id=request_id,
+                error_type="bad_output",
+                error_code="bad_image_data",
+                error_message=decoded,
+                usage=usage,
+                headers=headers,
+            )
+        return CallOutcome(
+            kind="ok",
+            latency_ms=elapsed(),
+            http_status=raw.status_code,
+            request_id=request_id,
+            usage=usage,
+            images=decoded,
+            headers=headers,
+        )

@@ -1,0 +1,88 @@
+"""`editbatch run`: the same executor as the Celery workers, on a thread pool in this process.
+
+The "broker" is an in-memory queue of job ids read from the database, so a crash or Ctrl-C
+loses nothing: a rerun reads the unfinished jobs again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import DBAPIError
+
+from pipeline.batch.submit import queued_job_ids
+from pipeline.db import jobs
+from pipeline.run.executor import Deps, JobResult, process_job
+
+log = logging.getLogger("editbatch.run")
+
+
+@dataclass
+class LocalPool:
+    """A pool of threads running `process_job` on the job ids put into it."""
+
+    deps: Deps
+    concurrency: int
+    on_result: Callable[[JobResult], None] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run_batch(self, batch_id: int) -> None:
+        """Run every queued job of the batch; returns when all are done or `stop` is set."""
+        work: queue.Queue[int] = queue.Queue()
+        for ids in queued_job_ids(self.deps.db, batch_id):
+            for job_id in ids:
+                work.put(job_id)
+        self._pending = work.qsize()
+        self._lock = threading.Lock()
+        threads = [
+            threading.Thread(target=self._loop, args=(work,), name=f"editbatch-{i}", daemon=True)
+            for i in range(min(self.concurrency, max(self._pending, 1)))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.2)
+
+    def _loop(self, work: queue.Queue[int]) -> None:
+        while not self.stop.is_set():
+            try:
+                job_id = work.get(timeout=0.2)
+            except queue.Empty:
+                with self._lock:
+                    if self._pending == 0:
+                        return
+                continue
+            try:
+                result = process_job(job_id, self.deps)
+            except DBAPIError as exc:  # "database is locked" and friends: try again shortly
+                log.warning("job %s: database error, retrying: %s", job_id, exc.orig)
+                result = JobResult(job_id, "deferred", "database error", retry_in=1.0)
+            except Exception:  # one bad job must not stop the pool; a rerun picks it up
+                log.exception("job %s crashed in the executor", job_id)
+                result = JobResult(job_id, "crashed")
+            if result.state == "deferred":
+                timer = threading.Timer(result.retry_in or 0.0, work.put, (job_id,))
+                timer.daemon = True
+                timer.start()
+                continue
+            with self._lock:
+                self._pending -= 1
+            if self.on_result is not None:
+                self.on_result(result)
+
+
+def reclaim_orphans(deps: Deps, batch_id: int) -> int:
+    """Jobs a previous `run` of this batch left running (it was killed) go back to queued.
+
+    Only for single-machine runs, where no other process can be working on this batch.
+    """
+    with deps.db.session() as session:
+        ids = jobs.requeue_expired(session, batch_id, ignore_lease=True)
+        jobs.release_held_jobs(session, batch_id)
+        session.commit()
+    return len(ids)

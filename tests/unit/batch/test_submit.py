@@ -1,0 +1,78 @@
+"""Rejected rows are stored with their reason and never enqueued; --strict refuses it all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from pipeline.batch.submit import StrictRefusal, enqueue_batch
+from pipeline.db.models import Batch, Job
+from pipeline.db.session import Database
+from tests.factories import make_image, make_mask, write_manifest
+from tests.unit.helpers import new_batch
+
+
+def bad_manifest(folder: Path) -> Path:
+    make_image(folder / "ok.png", size=(256, 256))
+    make_mask(folder / "mask.png", size=(256, 256))
+    make_mask(folder / "small.png", size=(64, 64))
+    (folder / "zero.png").write_bytes(b"")
+    rows = [
+        {"id": "good1", "image": "ok.png", "prompt": "fine"},
+        {"id": "zero", "image": "zero.png", "prompt": "x"},
+        {"id": "mask", "image": "ok.png", "mask": "small.png", "prompt": "x"},
+        {"id": "retired", "image": "ok.png", "prompt": "x", "model": "gpt-image-1"},
+        {"id": "size", "image": "ok.png", "prompt": "x", "size": "999x999"},
+        {"id": "good2", "image": "ok.png", "mask": "mask.png", "prompt": "fine too"},
+        {"id": "escape", "image": "../outside.png", "prompt": "x"},
+        {"id": "good1", "image": "ok.png", "prompt": "duplicate id"},
+    ]
+    return write_manifest(folder / "m.csv", rows)
+
+
+def test_rejected_rows_stored_with_reason_and_never_enqueued(tmp_path: Path, db: Database) -> None:
+    manifest = bad_manifest(tmp_path / "in")
+    make_image(tmp_path / "outside.png")
+    result = new_batch(db, manifest, str(tmp_path / "out"))
+    assert (result.accepted, result.rejected) == (2, 6)
+    assert {(e.row, e.field) for e in result.errors} >= {
+        (2, "image"),
+        (3, "mask"),
+        (4, "model"),
+        (5, "size"),
+        (7, "image"),
+        (8, "id"),
+    }
+    sent: list[int] = []
+    assert enqueue_batch(db, result.batch_id, sent.extend) == 2
+    with db.session() as s:
+        jobs = {j.row_number: j for j in s.scalars(select(Job)).all()}
+    assert sorted(sent) == sorted(jobs[r].id for r in (1, 6))
+    assert jobs[4].state == "rejected" and "2026-10-23" in str(jobs[4].last_error_message)
+    assert jobs[7].last_error_code == "invalid_image"
+    assert all(jobs[r].state == "rejected" for r in (2, 3, 4, 5, 7, 8))
+
+
+def test_strict_refuses_whole_manifest(tmp_path: Path, db: Database) -> None:
+    manifest = bad_manifest(tmp_path / "in")
+    with pytest.raises(StrictRefusal, match="--strict refuses"):
+        new_batch(db, manifest, str(tmp_path / "out"), strict=True)
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Batch)) == 0
+        assert s.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_output_name_collisions_are_row_errors(tmp_path: Path, db: Database) -> None:
+    folder = tmp_path / "in"
+    make_image(folder / "a.png")
+    rows = [
+        {"id": "A", "image": "a.png", "prompt": "p", "output": "same.png"},
+        {"id": "B", "image": "a.png", "prompt": "q", "output": "same.png"},
+        {"id": "C", "image": "a.png", "prompt": "q", "output": "../up.png"},
+    ]
+    manifest = write_manifest(folder / "m.csv", rows)
+    result = new_batch(db, manifest, str(tmp_path / "out"))
+    assert [(e.row, e.field) for e in result.errors] == [(2, "output"), (3, "output")]
+    assert "also produced by row 1" in result.errors[0].reason

@@ -1,0 +1,143 @@
+"""Pure parts of the gateway and the retry policy: classification, retry-after, usage."""
+
+from __future__ import annotations
+
+import base64
+import io
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from tenacity import RetryCallState, Retrying
+
+from pipeline.run.gateway import (
+    CallOutcome,
+    classify,
+    decode_images,
+    parse_retry_after,
+    usage_from_response,
+)
+from pipeline.run.ratelimit import LocalLimiter, PermitTimeout, gcra_wait, parse_reset
+from pipeline.run.retry import wait_api
+
+
+@pytest.mark.parametrize(
+    ("status", "etype", "code", "kind"),
+    [
+        (429, "requests", "rate_limit_exceeded", "transient"),
+        (429, "insufficient_quota", "insufficient_quota", "hold"),
+        (429, "invalid_request_error", "credit_balance_exhausted", "hold"),
+        (429, None, "project_spend_limit_exceeded", "hold"),
+        (401, "invalid_request_error", "invalid_api_key", "hold"),
+        (403, None, None, "hold"),
+        (400, "invalid_request_error", "unsupported_file_mimetype", "failed"),
+        (400, "image_generation_user_error", "moderation_blocked", "failed"),
+        (404, "invalid_request_error", "model_not_found", "failed"),
+        (408, None, None, "transient"),
+        (409, None, None, "transient"),
+        (500, "server_error", None, "transient"),
+        (503, None, None, "transient"),
+        (None, None, None, "transient"),
+    ],
+)
+def test_classify(status: int | None, etype: str | None, code: str | None, kind: str) -> None:
+    assert classify(status, etype, code) == kind
+
+
+def test_retry_after_prefers_ms_and_rejects_nonsense() -> None:
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+    assert parse_retry_after({"retry-after": "100000"}) is None
+    assert parse_retry_after({}) is None
+
+
+def test_usage_split() -> None:
+    u = SimpleNamespace(
+        input_tokens=400,
+        output_tokens=1056,
+        input_tokens_details=SimpleNamespace(image_tokens=388, text_tokens=12),
+        output_tokens_details=None,
+    )
+    usage = usage_from_response(u)
+    assert usage is not None
+    assert (usage.text_input, usage.image_input, usage.image_output) == (12, 388, 1056)
+    assert usage_from_response(None) is None
+
+
+def _png() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_decode_images() -> None:
+    ok = decode_images([SimpleNamespace(b64_json=_png())])
+    assert isinstance(ok, tuple) and len(ok) == 1
+    assert decode_images([SimpleNamespace(b64_json="!!notb64")]) == "image 1: invalid base64"
+    bad = base64.b64encode(b"not an image").decode()
+    assert "not a readable image" in str(decode_images([SimpleNamespace(b64_json=bad)]))
+    assert decode_images([]) == "the response contained no images"
+
+
+def test_wait_honours_retry_after_and_jitters() -> None:
+    wait = wait_api(base=0.1, cap=2.0)
+    outcomes = iter([CallOutcome(kind="transient", latency_ms=1, retry_after=5.0)])
+
+    def attempt() -> CallOutcome:
+        return next(outcomes)
+
+    state = RetryCallState(Retrying(), attempt, (), {})
+    state.set_result(attempt())
+    assert wait(state) == 5.0  # longer than the cap: the server asked for it
+    state2 = RetryCallState(Retrying(), attempt, (), {})
+    state2.set_result(CallOutcome(kind="transient", latency_ms=1))
+    waits = {wait(state2) for _ in range(50)}
+    assert all(0 <= w <= 2.0 for w in waits)
+    assert len(waits) > 1  # jittered
+
+
+def test_gcra_spacing() -> None:
+    interval = 60 / 120  # 120 images per minute
+    tat, now, granted = 0.0, 100.0, 0
+    for _ in range(10):
+        wait, new_tat = gcra_wait(tat, now, interval, burst=1, cost=1)
+        if wait == 0:
+            granted += 1
+            tat = new_tat
+        else:
+            now += wait
+            wait2, tat = gcra_wait(tat, now, interval, 1, 1)
+            assert wait2 == 0
+            granted += 1
+    assert granted == 10
+    assert now == pytest.approx(100.0 + 9 * interval)
+
+
+def test_local_limiter_paces_and_times_out() -> None:
+    clock = {"t": 0.0}
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        clock["t"] += s
+
+    lim = LocalLimiter(60, 2, clock=lambda: clock["t"], sleep=sleep)
+    for _ in range(3):
+        with lim.permit("m", 1):
+            pass
+    assert clock["t"] == pytest.approx(2.0)  # one image per second
+    lim.backoff("m", 10)
+    with pytest.raises(PermitTimeout), lim.permit("m", 1, max_wait=1.0):
+        pass
+    lim.observe("m", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "20s"})
+    start = clock["t"]
+    with lim.permit("m", 1):
+        pass
+    assert clock["t"] - start == pytest.approx(20.0)
+
+
+def test_parse_reset() -> None:
+    assert parse_reset("1m30s") == 90.0
+    assert parse_reset("120ms") == pytest.approx(0.12)
+    assert parse_reset("garbage") is None
