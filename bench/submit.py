@@ -132,6 +132,7 @@ def timed_generator(func: Callable[..., Iterator[Any]], spent: list[float]) -> C
 def phases(folder: Path, manifest: Path, db_url: str, profile: bool) -> dict[str, Any]:
     """The CLI's submit path in this process, phase by phase."""
     from pipeline.batch import submit as producer
+    from pipeline.cost.pricing import load_prices
     from pipeline.db.session import Database
     from pipeline.intake.catalog import load_catalog
     from pipeline.intake.manifest import Defaults
@@ -152,14 +153,11 @@ def phases(folder: Path, manifest: Path, db_url: str, profile: bool) -> dict[str
         if profiler:
             profiler.enable()
         with Timer() as create:
-            result = producer.create_batch(
+            result = producer.store(
                 db,
-                manifest,
-                name="bench",
-                output_uri=str(folder / "out"),
-                defaults=Defaults(),
-                preflight=pre,
-                settings_snapshot={"reuse": True},
+                producer.Prepared.local(manifest, Defaults(), pre),
+                producer.BatchOptions(output_uri=str(folder / "out"), name="bench"),
+                load_prices(),
             )
         broker = [0.0]
 
@@ -169,7 +167,7 @@ def phases(folder: Path, manifest: Path, db_url: str, profile: bool) -> dict[str
             broker[0] += time.perf_counter() - start
 
         with Timer() as enq:
-            sent = producer.enqueue_batch(db, result.batch_id, enqueue)
+            sent = producer.send(db, result.batch_id, enqueue)
         if profiler:
             profiler.disable()
     finally:
@@ -216,7 +214,7 @@ BOOT = (
 
 def enqueue_variants(db_url: str, batch_id: int, redis_url: str) -> dict[str, float]:
     """Send the batch's ids again with each enqueue strategy; seconds per strategy."""
-    from pipeline.batch.submit import queued_job_ids
+    from pipeline.db.jobs import queued_job_ids
     from pipeline.db.session import Database
     from worker.tasks import celery_enqueue
 

@@ -1,20 +1,31 @@
-"""Alembic environment: uses the URL handed in by pipeline.db.session.alembic_config."""
+"""Alembic environment: uses the URL handed in by pipeline.db.session.alembic_config.
+
+Run as `alembic -c migrations/alembic.ini ...` (development, `alembic check` in CI), the
+database is EDITBATCH_DATABASE_URL when it is set, else the ini's scratch SQLite file.
+"""
 
 from __future__ import annotations
+
+import os
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-import pipeline.db.budget_models  # noqa: F401  (registers daily_spend)
 from pipeline.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata
 
 
+def _url() -> str | None:
+    if config.config_file_name is not None and os.environ.get("EDITBATCH_DATABASE_URL"):
+        return os.environ["EDITBATCH_DATABASE_URL"]
+    return config.get_main_option("sqlalchemy.url")
+
+
 def run_migrations_offline() -> None:
     context.configure(
-        url=config.get_main_option("sqlalchemy.url"),
+        url=_url(),
         target_metadata=target_metadata,
         literal_binds=True,
         render_as_batch=True,
@@ -24,7 +35,7 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    url = config.get_main_option("sqlalchemy.url")
+    url = _url()
     assert url
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:

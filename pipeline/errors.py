@@ -1,16 +1,28 @@
-"""The one exception tree of editbatch.
+"""The one exception tree of editbatch: every exception the package defines is here.
 
-    EditbatchError                 root: anything editbatch raises on purpose
-    ├── ConfigError                a setting or option is wrong (names the setting)
+    EditbatchError                 root: anything editbatch raises on purpose; the CLI prints
+    │                              its message (what, where, the fix) and exits 2
+    ├── ConfigError                a setting, an option or a data file (catalogue, prices) is
+    │                              wrong: names the setting and what is accepted
     ├── ManifestError              the manifest as a whole cannot be read (names the file)
+    │   └── StrictRefusal          `--strict`: a row is bad, so nothing was stored or sent
+    ├── RemoteError                a remote input cannot be fetched (names the URI)
+    │   ├── SchemeNotAllowed       its scheme is not in `remote_schemes`
+    │   └── TooLarge               it is larger than the limit for its kind
+    ├── OutputNameError            a name template cannot give a safe relative name
     ├── StorageError               the output location cannot be written
-    └── NotFoundError              a batch or job id that does not exist
+    ├── NotFoundError              a batch or job id that does not exist
+    ├── PermitTimeout              no rate permit in time: the job is handed back, not failed
+    └── InvalidTransition          code asked for a state change pipeline.states does not allow
 
-Failures of edit calls are not exceptions either: the gateway returns a classified
-`CallOutcome` (ok / transient / hold / failed) that the executor records and acts on.
+Two modules keep a private subclass for control flow that never leaves them
+(`pipeline.run.executor._Stop`, `pipeline.observe.webhook._Retryable`).
 
-Row-level validation problems are not exceptions: they are `RowError` values, collected so that
-a person sees every bad row at once.
+Failures of edit calls are not exceptions: the gateway returns a classified `CallOutcome`
+(ok / transient / hold / failed) that the executor records and acts on. Row-level validation
+problems are not exceptions either: they are `RowError` values, collected so that a person
+sees every bad row at once. The sandbox (`pipeline.sandbox`) has its own errors: it shares no
+code with the rest of the package.
 """
 
 from __future__ import annotations
@@ -23,15 +35,47 @@ class EditbatchError(Exception):
 
 
 class ConfigError(EditbatchError):
-    """Raised when a setting or command-line option is invalid."""
+    """Raised when a setting, a command-line option or a data file is invalid."""
 
 
 class ManifestError(EditbatchError):
     """Raised when a manifest file cannot be read at all (missing, wrong encoding, no header)."""
 
 
+class StrictRefusal(ManifestError):
+    """Raised by `--strict` when any row is bad: nothing was stored or sent."""
+
+
+class RemoteError(EditbatchError):
+    """Raised when a remote input cannot be fetched; the message names the URI."""
+
+
+class SchemeNotAllowed(RemoteError):
+    """Raised when a URI's scheme is not in `remote_schemes`."""
+
+
+class TooLarge(RemoteError):
+    """Raised when a remote file is larger than the limit for its kind."""
+
+
+class OutputNameError(EditbatchError):
+    """Raised when a template cannot be rendered into a safe relative name."""
+
+
 class StorageError(EditbatchError):
     """Raised when an output cannot be written to its final location."""
+
+
+class NotFoundError(EditbatchError):
+    """Raised when a batch or job id does not exist."""
+
+
+class PermitTimeout(EditbatchError):
+    """Raised when no rate permit came within `max_wait`: hand the job back instead of blocking."""
+
+
+class InvalidTransition(EditbatchError):
+    """Raised when code asks for a state change that the tables of `pipeline.states` lack."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +90,3 @@ class RowError:
     def __str__(self) -> str:
         where = f"row {self.row}" + (f" (id {self.key})" if self.key else "")
         return f"{where}, field '{self.field}': {self.reason}"
-
-
-class NotFoundError(EditbatchError):
-    """Raised when a batch or job id does not exist."""

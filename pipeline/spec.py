@@ -86,12 +86,3 @@ class EditSpec:
         }
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
-
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, read in chunks (never the whole file in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -21,8 +21,8 @@ from typing import Any
 
 from redis import Redis, RedisError
 
-from pipeline.errors import ConfigError
-from pipeline.run.ratelimit import Limiter, LocalLimiter, PermitTimeout, parse_reset
+from pipeline.errors import ConfigError, PermitTimeout
+from pipeline.run.ratelimit import Limiter, LocalLimiter, parse_reset
 from pipeline.settings import Settings
 from worker.constants import RATE_PAUSE_PREFIX, RATE_SLOTS_PREFIX, RATE_TAT_PREFIX
 

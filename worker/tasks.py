@@ -16,9 +16,11 @@ from pipeline.batch.nightly import run_nightly
 from pipeline.batch.submit import Enqueue
 from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
-from pipeline.run import deps as runtime
-from pipeline.run.executor import Deps, finish_if_done, process_job
+from pipeline.run.deps import build_deps
+from pipeline.run.executor import Deps, Handback, finish_if_done, process_job
+from pipeline.run.retry import redeliver_after
 from pipeline.settings import get_settings
+from pipeline.states import BatchState, JobState
 from worker.app import app
 from worker.constants import QUEUE
 from worker.limits import build_limiter
@@ -39,7 +41,7 @@ def deps() -> Deps:
     with _lock:
         if _deps is None:
             settings = get_settings()
-            _deps = runtime.build_deps(settings, build_limiter(settings))
+            _deps = build_deps(settings, build_limiter(settings))
         return _deps
 
 
@@ -52,9 +54,8 @@ def edit(self: Task, job_id: int) -> dict[str, Any]:
     except DBAPIError as exc:
         # "database is locked", a dropped PostgreSQL connection: the job's state in the database
         # is consistent (each step is one transaction), so trying again shortly is safe.
-        log.warning("job %s: database error, retrying: %s", job_id, exc.orig)
-        raise self.retry(countdown=2, exc=exc) from exc
-    if result.state == "deferred":
+        raise self.retry(countdown=redeliver_after(int(job_id), exc), exc=exc) from exc
+    if result.state == Handback.DEFERRED:
         # Handed back without spending (no rate permit in time, or an identical job in flight).
         edit.apply_async((job_id,), countdown=result.retry_in or 0)
     return {"job_id": result.job_id, "state": result.state}
@@ -92,7 +93,11 @@ def stale_queued(d: Deps, older_than: float) -> list[int]:
             session.scalars(
                 select(Job.id)
                 .join(Batch, Batch.id == Job.batch_id)
-                .where(Batch.state == "running", Job.state == "queued", Job.updated_at < cutoff)
+                .where(
+                    Batch.state == BatchState.RUNNING,
+                    Job.state == JobState.QUEUED,
+                    Job.updated_at < cutoff,
+                )
                 .limit(10_000)
             )
         )

@@ -1,6 +1,9 @@
 """What a person can do to a batch: pause, cancel, resume, retry failed jobs.
 
-Each is a few atomic UPDATEs; workers notice through the batch state before every call.
+Each is a few atomic UPDATEs through `pipeline.db.jobs`; workers notice through the batch state
+before every call. `resume` is the one way a stopped batch runs again (the CLI's `resume` and
+`run`, and `retry` on a held batch, all come through it), because it is also where what a dead
+worker left behind is cleaned up: expired claims, and budget reservations that never settled.
 """
 
 from __future__ import annotations
@@ -8,14 +11,15 @@ from __future__ import annotations
 from dataclasses import replace
 from decimal import Decimal
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.cost import budget
 from pipeline.db import jobs
-from pipeline.db.models import Batch, Job, utcnow
+from pipeline.db.models import Batch, Job
 from pipeline.errors import EditbatchError, NotFoundError
 from pipeline.spec import EditSpec
+from pipeline.states import BATCH_CLOSED, BATCH_STOPPED, BatchState, JobState
 
 
 def _batch(session: Session, batch_id: int) -> Batch:
@@ -28,42 +32,44 @@ def _batch(session: Session, batch_id: int) -> Batch:
 def pause(session: Session, batch_id: int) -> None:
     """Stop starting new calls; calls in flight finish. `resume` continues."""
     batch = _batch(session, batch_id)
-    if batch.state != "running":
+    if not jobs.pause_batch(session, batch_id):
         raise EditbatchError(f"batch {batch_id} is {batch.state}; only a running batch pauses")
-    batch.state, batch.hold_reason = "paused", "paused by a person"
     session.commit()
 
 
 def cancel(session: Session, batch_id: int) -> int:
     """Cancel every job not yet started; returns how many. Calls in flight finish (and count)."""
     batch = _batch(session, batch_id)
-    if batch.state in ("finished", "cancelled"):
+    if not jobs.cancel_batch(session, batch_id):
         raise EditbatchError(f"batch {batch_id} is already {batch.state}")
-    batch.state, batch.finished_at = "cancelled", utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.batch_id == batch_id, Job.state.in_(("queued", "retrying", "held")))
-        .values(state="cancelled", finished_at=utcnow(), claim_token=None, lease_until=None)
-        .execution_options(synchronize_session=False)
-    )
+    cancelled = jobs.cancel_unstarted(session, batch_id)
     session.commit()
-    return jobs.rowcount(result)
+    return cancelled
 
 
-def resume(session: Session, batch_id: int, budget_usd: Decimal | None = None) -> None:
-    """Make a held/paused batch run again; held jobs and jobs of dead workers are queued."""
+def resume(
+    session: Session, batch_id: int, budget_usd: Decimal | None = None, orphans: bool = False
+) -> None:
+    """Make a held or paused batch run again (a running one is tidied the same way).
+
+    Held jobs and jobs of dead workers are queued, and the reservations those workers left are
+    dropped, so the budget counts only what was spent. `orphans`: every claimed job of the
+    batch belongs to a dead process whatever its lease says (a single-machine `run` continuing
+    after it was killed: no other process can hold them).
+    """
     batch = _batch(session, batch_id)
-    if batch.state in ("finished", "cancelled"):
+    if batch.state in BATCH_CLOSED:
         raise EditbatchError(
             f"batch {batch_id} is {batch.state}; nothing to resume "
             f"(to run failed jobs again: editbatch retry {batch_id} --failed)"
         )
-    batch.state, batch.hold_reason = "running", None
+    if batch.state in BATCH_STOPPED:
+        jobs.reopen_batch(session, batch_id)
     if budget_usd is not None:
         batch.budget_usd = budget_usd
     jobs.release_held_jobs(session, batch_id)
     session.commit()
-    jobs.requeue_expired(session, batch_id)
+    jobs.requeue_expired(session, batch_id, ignore_lease=orphans)
     # Reservations of calls whose workers died never settled: count only what was spent.
     budget.reconcile(session, batch_id)
     session.commit()
@@ -74,17 +80,17 @@ def retry_failed(
 ) -> int:
     """Queue the failed jobs again (successes kept), optionally with a new prompt or model.
 
-    Each retried job gets a fresh set of attempts; its earlier attempts stay in the ledger.
+    Each retried job gets a fresh set of attempts; its earlier attempts stay in the ledger. A
+    finished batch reopens; a held or paused one is resumed (as `resume` does).
     """
     batch = _batch(session, batch_id)
-    if batch.state == "cancelled":
+    if batch.state == BatchState.CANCELLED:
         raise EditbatchError(f"batch {batch_id} is cancelled")
-    failed = list(
-        session.scalars(select(Job).where(Job.batch_id == batch_id, Job.state == "failed"))
-    )
-    now = utcnow()
-    for job in failed:
-        if prompt is not None or model is not None:
+    if prompt is not None or model is not None:
+        failed = session.scalars(
+            select(Job).where(Job.batch_id == batch_id, Job.state == JobState.FAILED)
+        )
+        for job in failed:
             spec = EditSpec.from_json(job.spec)
             spec = replace(
                 spec,
@@ -94,13 +100,14 @@ def retry_failed(
             job.spec = spec.to_json()
             job.model = spec.model
             job.fingerprint = None  # a changed request is a different edit: never reuse
-        job.state = "queued"
-        job.attempt_base = job.attempts
-        job.last_error_code = None
-        job.last_error_message = None
-        job.finished_at = None
-        job.updated_at = now
-    if failed:
-        batch.state, batch.finished_at, batch.hold_reason = "running", None, None
+        session.flush()
+    count = jobs.requeue_failed(session, batch_id)
     session.commit()
-    return len(failed)
+    if not count:
+        return 0
+    if batch.state in BATCH_STOPPED:
+        resume(session, batch_id)
+    elif batch.state == BatchState.FINISHED:
+        jobs.reopen_batch(session, batch_id)
+        session.commit()
+    return count

@@ -31,17 +31,14 @@ from typing import Any
 
 from sqlalchemy import select
 
-from pipeline.batch import controls
-from pipeline.batch.submit import Enqueue, create_batch, enqueue_batch
+from pipeline.batch import controls, submit
+from pipeline.batch.submit import Enqueue
 from pipeline.cost.pricing import load_prices
-from pipeline.db import jobs
 from pipeline.db.models import Batch
 from pipeline.db.session import Database
 from pipeline.errors import ConfigError
 from pipeline.intake import remote
-from pipeline.intake.catalog import load_catalog
 from pipeline.intake.manifest import Defaults
-from pipeline.intake.preflight import PreflightOptions
 from pipeline.observe.webhook import origin
 from pipeline.settings import Settings
 
@@ -218,43 +215,24 @@ def _run(
     if not remote.exists(tonight.manifest_uri):
         log.warning("%s: no manifest at %s (yet)", tonight.name, tonight.manifest_uri)
         return None
-    local = remote.localize_manifest(tonight.manifest_uri, settings)
-    preflight = local.preflight(
-        PreflightOptions(
-            allowed_roots=local.roots,
-            catalog=load_catalog(settings.catalog_file),
-            work_dir=settings.home.resolve() / "converted",
-        )
+    prepared = submit.prepare(
+        settings, tonight.manifest_uri, submit.Intake(Defaults(model=settings.default_model))
     )
-    result = create_batch(
-        db,
-        local.path,
-        name=tonight.name,
+    options = submit.BatchOptions(
         output_uri=tonight.output_uri,
-        defaults=Defaults(model=settings.default_model),
-        preflight=preflight,
+        name=tonight.name,
         budget_usd=tonight.budget_usd,
-        prices=load_prices(settings.prices_file),
-        settings_snapshot={
-            "defaults": {},
-            "model": settings.default_model,
-            "reuse": True,
-            "nightly": {"date": tonight.date.isoformat(), "manifest": tonight.manifest_uri},
-        },
+        extra={"nightly": {"date": tonight.date.isoformat(), "manifest": tonight.manifest_uri}},
     )
+    result = submit.store(db, prepared, options, load_prices(settings.prices_file))
     batch_id = result.batch_id
-    with db.session() as session:
-        batch = session.get(Batch, batch_id)
-        assert batch is not None
-        batch.manifest_uri = tonight.manifest_uri  # the source, not the local cached copy
-        session.commit()
     first = existing_batch(db, tonight)
     if first != batch_id:
         with db.session() as session:
             controls.cancel(session, batch_id)
         log.warning("%s: batch %s was submitted first; cancelled %s", tonight.name, first, batch_id)
         return None
-    sent = enqueue_batch(db, batch_id, enqueue)
+    sent = submit.send(db, batch_id, enqueue, on_finished)
     log.info(
         "%s: batch %s from %s: %s jobs queued, %s rejected",
         tonight.name,
@@ -263,9 +241,4 @@ def _run(
         sent,
         result.rejected,
     )
-    if sent == 0:
-        with db.session() as session:
-            finished = jobs.finish_batch_if_done(session, batch_id)
-        if finished and on_finished is not None:
-            on_finished(batch_id)
     return batch_id

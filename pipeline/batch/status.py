@@ -12,8 +12,7 @@ from sqlalchemy.orm import Session, aliased
 
 from pipeline.db.models import Batch, Job
 from pipeline.errors import NotFoundError
-
-STATES = ("queued", "running", "retrying", "held", "succeeded", "failed", "rejected", "cancelled")
+from pipeline.states import JOB_PENDING, JOB_TERMINAL, JobState
 
 
 @dataclass
@@ -57,7 +56,7 @@ class BatchStatus:
 
     @property
     def done(self) -> int:
-        return sum(self.counts.get(s, 0) for s in ("succeeded", "failed", "rejected", "cancelled"))
+        return sum(self.counts.get(s, 0) for s in JOB_TERMINAL)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,7 +94,6 @@ class BatchStatus:
         }
 
 
-ACTIVE = ("queued", "running", "retrying", "held")
 MICRO = Decimal("0.000001")
 
 
@@ -110,7 +108,7 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
     if batch is None:
         raise NotFoundError(f"no batch {batch_id}; `editbatch status` lists the batches")
     b = {"b": batch_id}
-    counts = {s: 0 for s in STATES}
+    counts: dict[str, int] = {s: 0 for s in JobState}
     cost = est_total = est_remaining = kept = 0
     unpriced_jobs = 0
     groups: dict[tuple[str | None, str | None, str], list[int]] = {}
@@ -125,10 +123,10 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         counts[state] = counts.get(state, 0) + n
         cost += c
         kept += k
-        if state != "rejected":
+        if state != JobState.REJECTED:
             est_total += est
             unpriced_jobs += unest
-            if state in ACTIVE:
+            if state in JOB_PENDING:
                 est_remaining += est
             if n:
                 key = (model or None, quality or None, state)
@@ -199,7 +197,7 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
                 Job.last_error_code,
                 Job.last_error_message,
             )
-            .where(Job.batch_id == batch_id, Job.state.in_(("failed", "rejected")))
+            .where(Job.batch_id == batch_id, Job.state.in_((JobState.FAILED, JobState.REJECTED)))
             .order_by(Job.row_number)
             .limit(failures_limit)
         )

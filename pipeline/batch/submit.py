@@ -1,13 +1,22 @@
-"""Turn a manifest into a batch: preflight every row, store every job, commit, THEN enqueue.
+"""One submit: a manifest and options in, a stored batch with its queued jobs out.
 
-Rejected rows are stored too (state `rejected`, with the reason) so the report accounts for
-every row. Messages carry job ids only; the database is the truth.
+    prepare(settings, manifest, intake)   fetch what is remote, build the preflight (no DB)
+    Prepared.rows()                        parse + preflight every row, streaming (`check`,
+                                           `estimate` stop here)
+    store(db, prepared, options, prices)   the batch and every job in one transaction
+                                           (rejected rows kept with the reason), nothing sent
+    send(db, batch_id, enqueue)            one message per queued job id, after the commit
+    submit(...)                            store + send (`submit`; `run` sends to its own pool;
+                                           the nightly task stores, checks for a racing twin,
+                                           then sends)
+
+Messages carry job ids only; the database is the truth.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -16,16 +25,22 @@ from typing import Any
 from sqlalchemy import insert, select
 
 from pipeline.cost.estimate import BatchEstimate, Estimate, estimate_batch, estimate_cost
-from pipeline.cost.pricing import PriceTable, load_prices
+from pipeline.cost.pricing import PriceTable
+from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
 from pipeline.db.session import Database
-from pipeline.errors import EditbatchError, RowError
-from pipeline.intake.manifest import Defaults, read_manifest
-from pipeline.intake.naming import OutputNameError, render_name
-from pipeline.intake.preflight import Preflight
-from pipeline.spec import EditSpec, file_sha256
+from pipeline.errors import OutputNameError, RowError, StrictRefusal
+from pipeline.files import file_sha256
+from pipeline.intake.catalog import load_catalog
+from pipeline.intake.manifest import Defaults
+from pipeline.intake.naming import render_name
+from pipeline.intake.preflight import Preflight, PreflightOptions
+from pipeline.intake.remote import LocalManifest, is_remote, localize_manifest
+from pipeline.settings import Settings
+from pipeline.spec import EditSpec
+from pipeline.states import BATCH_OPEN, BatchState, JobState
 
-log = logging.getLogger("editbatch.producer")
+log = logging.getLogger("editbatch.submit")
 
 Enqueue = Callable[[list[int]], None]
 CHUNK = 1000
@@ -51,17 +66,16 @@ class SubmitResult:
     notes: list[str] = field(default_factory=list)
     estimate: BatchEstimate | None = None
     models: set[str] = field(default_factory=set)
+    sent: int = 0
 
 
-class StrictRefusal(EditbatchError):
-    """Raised by `--strict` when any row is bad: nothing was stored or sent."""
-
-
-def check_rows(manifest: Path, defaults: Defaults, preflight: Preflight) -> Iterator[CheckedRow]:
+def check_rows(
+    manifest: LocalManifest, defaults: Defaults, preflight: Preflight
+) -> Iterator[CheckedRow]:
     """Parse and preflight every row (streaming); output names must be unique in the manifest."""
     names: dict[str, int] = {}
     pending: dict[int, list[RowError]] = {}
-    for item in read_manifest(manifest, defaults):
+    for item in manifest.read(defaults):
         if isinstance(item, RowError):
             pending.setdefault(item.row, []).append(item)
             continue
@@ -123,6 +137,72 @@ def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[st
         yield chunk
 
 
+@dataclass(frozen=True)
+class Intake:
+    """How a manifest's rows are read and checked: batch-wide row defaults, preflight options."""
+
+    defaults: Defaults
+    allow_roots: tuple[Path, ...] = ()
+    convert: bool = False
+    allow_unknown_model: bool = False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A manifest ready to be checked, estimated or stored: local files and a preflight."""
+
+    manifest: LocalManifest
+    defaults: Defaults
+    preflight: Preflight
+
+    @classmethod
+    def local(cls, path: Path, defaults: Defaults, preflight: Preflight) -> Prepared:
+        """A local manifest file whose references are all local (tests, benchmarks)."""
+        return cls(LocalManifest(path, str(path), (path.resolve().parent,)), defaults, preflight)
+
+    def rows(self) -> Iterator[CheckedRow]:
+        return check_rows(self.manifest, self.defaults, self.preflight)
+
+    @property
+    def sha256(self) -> str:
+        return file_sha256(str(self.manifest.path))
+
+    @property
+    def source_uri(self) -> str:
+        """The manifest as the person named it: a URI, or an absolute local path."""
+        source = self.manifest.source
+        return source if is_remote(source) else str(Path(source).resolve())
+
+
+def prepare(settings: Settings, manifest: str | Path, intake: Intake) -> Prepared:
+    """Fetch what the manifest names that is remote and build its preflight (no database)."""
+    local = localize_manifest(manifest, settings)
+    # A remote manifest's files are in the download cache (local.roots), nowhere else.
+    allowed = (*local.roots, *(r.resolve() for r in intake.allow_roots))
+    preflight = local.preflight(
+        PreflightOptions(
+            allowed_roots=allowed,
+            catalog=load_catalog(settings.catalog_file),
+            convert=intake.convert,
+            allow_unknown_model=intake.allow_unknown_model,
+            work_dir=settings.home.resolve() / "preflight",
+        )
+    )
+    return Prepared(local, intake.defaults, preflight)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What a person chose for the batch as a whole."""
+
+    output_uri: str
+    name: str | None = None
+    budget_usd: Decimal | None = None
+    strict: bool = False
+    reuse: bool = True
+    extra: Mapping[str, Any] = field(default_factory=dict)  # more of the settings snapshot
+
+
 def find_resumable(db: Database, manifest_sha: str, output_uri: str) -> int | None:
     """An unfinished batch of the same manifest and output (so `run` can continue it)."""
     with db.session() as session:
@@ -131,54 +211,48 @@ def find_resumable(db: Database, manifest_sha: str, output_uri: str) -> int | No
             .where(
                 Batch.manifest_sha256 == manifest_sha,
                 Batch.output_uri == output_uri,
-                Batch.state.in_(("running", "held", "paused")),
+                Batch.state.in_(list(BATCH_OPEN)),
             )
             .order_by(Batch.id.desc())
             .limit(1)
         )
 
 
-def create_batch(
-    db: Database,
-    manifest: Path,
-    *,
-    name: str | None,
-    output_uri: str,
-    defaults: Defaults,
-    preflight: Preflight,
-    budget_usd: Decimal | None = None,
-    strict: bool = False,
-    settings_snapshot: dict[str, Any] | None = None,
-    prices: PriceTable | None = None,
+def store(
+    db: Database, prepared: Prepared, options: BatchOptions, prices: PriceTable
 ) -> SubmitResult:
-    """Store a batch and all of its jobs in one transaction; nothing is enqueued here."""
-    manifest_sha = file_sha256(str(manifest))
-    checked_rows: Iterable[CheckedRow] = check_rows(manifest, defaults, preflight)
-    if strict:
+    """Store a batch and all of its jobs in one transaction; nothing is sent here."""
+    checked_rows: Iterable[CheckedRow] = prepared.rows()
+    if options.strict:
         materialised = list(checked_rows)
         bad = [e for r in materialised for e in r.errors]
         if bad:
             raise StrictRefusal(
-                f"{manifest}: {len(bad)} problem(s) in "
+                f"{prepared.manifest.source}: {len(bad)} problem(s) in "
                 f"{sum(1 for r in materialised if r.errors)} row(s); --strict refuses the "
                 "whole manifest. First: " + str(bad[0])
             )
         checked_rows = materialised
+    defaults = prepared.defaults
     with db.session() as session:
         batch = Batch(
-            name=name or manifest.stem,
-            manifest_uri=str(manifest.resolve()),
-            manifest_sha256=manifest_sha,
-            output_uri=output_uri,
-            state="running",
-            budget_usd=budget_usd,
-            settings=settings_snapshot or {},
+            name=options.name or Path(prepared.manifest.path).stem,
+            manifest_uri=prepared.source_uri,
+            manifest_sha256=prepared.sha256,
+            output_uri=options.output_uri,
+            state=BatchState.RUNNING,
+            budget_usd=options.budget_usd,
+            settings={
+                "defaults": dict(defaults.values),
+                "model": defaults.model,
+                "reuse": options.reuse,
+                **options.extra,
+            },
         )
         session.add(batch)
         session.flush()
         result = SubmitResult(batch_id=batch.id)
         now = utcnow()
-        table = prices or load_prices()
         estimates: list[tuple[Estimate, int]] = []
 
         def job_rows() -> Iterator[dict[str, Any]]:
@@ -200,7 +274,7 @@ def create_batch(
                         spec="{}",
                         model=None,
                         quality=None,
-                        state="rejected",
+                        state=JobState.REJECTED,
                         fingerprint=None,
                         estimated_usd=None,
                         last_error_code=f"invalid_{r.errors[0].field}",
@@ -209,14 +283,14 @@ def create_batch(
                     )
                 else:
                     result.accepted += 1
-                    est = estimate_cost(r.spec, r.pixels, table)
+                    est = estimate_cost(r.spec, r.pixels, prices)
                     estimates.append((est, r.spec.n))
                     result.models.add(r.spec.model)
                     row.update(
                         spec=r.spec.to_json(),
                         model=r.spec.model,
                         quality=r.spec.quality,
-                        state="queued",
+                        state=JobState.QUEUED,
                         fingerprint=r.fingerprint,
                         estimated_usd=est.expected,
                         last_error_code=None,
@@ -232,29 +306,38 @@ def create_batch(
     return result
 
 
-def queued_job_ids(db: Database, batch_id: int) -> Iterator[list[int]]:
-    """The ids of the batch's queued jobs, in chunks (for enqueueing after commit)."""
-    last = 0
-    while True:
-        with db.session() as session:
-            ids = list(
-                session.scalars(
-                    select(Job.id)
-                    .where(Job.batch_id == batch_id, Job.state == "queued", Job.id > last)
-                    .order_by(Job.id)
-                    .limit(CHUNK)
-                )
-            )
-        if not ids:
-            return
-        yield ids
-        last = ids[-1]
+def send(
+    db: Database,
+    batch_id: int,
+    enqueue: Enqueue,
+    on_finished: Callable[[int], None] | None = None,
+) -> int:
+    """Send one message per queued job of the batch; returns how many were sent.
 
-
-def enqueue_batch(db: Database, batch_id: int, enqueue: Enqueue) -> int:
-    """Send one message per queued job; returns how many were sent."""
+    A batch with nothing to send (every row rejected) is finished here, since no worker will
+    ever finish it; `on_finished` then reports it.
+    """
     sent = 0
-    for ids in queued_job_ids(db, batch_id):
+    for ids in jobs.queued_job_ids(db, batch_id):
         enqueue(ids)
         sent += len(ids)
+    if sent == 0:
+        with db.session() as session:
+            finished = jobs.finish_batch_if_done(session, batch_id)
+        if finished and on_finished is not None:
+            on_finished(batch_id)
     return sent
+
+
+def submit(
+    db: Database,
+    prepared: Prepared,
+    options: BatchOptions,
+    prices: PriceTable,
+    enqueue: Enqueue,
+    on_finished: Callable[[int], None] | None = None,
+) -> SubmitResult:
+    """Store the batch, then send its jobs (see `send`)."""
+    result = store(db, prepared, options, prices)
+    result.sent = send(db, result.batch_id, enqueue, on_finished)
+    return result

@@ -32,10 +32,10 @@ from sqlalchemy.orm import Session
 
 from pipeline.cost.estimate import Estimate
 from pipeline.cost.pricing import quantize
-from pipeline.db.budget_models import DailySpend
 from pipeline.db.jobs import hold_batch, rowcount
-from pipeline.db.models import Batch, Job, Money
+from pipeline.db.models import Batch, DailySpend, Job, Money
 from pipeline.errors import NotFoundError
+from pipeline.states import HoldCode, JobState
 
 __all__ = [
     "BUDGET_PREFIX",
@@ -127,7 +127,7 @@ def reserve(
             f"committed+reserved; the next call needs up to {_usd(amount)}). Raise it with "
             f"`editbatch resume {batch_id} --budget USD`"
         )
-        return _refuse(session, batch_id, reason)
+        return _refuse(session, batch_id, HoldCode.BUDGET, reason)
 
     cap_ok: ColumnElement[bool] = true()
     if daily_cap is not None:
@@ -147,7 +147,7 @@ def reserve(
             f"{_usd(amount)}). Raise EDITBATCH_DAILY_BUDGET_USD, or resume tomorrow with "
             f"`editbatch resume {batch_id}`"
         )
-        return _refuse(session, batch_id, reason)
+        return _refuse(session, batch_id, HoldCode.DAILY_BUDGET, reason)
     session.commit()
     return None
 
@@ -173,11 +173,11 @@ def reserve_call(
         "on its calls: add it to a price file (EDITBATCH_PRICES_FILE) and "
         f"`editbatch resume {batch_id}`, or remove the budget"
     )
-    return Decimal(0), _refuse(session, batch_id, reason)
+    return Decimal(0), _refuse(session, batch_id, HoldCode.BUDGET, reason)
 
 
-def _refuse(session: Session, batch_id: int, reason: str) -> str:
-    hold_batch(session, batch_id, reason)
+def _refuse(session: Session, batch_id: int, code: HoldCode, reason: str) -> str:
+    hold_batch(session, batch_id, code, reason)
     session.commit()
     return reason
 
@@ -225,7 +225,7 @@ def reconcile(session: Session, batch_id: int) -> bool:
         .where(Job.batch_id == batch_id)
         .scalar_subquery()
     )
-    running = exists().where(Job.batch_id == batch_id, Job.state == "running")
+    running = exists().where(Job.batch_id == batch_id, Job.state == JobState.RUNNING)
     result = session.execute(
         update(Batch)
         .where(Batch.id == batch_id, ~running)

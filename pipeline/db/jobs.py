@@ -1,26 +1,40 @@
-"""Job and batch state transitions as single SQL statements (atomic across workers).
+"""Every change of a job's or a batch's state, as single SQL statements (atomic across workers).
 
-Job states:
-    rejected                                  preflight failed, never sent (terminal)
-    queued -> running -> succeeded            (terminal)
-                      -> retrying -> running  transient error, waiting for the next attempt
-                      -> failed               permanent error or attempts exhausted (terminal)
-    queued|retrying -> held -> queued         batch held (quota, auth, budget) or paused
-    queued|retrying|held -> cancelled         (terminal)
+`move_jobs` and `move_batch` are the only writers of `jobs.state` and `batches.state`: each
+states the states it moves from, checks every move against `pipeline.states` (raising
+`InvalidTransition` for one the table does not allow), and puts the sources in the WHERE clause,
+so the database never makes a move the table does not list. The helpers below (claim, set_state,
+hold_batch, ...) are the named moves the rest of the code uses. The diagrams are in
+`pipeline/states.py`.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection, Iterator, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Result, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Result, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.db.models import Attempt, Batch, Job, utcnow
 from pipeline.db.session import Database
+from pipeline.states import (
+    BATCH_OPEN,
+    BATCH_STOPPED,
+    JOB_CLAIMED,
+    JOB_MOVES,
+    JOB_PENDING,
+    JOB_TERMINAL,
+    AttemptOutcome,
+    BatchState,
+    HoldCode,
+    JobState,
+    check_batch_move,
+    check_job_move,
+)
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -28,8 +42,71 @@ def rowcount(result: Result[Any]) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-TERMINAL = ("succeeded", "failed", "rejected", "cancelled")
-ACTIVE = ("queued", "running", "retrying")
+# -- the two writers ------------------------------------------------------------------------
+
+
+def move_jobs(
+    session: Session,
+    target: JobState,
+    *where: ColumnElement[bool],
+    sources: Collection[JobState],
+    values: Mapping[str, Any] | None = None,
+) -> int:
+    """Move the jobs matching `where` that are in one of `sources` to `target`; how many moved.
+
+    Leaving a claim (to queued, held or a terminal state) drops the lease and the claim token;
+    reaching a terminal state stamps `finished_at`. `values` sets more columns. Caller commits.
+    """
+    check_job_move(sources, target)
+    now = utcnow()
+    row: dict[str, Any] = {"state": target, "updated_at": now}
+    if target not in JOB_CLAIMED:
+        row["lease_until"] = None
+        row["claim_token"] = None
+    if target in JOB_TERMINAL:
+        row["finished_at"] = now
+    row.update(values or {})
+    result = session.execute(
+        update(Job)
+        .where(Job.state.in_(list(sources)), *where)
+        .values(**row)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
+
+
+def move_batch(
+    session: Session,
+    batch_id: int,
+    target: BatchState,
+    *,
+    sources: Collection[BatchState],
+    values: Mapping[str, Any] | None = None,
+) -> bool:
+    """Move batch `batch_id` to `target` if it is in one of `sources`; True if it moved.
+
+    Leaving the stopped states clears the hold; finishing stamps `finished_at`. Caller commits.
+    """
+    check_batch_move(sources, target)
+    row: dict[str, Any] = {"state": target}
+    if target not in BATCH_STOPPED:
+        row["hold_code"] = None
+        row["hold_reason"] = None
+    if target in (BatchState.FINISHED, BatchState.CANCELLED):
+        row["finished_at"] = utcnow()
+    elif target is BatchState.RUNNING:
+        row["finished_at"] = None
+    row.update(values or {})
+    result = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state.in_(list(sources)))
+        .values(**row)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result) == 1
+
+
+# -- jobs -----------------------------------------------------------------------------------
 
 
 def claim(session: Session, job_id: int, lease_seconds: float) -> str | None:
@@ -40,40 +117,31 @@ def claim(session: Session, job_id: int, lease_seconds: float) -> str | None:
     """
     now = utcnow()
     token = uuid.uuid4().hex
-    result = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            or_(
-                Job.state == "queued",
-                and_(
-                    Job.state.in_(("running", "retrying")),
-                    or_(Job.lease_until.is_(None), Job.lease_until < now),
-                ),
-            ),
-        )
-        .values(
-            state="running",
-            lease_until=now + timedelta(seconds=lease_seconds),
-            claim_token=token,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
+    moved = move_jobs(
+        session,
+        JobState.RUNNING,
+        Job.id == job_id,
+        or_(
+            Job.state == JobState.QUEUED,
+            or_(Job.lease_until.is_(None), Job.lease_until < now),
+        ),
+        sources=(JobState.QUEUED, *JOB_CLAIMED),
+        values={"lease_until": now + timedelta(seconds=lease_seconds), "claim_token": token},
     )
     session.commit()
-    return token if rowcount(result) == 1 else None
+    return token if moved == 1 else None
 
 
 def owned(job_id: int, token: str) -> list[ColumnElement[bool]]:
     """WHERE clause parts: the job is still ours (nobody re-claimed it after our lease)."""
-    return [Job.id == job_id, Job.claim_token == token, Job.state.in_(("running", "retrying"))]
+    return [Job.id == job_id, Job.claim_token == token, Job.state.in_(list(JOB_CLAIMED))]
 
 
 def set_state(
     session: Session,
     job_id: int,
     token: str,
-    state: str,
+    state: JobState,
     *,
     lease_seconds: float | None = None,
     error_code: str | None = None,
@@ -81,26 +149,26 @@ def set_state(
     next_attempt_at: datetime | None = None,
 ) -> bool:
     """Move our claimed job to `state`; False if we no longer own it. Caller commits."""
-    now = utcnow()
-    values: dict[str, object] = {"state": state, "updated_at": now}
+    values: dict[str, Any] = {"next_attempt_at": next_attempt_at}
     if lease_seconds is not None:
-        values["lease_until"] = now + timedelta(seconds=lease_seconds)
-    if state in TERMINAL or state in ("held", "queued"):
-        values["lease_until"] = None
-        values["claim_token"] = None
-    if state in TERMINAL:
-        values["finished_at"] = now
+        values["lease_until"] = utcnow() + timedelta(seconds=lease_seconds)
     if error_code is not None or error_message is not None:
         values["last_error_code"] = error_code
         values["last_error_message"] = error_message
-    values["next_attempt_at"] = next_attempt_at
-    result = session.execute(
-        update(Job)
-        .where(*owned(job_id, token))
-        .values(**values)
-        .execution_options(synchronize_session=False)
+    sources = [s for s in JOB_CLAIMED if state in JOB_MOVES[s]]
+    if not sources:
+        check_job_move(JOB_CLAIMED, state)  # raises, naming the move
+    return (
+        move_jobs(
+            session,
+            state,
+            Job.id == job_id,
+            Job.claim_token == token,
+            sources=sources,
+            values=values,
+        )
+        == 1
     )
-    return rowcount(result) == 1
 
 
 def count_attempt(session: Session, job_id: int, lease_seconds: float) -> None:
@@ -124,45 +192,35 @@ def add_cost(session: Session, job_id: int, cost: Decimal) -> None:
         )
 
 
-def hold_batch(session: Session, batch_id: int, reason: str) -> bool:
-    """Stop sending for a batch until a person resumes it. Caller commits."""
-    result = session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.state == "running")
-        .values(state="held", hold_reason=reason)
-        .execution_options(synchronize_session=False)
-    )
-    return rowcount(result) == 1
-
-
-def finish_batch_if_done(session: Session, batch_id: int) -> bool:
-    """Mark the batch finished when no job is left to run; True for exactly one caller."""
-    pending = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.batch_id == batch_id, Job.state.in_((*ACTIVE, "held")))
-    )
-    if pending:
-        return False
-    result = session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.state.in_(("running", "held", "paused")))
-        .values(state="finished", finished_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return rowcount(result) == 1
-
-
 def release_held_jobs(session: Session, batch_id: int) -> int:
     """Held jobs of a batch go back to queued (on resume). Caller commits."""
-    result = session.execute(
-        update(Job)
-        .where(Job.batch_id == batch_id, Job.state == "held")
-        .values(state="queued", updated_at=utcnow())
-        .execution_options(synchronize_session=False)
+    return move_jobs(session, JobState.QUEUED, Job.batch_id == batch_id, sources=[JobState.HELD])
+
+
+def cancel_unstarted(session: Session, batch_id: int) -> int:
+    """Jobs of a batch that no call is running for are cancelled. Caller commits."""
+    return move_jobs(
+        session,
+        JobState.CANCELLED,
+        Job.batch_id == batch_id,
+        sources=(JobState.QUEUED, JobState.RETRYING, JobState.HELD),
     )
-    return rowcount(result)
+
+
+def requeue_failed(session: Session, batch_id: int) -> int:
+    """Failed jobs go back to queued with a fresh attempt budget (`retry --failed`)."""
+    return move_jobs(
+        session,
+        JobState.QUEUED,
+        Job.batch_id == batch_id,
+        sources=[JobState.FAILED],
+        values={
+            "attempt_base": Job.attempts,
+            "last_error_code": None,
+            "last_error_message": None,
+            "finished_at": None,
+        },
+    )
 
 
 def requeue_expired(
@@ -173,20 +231,15 @@ def requeue_expired(
     `ignore_lease`: every running job of the batch, for a single-machine `run` whose previous
     process was killed (no other process can be working on it).
     """
-    now = utcnow()
-    cond: list[ColumnElement[bool]] = [Job.state.in_(("running", "retrying"))]
+    cond: list[ColumnElement[bool]] = []
     if not ignore_lease:
-        cond.append(Job.lease_until < now)
+        cond.append(Job.lease_until < utcnow())
     if batch_id is not None:
         cond.append(Job.batch_id == batch_id)
-    ids = list(session.scalars(select(Job.id).where(*cond)))
+    claimed = Job.state.in_(list(JOB_CLAIMED))
+    ids = list(session.scalars(select(Job.id).where(claimed, *cond)))
     if ids:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids), *cond)
-            .values(state="queued", claim_token=None, lease_until=None, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
+        move_jobs(session, JobState.QUEUED, Job.id.in_(ids), *cond, sources=JOB_CLAIMED)
         mark_interrupted(session, ids)
     session.commit()
     return ids
@@ -196,9 +249,9 @@ def mark_interrupted(session: Session, job_ids: list[int]) -> None:
     """Attempts left `in_flight` by a dead worker: the call's fate is unknown. Caller commits."""
     session.execute(
         update(Attempt)
-        .where(Attempt.job_id.in_(job_ids), Attempt.outcome == "in_flight")
+        .where(Attempt.job_id.in_(job_ids), Attempt.outcome == AttemptOutcome.IN_FLIGHT)
         .values(
-            outcome="interrupted",
+            outcome=AttemptOutcome.INTERRUPTED,
             finished_at=utcnow(),
             error_message="the worker stopped during the call (killed or lost)",
         )
@@ -206,10 +259,120 @@ def mark_interrupted(session: Session, job_ids: list[int]) -> None:
     )
 
 
+# -- batches --------------------------------------------------------------------------------
+
+
+def hold_batch(session: Session, batch_id: int, code: HoldCode, reason: str) -> bool:
+    """Stop sending for a running batch until it is resumed. Caller commits."""
+    return move_batch(
+        session,
+        batch_id,
+        BatchState.HELD,
+        sources=[BatchState.RUNNING],
+        values={"hold_code": code, "hold_reason": reason},
+    )
+
+
+def pause_batch(session: Session, batch_id: int) -> bool:
+    """A person stops a running batch (calls in flight finish). Caller commits."""
+    return move_batch(
+        session,
+        batch_id,
+        BatchState.PAUSED,
+        sources=[BatchState.RUNNING],
+        values={"hold_code": HoldCode.PAUSED, "hold_reason": "paused by a person"},
+    )
+
+
+def reopen_batch(session: Session, batch_id: int) -> bool:
+    """A held, paused or finished batch runs again (resume, retry). Caller commits."""
+    return move_batch(
+        session,
+        batch_id,
+        BatchState.RUNNING,
+        sources=(*BATCH_STOPPED, BatchState.FINISHED),
+    )
+
+
+def cancel_batch(session: Session, batch_id: int) -> bool:
+    """An open batch is cancelled. Caller commits."""
+    return move_batch(session, batch_id, BatchState.CANCELLED, sources=BATCH_OPEN)
+
+
+def batch_stop_state(session: Session, batch_id: int) -> JobState | None:
+    """What a claimed job of the batch must become instead of calling: held or cancelled."""
+    state = session.scalar(select(Batch.state).where(Batch.id == batch_id))
+    if state in BATCH_STOPPED:
+        return JobState.HELD
+    if state == BatchState.CANCELLED:
+        return JobState.CANCELLED
+    return None
+
+
+def finish_batch_if_done(session: Session, batch_id: int) -> bool:
+    """Mark the batch finished when no job is left to run; True for exactly one caller."""
+    pending = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.batch_id == batch_id, Job.state.in_(list(JOB_PENDING)))
+    )
+    if pending:
+        return False
+    finished = move_batch(session, batch_id, BatchState.FINISHED, sources=BATCH_OPEN)
+    session.commit()
+    return finished
+
+
+def queued_job_ids(db: Database, batch_id: int, chunk: int = 1000) -> Iterator[list[int]]:
+    """The ids of the batch's queued jobs, in chunks (to send them, after their commit)."""
+    last = 0
+    while True:
+        with db.session() as session:
+            ids = list(
+                session.scalars(
+                    select(Job.id)
+                    .where(Job.batch_id == batch_id, Job.state == JobState.QUEUED, Job.id > last)
+                    .order_by(Job.id)
+                    .limit(chunk)
+                )
+            )
+        if not ids:
+            return
+        yield ids
+        last = ids[-1]
+
+
 def idle_running_batches(db: Database) -> list[int]:
     """Running batches with no job left to run (their finish may have been missed)."""
-    active = select(Job.id).where(Job.batch_id == Batch.id, Job.state.in_((*ACTIVE, "held")))
+    active = select(Job.id).where(Job.batch_id == Batch.id, Job.state.in_(list(JOB_PENDING)))
     with db.session() as session:
         return list(
-            session.scalars(select(Batch.id).where(Batch.state == "running", ~active.exists()))
+            session.scalars(
+                select(Batch.id).where(Batch.state == BatchState.RUNNING, ~active.exists())
+            )
         )
+
+
+__all__ = [
+    "add_cost",
+    "batch_stop_state",
+    "cancel_batch",
+    "cancel_unstarted",
+    "claim",
+    "count_attempt",
+    "finish_batch_if_done",
+    "hold_batch",
+    "idle_running_batches",
+    "mark_interrupted",
+    "move_batch",
+    "move_jobs",
+    "owned",
+    "pause_batch",
+    "queued_job_ids",
+    "release_held_jobs",
+    "reopen_batch",
+    "requeue_expired",
+    "requeue_failed",
+    "rowcount",
+    "set_state",
+]

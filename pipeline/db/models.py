@@ -1,14 +1,20 @@
-"""SQLAlchemy models: the database is the source of truth for batches, jobs, attempts, outputs."""
+"""SQLAlchemy models: the database is the source of truth for batches, jobs, attempts, outputs.
+
+Every table and index the migrations create is declared here, so `alembic check` finds nothing
+to add or drop. The per-batch counter tables are written only by triggers (migration 0005);
+`pipeline.batch.status` reads them. State columns hold the values of `pipeline.states`.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -18,8 +24,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from pipeline.states import BatchState, JobState
 
 # USD with micro-dollar precision; Numeric keeps it exact on both SQLite and PostgreSQL.
 Money = Numeric(18, 6, asdecimal=True)
@@ -43,8 +52,8 @@ class Batch(Base):
     manifest_uri: Mapped[str] = mapped_column(Text)
     manifest_sha256: Mapped[str] = mapped_column(String(64), index=True)
     output_uri: Mapped[str] = mapped_column(Text)
-    # running | held | paused | finished | cancelled
-    state: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=BatchState.RUNNING, index=True)
+    hold_code: Mapped[str | None] = mapped_column(String(32))  # a HoldCode while held/paused
     hold_reason: Mapped[str | None] = mapped_column(Text)
     budget_usd: Mapped[Decimal | None] = mapped_column(Money)
     reserved_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
@@ -60,6 +69,14 @@ class Job(Base):
         UniqueConstraint("batch_id", "row_number", name="uq_jobs_batch_row"),
         Index("ix_jobs_batch_state", "batch_id", "state"),
         Index("ix_jobs_fingerprint_state", "fingerprint", "state"),
+        # Jobs reused from a twin are few: status joins just those to their donors.
+        Index(
+            "ix_jobs_reused",
+            "batch_id",
+            "reused_from_job_id",
+            sqlite_where=text("reused_from_job_id IS NOT NULL"),
+            postgresql_where=text("reused_from_job_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -70,8 +87,7 @@ class Job(Base):
     spec: Mapped[str] = mapped_column(Text)  # EditSpec JSON
     model: Mapped[str | None] = mapped_column(String(100))  # copies of the spec's, for reports
     quality: Mapped[str | None] = mapped_column(String(20))
-    # rejected | queued | running | retrying | succeeded | failed | held | cancelled
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # attempts made before the last `editbatch retry`; max_attempts counts from here
     attempt_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -100,8 +116,7 @@ class Attempt(Base):
     number: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # in_flight | ok | transient | hold | failed | interrupted (worker died mid-call)
-    outcome: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(16))  # an AttemptOutcome
     http_status: Mapped[int | None] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(String(100))
     error_type: Mapped[str | None] = mapped_column(String(100))
@@ -136,3 +151,59 @@ class Output(Base):
     drift: Mapped[float | None] = mapped_column(Float)
     collected_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     collect_error: Mapped[str | None] = mapped_column(Text)
+
+
+class DailySpend(Base):
+    """Committed spend plus in-flight reservations of one UTC day, across all batches."""
+
+    __tablename__ = "daily_spend"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    reserved_usd: Mapped[Decimal] = mapped_column(
+        Money, default=Decimal(0), server_default=text("0")
+    )
+
+
+# -- counters kept by triggers (migration 0005); money in integer micro-dollars -------------
+
+
+class BatchJobCount(Base):
+    """Jobs of a batch by (model, quality, state): count, cost, estimates, kept cost."""
+
+    __tablename__ = "batch_job_counts"
+
+    batch_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(100), primary_key=True)  # '' for none
+    quality: Mapped[str] = mapped_column(String(20), primary_key=True)  # '' for none
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    jobs: Mapped[int] = mapped_column(BigInteger)
+    cost_micros: Mapped[int] = mapped_column(BigInteger)
+    estimated_micros: Mapped[int] = mapped_column(BigInteger)
+    unestimated: Mapped[int] = mapped_column(BigInteger)
+    kept_micros: Mapped[int] = mapped_column(BigInteger)
+
+
+class BatchAttemptCount(Base):
+    """Attempts of a batch by outcome: count, unpriced, estimated, cost."""
+
+    __tablename__ = "batch_attempt_counts"
+
+    batch_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    attempts: Mapped[int] = mapped_column(BigInteger)
+    unpriced: Mapped[int] = mapped_column(BigInteger)
+    estimated: Mapped[int] = mapped_column(BigInteger)
+    cost_micros: Mapped[int] = mapped_column(BigInteger)
+
+
+class BatchOutputCount(Base):
+    """Outputs of a batch: count, uncollected, and the mask drift figures."""
+
+    __tablename__ = "batch_output_counts"
+
+    batch_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    outputs: Mapped[int] = mapped_column(BigInteger)
+    uncollected: Mapped[int] = mapped_column(BigInteger)
+    drift_n: Mapped[int] = mapped_column(BigInteger)
+    drift_sum: Mapped[float] = mapped_column(Float)
+    drift_max: Mapped[float | None] = mapped_column(Float)

@@ -4,6 +4,10 @@ Several source images in one row: in CSV, separate the paths with `|`
 (`shoe.png|logo.png`); in JSON/JSONL, give a list (`"image": ["shoe.png", "logo.png"]`).
 Paths are relative to the manifest's folder. Columns that are not edit fields are kept as
 metadata and can be used in the output name template.
+
+This is the one reader of manifests: `pipeline.intake.remote` reads the file references with
+`iter_raw_rows` + `references`, fetches what is remote, and hands the local copies back to
+`read_manifest` as `resolve` (the manifest file itself is never rewritten).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ EDIT_FIELDS = (
     "mask_feather",
 )
 REQUIRED_FIELDS = ("image", "prompt")
+REF_FIELDS = ("image", "mask", "markup")
 IMAGE_SEPARATOR = "|"
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 
@@ -181,10 +186,27 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
+def references(raw: Mapping[str, Any]) -> Iterator[str]:
+    """The file references one raw row names (images, mask, markup), as `parse_row` reads them."""
+    yield from _image_list(raw.get("image")) or ()
+    for name in ("mask", "markup"):
+        ref = _text(raw.get(name))
+        if ref:
+            yield ref
+
+
 def parse_row(
-    row: int, raw: Mapping[str, Any], base_dir: Path, defaults: Defaults
+    row: int,
+    raw: Mapping[str, Any],
+    base_dir: Path,
+    defaults: Defaults,
+    resolve: Mapping[str, str] | None = None,
 ) -> EditSpec | list[RowError]:
-    """Turn one raw row into an EditSpec, or every field-level error it has."""
+    """Turn one raw row into an EditSpec, or every field-level error it has.
+
+    `resolve` maps a file reference as written to the local file to use instead (a fetched
+    copy); other references are taken relative to `base_dir`.
+    """
     errors: list[RowError] = []
     merged: dict[str, Any] = dict(defaults.values)
     for name, value in raw.items():
@@ -249,7 +271,9 @@ def parse_row(
     if errors:
         return errors
 
-    def resolve(p: str) -> str:
+    def local(p: str) -> str:
+        if resolve is not None:
+            p = resolve.get(p, p)
         # normpath, not resolve(): keep the name the person wrote (for {stem}); preflight
         # follows symlinks itself when it checks the allowed roots.
         return os.path.normpath(os.path.join(base_dir, p)) if "://" not in p else p
@@ -259,11 +283,11 @@ def parse_row(
     return EditSpec(
         row=row,
         key=key,
-        images=tuple(resolve(p) for p in images),
+        images=tuple(local(p) for p in images),
         prompt=prompt_text,
         model=_text(merged.get("model")) or defaults.model,
-        mask=resolve(mask) if mask else None,
-        markup=resolve(markup) if markup else None,
+        mask=local(mask) if mask else None,
+        markup=local(markup) if markup else None,
         size=(_text(merged.get("size")) or "auto").lower(),
         quality=(_text(merged.get("quality")) or "auto").lower(),
         n=1 if n is None else n,
@@ -290,10 +314,12 @@ def _image_list(value: Any) -> list[str] | None:
     return None
 
 
-def read_manifest(path: Path, defaults: Defaults) -> Iterator[EditSpec | RowError]:
+def read_manifest(
+    path: Path, defaults: Defaults, resolve: Mapping[str, str] | None = None
+) -> Iterator[EditSpec | RowError]:
     """Stream the manifest: one EditSpec per good row, one RowError per problem.
 
-    Also reports repeated `id` values (the second and later rows).
+    Also reports repeated `id` values (the second and later rows). `resolve`: see `parse_row`.
     """
     base_dir = path.resolve().parent
     seen_keys: dict[str, int] = {}
@@ -303,7 +329,7 @@ def read_manifest(path: Path, defaults: Defaults) -> Iterator[EditSpec | RowErro
         if isinstance(raw, RowError):
             yield raw
             continue
-        parsed = parse_row(row, raw, base_dir, defaults)
+        parsed = parse_row(row, raw, base_dir, defaults, resolve)
         if isinstance(parsed, list):
             yield from parsed
             continue

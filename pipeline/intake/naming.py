@@ -11,13 +11,10 @@ import re
 import string
 from pathlib import PurePosixPath
 
+from pipeline.errors import OutputNameError
 from pipeline.spec import EditSpec
 
 _UNSAFE = re.compile(r"[\x00-\x1f\\:*?\"<>|]")
-
-
-class OutputNameError(ValueError):
-    """Raised when a template cannot be rendered into a safe relative name."""
 
 
 def template_fields(spec: EditSpec, index: int, batch_id: int | None = None) -> dict[str, str]:

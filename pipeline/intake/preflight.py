@@ -37,6 +37,7 @@ from pathlib import Path
 from PIL import Image, ImageChops, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ConfigError, RowError
+from pipeline.files import write_atomic
 from pipeline.intake.catalog import Catalog, ModelInfo, parse_size
 from pipeline.spec import EditSpec
 
@@ -482,7 +483,7 @@ class Preflight:
         suffix = _EXTENSIONS[verdict.fmt][0]
         target = self._work_path("renamed", digest, stem + suffix)
         if not target.exists():
-            _atomic_write(target, data)
+            write_atomic(target, data)
             self.stats.files_written += 1
         note = (
             f"{name} holds {verdict.fmt.upper()} data but is named "
@@ -613,7 +614,7 @@ class Preflight:
             buffer = io.BytesIO()
             img.save(buffer, pil_format, **params)
             blob = buffer.getvalue()
-            _atomic_write(target, blob)
+            write_atomic(target, blob)
             self.stats.files_written += 1
         return str(target), hashlib.sha256(blob).hexdigest(), len(blob)
 
@@ -716,13 +717,6 @@ class Preflight:
                 "drawn on it"
             )
         return _Verdict(digest=digest, fmt="png", size=img.size, original_size=img.size)
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

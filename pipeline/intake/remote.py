@@ -9,32 +9,28 @@ reference is a local path:
   against the manifest's own location (so `img/a.png` in `s3://b/m/x.csv` is `s3://b/m/img/a.png`);
 - each remote file is downloaded (at most `remote_max_image_bytes`) into a content-addressed
   cache, `EDITBATCH_HOME/remote-cache/objects/<sha256>/<name>`, once per URI and ETag;
-- a rewritten copy of the manifest, cell for cell (same columns, same rows, same row numbers),
-  points at the cached copies.
+- `LocalManifest.read` reads the manifest (the one reader, `pipeline.intake.manifest`) with
+  each such reference mapped to its cached copy; the manifest file is never rewritten, so its
+  columns, rows and row numbers are the ones the person wrote.
 
 Only the schemes in `remote_schemes` (default `file`, `s3`) are read. A reference that cannot be
 fetched (scheme not allowed, too large, missing) does not stop the batch: its row is rejected
 with the reason, through the `Preflight` that `LocalManifest.preflight` builds. A remote
 manifest cannot name local files: preflight's allowed folder for it is the cache alone.
 
-Exceptions (all `EditbatchError`):
-
-    RemoteError            a remote input cannot be fetched (names the URI and what to do)
-    ├── SchemeNotAllowed   its scheme is not in `remote_schemes`
-    └── TooLarge           it is larger than the limit for its kind
+Exceptions (in `pipeline.errors`): RemoteError (names the URI and what to do), with
+SchemeNotAllowed (its scheme is not in `remote_schemes`) and TooLarge (over the limit).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import posixpath
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +38,9 @@ from urllib.parse import unquote, urlsplit
 
 import fsspec
 
-from pipeline.errors import EditbatchError, ManifestError, RowError
+from pipeline.errors import ManifestError, RemoteError, RowError, SchemeNotAllowed, TooLarge
+from pipeline.files import write_atomic
+from pipeline.intake.manifest import Defaults, iter_raw_rows, read_manifest, references
 from pipeline.intake.preflight import Preflight, PreflightOptions, PreflightResult
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
@@ -52,10 +50,7 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_MANIFEST_BYTES",
     "LocalManifest",
-    "RemoteError",
     "RemoteOptions",
-    "SchemeNotAllowed",
-    "TooLarge",
     "exists",
     "fetch",
     "is_remote",
@@ -67,23 +62,9 @@ __all__ = [
 DEFAULT_SCHEMES = ("file", "s3")
 MAX_IMAGE_BYTES = 50_000_000
 MAX_MANIFEST_BYTES = 200_000_000
-REF_FIELDS = ("image", "mask", "markup")
-IMAGE_SEPARATOR = "|"
 CACHE_FOLDER = "remote-cache"
 _CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class RemoteError(EditbatchError):
-    """Raised when a remote input cannot be fetched; the message names the URI."""
-
-
-class SchemeNotAllowed(RemoteError):
-    """Raised when a URI's scheme is not in `remote_schemes`."""
-
-
-class TooLarge(RemoteError):
-    """Raised when a remote file is larger than the limit for its kind."""
 
 
 @dataclass(frozen=True)
@@ -109,15 +90,21 @@ class RemoteOptions:
 class LocalManifest:
     """A manifest every file reference of which is local, and what preflight must allow."""
 
-    path: Path  # the manifest to read (the original one when nothing had to change)
+    path: Path  # the manifest to read: the original, or its downloaded copy
     source: str  # the manifest as given: a URI or a local path
     roots: tuple[Path, ...]  # folders its files are in (for PreflightOptions.allowed_roots)
     problems: Mapping[str, str] = field(default_factory=dict)  # URI -> why it was not fetched
     fetched: int = 0  # files downloaded (not found in the cache)
+    refs: Mapping[str, str] = field(default_factory=dict)  # reference as written -> local file
 
     @property
     def changed(self) -> bool:
-        return str(self.path) != self.source
+        """Whether anything had to be fetched or refused (else the manifest is read as it is)."""
+        return str(self.path) != self.source or bool(self.refs)
+
+    def read(self, defaults: Defaults) -> Iterator[EditSpec | RowError]:
+        """The manifest's rows, with every file reference pointing at a local file."""
+        return read_manifest(self.path, defaults, self.refs)
 
     def preflight(self, options: PreflightOptions) -> Preflight:
         """A Preflight that also rejects rows naming a file that could not be fetched."""
@@ -260,7 +247,7 @@ def _fetch(uri: str, options: RemoteOptions, max_bytes: int, what: str) -> tuple
     finally:
         Path(tmp).unlink(missing_ok=True)
     if etag is not None:
-        _atomic_write(
+        write_atomic(
             index,
             json.dumps({"uri": uri, "etag": etag, "size": total, "path": str(target)}).encode(),
         )
@@ -289,23 +276,12 @@ def _from_index(options: RemoteOptions, index: Path, etag: str | None, size: obj
     return None
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --- manifests --------------------------------------------------------------------------------
 
 
 class _Resolver:
-    """Maps one file reference of the manifest to what the rewritten copy says in its place."""
+    """Maps one file reference of the manifest to the local file to read instead (or to a URI
+    that preflight refuses with the reason, for one that could not be fetched)."""
 
     def __init__(self, source: str, options: RemoteOptions) -> None:
         self.options = options
@@ -313,6 +289,7 @@ class _Resolver:
         self.base = source.rsplit("/", 1)[0]  # s3://bucket/folder (remote manifests)
         self.local_base = Path(_file_path(source)).resolve().parent  # (local manifests)
         self.done: dict[str, str] = {}
+        self.refs: dict[str, str] = {}  # only references that do not stay as written
         self.problems: dict[str, str] = {}
         self.fetched = 0
         self.any_remote = False
@@ -331,7 +308,10 @@ class _Resolver:
         uri, refusal = self._absolute(ref)
         if uri not in self.done:
             self.done[uri] = self._refuse(uri, refusal) if refusal else self._local(uri)
-        return self.done[uri]
+        local = self.done[uri]
+        if self.remote or refusal or is_remote(uri):
+            self.refs[ref] = local
+        return local
 
     def _absolute(self, ref: str) -> tuple[str, str | None]:
         """The reference as a URI or an absolute local path, and why it is refused, if it is."""
@@ -366,83 +346,6 @@ class _Resolver:
         return str(path)
 
 
-def _split_cell(value: str, rewrite: Callable[[str], str]) -> str:
-    parts = [p.strip() for p in value.split(IMAGE_SEPARATOR)]
-    if not any(parts):
-        return value
-    return IMAGE_SEPARATOR.join(rewrite(p) for p in parts if p)
-
-
-def _rewrite_value(value: Any, rewrite: Callable[[str], str]) -> Any:
-    if isinstance(value, str):
-        return _split_cell(value, rewrite)
-    if isinstance(value, list):
-        return [rewrite(v) if isinstance(v, str) and v.strip() else v for v in value]
-    return value
-
-
-def _rewrite_csv(text: str, rewrite: Callable[[str], str]) -> str:
-    records = list(csv.reader(io.StringIO(text, newline="")))
-    if not records:
-        return text
-    header = [h.strip() for h in records[0]]
-    columns = [i for i, name in enumerate(header) if name in REF_FIELDS]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(records[0])
-    for record in records[1:]:
-        for i in columns:
-            if i < len(record):
-                record[i] = _split_cell(record[i], rewrite)
-        writer.writerow(record)
-    return out.getvalue()
-
-
-def _rewrite_row(row: Any, rewrite: Callable[[str], str]) -> Any:
-    if not isinstance(row, dict):
-        return row
-    return {k: _rewrite_value(v, rewrite) if k in REF_FIELDS else v for k, v in row.items()}
-
-
-def _rewrite_jsonl(text: str, rewrite: Callable[[str], str]) -> str:
-    lines = []
-    for line in text.splitlines(keepends=True):
-        try:
-            value = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            value = None
-        if isinstance(value, dict):
-            lines.append(json.dumps(_rewrite_row(value, rewrite), ensure_ascii=False) + "\n")
-        else:
-            lines.append(line)  # blank, or not an object: the manifest reader reports it
-    return "".join(lines)
-
-
-def _rewrite_json(text: str, rewrite: Callable[[str], str]) -> str:
-    data = json.loads(text)
-    if isinstance(data, dict) and isinstance(data.get("rows"), list):
-        data = {**data, "rows": [_rewrite_row(r, rewrite) for r in data["rows"]]}
-    elif isinstance(data, list):
-        data = [_rewrite_row(r, rewrite) for r in data]
-    return json.dumps(data, ensure_ascii=False)
-
-
-def _rewrite(raw: bytes, suffix: str, rewrite: Callable[[str], str]) -> bytes | None:
-    """The manifest with every reference rewritten; None when it cannot be parsed (left to the
-    manifest reader, which says what is wrong with it)."""
-    try:
-        text = raw.decode("utf-8-sig")
-        if suffix in (".csv", ".tsv"):
-            return _rewrite_csv(text, rewrite).encode("utf-8")
-        if suffix in (".jsonl", ".ndjson"):
-            return _rewrite_jsonl(text, rewrite).encode("utf-8")
-        if suffix == ".json":
-            return _rewrite_json(text, rewrite).encode("utf-8")
-    except (UnicodeDecodeError, csv.Error, json.JSONDecodeError):
-        return None
-    return None
-
-
 def localize(source: str | Path, options: RemoteOptions) -> LocalManifest:
     """The local manifest for `source` (a path or URI), fetching what it names; see module doc."""
     source = str(source)
@@ -454,21 +357,22 @@ def localize(source: str | Path, options: RemoteOptions) -> LocalManifest:
         manifest_file = Path(_file_path(source))
         if not manifest_file.is_file():
             raise ManifestError(f"{source}: manifest not found")
-    raw = manifest_file.read_bytes()
     resolver = _Resolver(source, options)
-    suffix = Path(_name(source)).suffix.lower()
-    rewritten = _rewrite(raw, suffix, resolver)
-    if not remote and not resolver.any_remote and not resolver.problems:
-        return LocalManifest(manifest_file, source, (manifest_file.resolve().parent,))
-    data = raw if rewritten is None else rewritten
-    key = hashlib.sha256(source.encode() + b"\0" + data).hexdigest()
-    target = options.cache_dir / "manifests" / key / _name(source)
-    if not (target.is_file() and target.read_bytes() == data):
-        _atomic_write(target, data)
-    roots: tuple[Path, ...] = (options.cache_dir.resolve(),)
-    if not remote:
-        roots = (manifest_file.resolve().parent, *roots)
-    return LocalManifest(target, source, roots, dict(resolver.problems), resolver.fetched)
+    try:
+        for _, raw in iter_raw_rows(manifest_file):
+            if not isinstance(raw, RowError):
+                for ref in references(raw):
+                    resolver(ref)
+    except ManifestError:
+        pass  # an unreadable manifest: the manifest reader says what is wrong with it
+    roots: tuple[Path, ...] = (manifest_file.resolve().parent,)
+    if remote:
+        roots = (options.cache_dir.resolve(),)
+    elif resolver.any_remote or resolver.problems:
+        roots = (*roots, options.cache_dir.resolve())
+    return LocalManifest(
+        manifest_file, source, roots, dict(resolver.problems), resolver.fetched, resolver.refs
+    )
 
 
 def localize_manifest(uri: str | Path, settings: Settings) -> LocalManifest:

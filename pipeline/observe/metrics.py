@@ -51,8 +51,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from pipeline.batch.status import STATES as JOB_STATES
 from pipeline.db.models import Batch, Job
+from pipeline.states import BATCH_OPEN, AttemptOutcome, BatchState, JobState
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -64,7 +64,7 @@ __all__ = [
     "REGISTRY",
     "MetricsServer",
     "StateCounts",
-    "in_flight",
+    "call_in_flight",
     "observe_attempt",
     "observe_permit_wait",
     "start_metrics_server",
@@ -74,9 +74,7 @@ __all__ = [
 
 log = logging.getLogger("editbatch.metrics")
 
-OUTCOMES = ("ok", "transient", "hold", "failed", "interrupted")
-BATCH_STATES = ("running", "held", "paused", "finished", "cancelled")
-UNFINISHED_BATCH_STATES = ("running", "held", "paused")
+OUTCOMES = tuple(o for o in AttemptOutcome if o is not AttemptOutcome.IN_FLIGHT)
 STATE_TTL_SECONDS = 15.0
 
 # Edits take 20-60 s and may run to the request timeout; errors come back in well under 1 s.
@@ -143,7 +141,7 @@ def observe_attempt(
 
 
 @contextmanager
-def in_flight(model: str | None = None) -> Iterator[None]:
+def call_in_flight(model: str | None = None) -> Iterator[None]:
     """Count a call as in flight while the block runs.
 
     With `model`, an exception escaping the block (the call never produced an outcome) is
@@ -155,7 +153,7 @@ def in_flight(model: str | None = None) -> Iterator[None]:
         yield
     except BaseException:
         if model is not None:
-            observe_attempt(model, "interrupted", None, time.monotonic() - started)
+            observe_attempt(model, AttemptOutcome.INTERRUPTED, None, time.monotonic() - started)
         raise
     finally:
         IN_FLIGHT.dec()
@@ -180,7 +178,7 @@ def state_counts(db: Database) -> StateCounts:
         jobs = session.execute(
             select(Job.state, func.count())
             .join(Batch, Batch.id == Job.batch_id)
-            .where(Batch.state.in_(UNFINISHED_BATCH_STATES))
+            .where(Batch.state.in_(list(BATCH_OPEN)))
             .group_by(Job.state)
         ).all()
         batches = session.execute(select(Batch.state, func.count()).group_by(Batch.state)).all()
@@ -241,12 +239,12 @@ class _StateCollector(Collector):
         jobs = GaugeMetricFamily(
             "editbatch_jobs", "Jobs of unfinished batches by state (database).", labels=["state"]
         )
-        for state in sorted({*JOB_STATES, *counts.jobs}):
+        for state in sorted({*JobState, *counts.jobs}):
             jobs.add_metric([state], counts.jobs.get(state, 0))
         batches = GaugeMetricFamily(
             "editbatch_batches", "Batches by state (database).", labels=["state"]
         )
-        for state in sorted({*BATCH_STATES, *counts.batches}):
+        for state in sorted({*BatchState, *counts.batches}):
             batches.add_metric([state], counts.batches.get(state, 0))
         return [jobs, batches, errors]
 

@@ -43,6 +43,7 @@ from tenacity import (
 from pipeline.batch.status import batch_status
 from pipeline.db.models import Batch
 from pipeline.db.session import Database
+from pipeline.errors import EditbatchError
 from pipeline.settings import Settings
 
 __all__ = [
@@ -205,7 +206,7 @@ class WebhookConfig:
         )
 
 
-class _Retryable(Exception):
+class _Retryable(EditbatchError):
     """An answer worth another try (408, 429, 5xx)."""
 
 

@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 
 from pipeline.db.models import Batch, Job, Output, utcnow
 from pipeline.db.session import Database
-from pipeline.errors import StorageError
-from pipeline.intake.naming import OutputNameError, render_name
+from pipeline.errors import OutputNameError, StorageError
+from pipeline.intake.naming import render_name
 from pipeline.output import masks
 from pipeline.output.storage import Storage
 from pipeline.spec import EditSpec

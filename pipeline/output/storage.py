@@ -1,20 +1,19 @@
 """Where outputs land: a local folder or any fsspec URL (s3://bucket/prefix, file://...).
 
-Writes are atomic: a reader never sees a partial file at a final path. Locally that is a
-temporary file in the same folder, fsync, then `os.replace`; on object stores a single PUT is
+Writes are atomic: a reader never sees a partial file at a final path. Locally that is
+`pipeline.files.write_atomic` (fsynced); on object stores a single PUT is
 atomic by nature.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import StorageError
+from pipeline.files import write_atomic
 
 
 class Storage:
@@ -47,19 +46,7 @@ class Storage:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 # A symlinked folder inside the root could still point outside: re-check.
                 self._local_target(name)
-                # Not mkstemp: its file is 0600, and os.replace would keep that mode. Created
-                # like this, the file gets what any new file gets (0666 less the umask).
-                tmp = target.parent / f".tmp-{secrets.token_hex(8)}"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                try:
-                    with os.fdopen(fd, "wb") as fh:
-                        fh.write(data)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                    os.replace(tmp, target)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
+                write_atomic(target, data, durable=True)
             except OSError as exc:
                 raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
             return str(target)

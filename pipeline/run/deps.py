@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import httpx2
+
 from pipeline.cost.pricing import load_prices
 from pipeline.db.session import Database
 from pipeline.errors import StorageError
@@ -18,7 +20,14 @@ from pipeline.settings import Settings
 log = logging.getLogger("editbatch.report")
 
 
-def build_deps(settings: Settings, limiter: Limiter, db: Database | None = None) -> Deps:
+def build_deps(
+    settings: Settings,
+    limiter: Limiter,
+    db: Database | None = None,
+    http_client: httpx2.Client | None = None,
+) -> Deps:
+    """Clients built once per process. `http_client` replaces the SDK's transport (unit tests:
+    `tests.fakes.InProcessAPI`)."""
     database = db or Database(settings.effective_database_url)
     storages = StorageCache()
 
@@ -45,7 +54,10 @@ def build_deps(settings: Settings, limiter: Limiter, db: Database | None = None)
     return Deps(
         db=database,
         gateway=Gateway(
-            settings.api_key(), settings.openai_base_url, settings.request_timeout_seconds
+            settings.api_key(),
+            settings.openai_base_url,
+            settings.request_timeout_seconds,
+            http_client=http_client,
         ),
         settings=settings,
         prices=load_prices(settings.prices_file),

@@ -15,38 +15,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import openai
 from PIL import Image
 
 from pipeline.cost.pricing import Usage
+from pipeline.run.retry import classify, parse_retry_after
 from pipeline.spec import EditSpec
+from pipeline.states import AttemptOutcome
 
-# 429 bodies that mean "no money / no quota": retrying cannot help and costs nothing but time.
-QUOTA_CODES = frozenset(
-    {
-        "insufficient_quota",
-        "credit_balance_exhausted",
-        "organization_spend_limit_exceeded",
-        "project_spend_limit_exceeded",
-        "organization_usage_limit_exceeded",
-        "billing_hard_limit_reached",
-    }
-)
-TRANSIENT_STATUSES = frozenset({408, 409, 429})
-HOLD_STATUSES = frozenset({401, 403})
 MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "jpg": "image/jpeg"}
-MAX_RETRY_AFTER_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
 class CallOutcome:
     """What one call to the edit endpoint did, as plain values.
 
-    kind: "ok" (images present), "transient" (retry later), "hold" (stop the batch: quota, auth),
-    "failed" (this job cannot succeed as asked).
+    kind: OK (images present), TRANSIENT (retry later), HOLD (stop the batch: quota, auth),
+    FAILED (this job cannot succeed as asked); see `pipeline.run.retry.classify`.
     """
 
-    kind: str
+    kind: AttemptOutcome
     latency_ms: float
     http_status: int | None = None
     request_id: str | None = None
@@ -57,38 +46,6 @@ class CallOutcome:
     usage: Usage | None = None
     images: tuple[bytes, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
-
-
-def classify(status: int | None, error_type: str | None, code: str | None) -> str:
-    """Map an HTTP status and OpenAI error type/code to transient | hold | failed (pure)."""
-    if status is None:
-        return "transient"  # timeout, connection reset, unreadable body
-    if status == 429:
-        if error_type in QUOTA_CODES or code in QUOTA_CODES:
-            return "hold"
-        return "transient"
-    if status in HOLD_STATUSES:
-        return "hold"
-    if status in TRANSIENT_STATUSES or status >= 500:
-        return "transient"
-    return "failed"
-
-
-def parse_retry_after(headers: Any) -> float | None:
-    """Seconds to wait from `retry-after-ms` (preferred) or `retry-after`, if present and sane."""
-    if headers is None:
-        return None
-    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            value = float(raw) / divisor
-        except ValueError:
-            continue
-        if 0 <= value <= MAX_RETRY_AFTER_SECONDS:
-            return value
-    return None
 
 
 def usage_from_response(usage: Any) -> Usage | None:
@@ -160,15 +117,26 @@ def _files(spec: EditSpec) -> dict[str, Any]:
 
 
 class Gateway:
-    """A configured OpenAI client, built once per process and shared by all threads."""
+    """A configured OpenAI client, built once per process and shared by all threads.
 
-    def __init__(self, api_key: str, base_url: str | None, timeout: float) -> None:
+    `http_client` (an `httpx2.Client`) replaces the SDK's own transport: unit tests pass one
+    with an `httpx2.MockTransport` to answer in-process, without a server.
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None,
+        timeout: float,
+        http_client: httpx2.Client | None = None,
+    ) -> None:
         self._secret = api_key
         self.client = openai.OpenAI(
             api_key=api_key or "missing-key",
             base_url=base_url,
             max_retries=0,
             timeout=timeout,
+            http_client=http_client,
         )
 
     def _redact(self, text: str) -> str:
@@ -219,7 +187,7 @@ class Gateway:
             )
         except openai.APITimeoutError:
             return CallOutcome(
-                kind="transient",
+                kind=AttemptOutcome.TRANSIENT,
                 latency_ms=elapsed(),
                 error_type="timeout",
                 error_code="timeout",
@@ -229,7 +197,7 @@ class Gateway:
             cause = exc.__cause__
             detail = f": {type(cause).__name__}" if cause is not None else ""
             return CallOutcome(
-                kind="transient",
+                kind=AttemptOutcome.TRANSIENT,
                 latency_ms=elapsed(),
                 error_type="connection",
                 error_code="connection_error",
@@ -237,7 +205,7 @@ class Gateway:
             )
         except (ValueError, openai.APIResponseValidationError) as exc:
             return CallOutcome(
-                kind="transient",
+                kind=AttemptOutcome.TRANSIENT,
                 latency_ms=elapsed(),
                 http_status=200,
                 error_type="bad_response",
@@ -248,7 +216,7 @@ class Gateway:
         decoded = decode_images(list(response.data or []))
         if isinstance(decoded, str):
             return CallOutcome(
-                kind="transient",
+                kind=AttemptOutcome.TRANSIENT,
                 latency_ms=elapsed(),
                 http_status=raw.status_code,
                 request_id=request_id,
@@ -259,7 +227,7 @@ class Gateway:
                 headers=headers,
             )
         return CallOutcome(
-            kind="ok",
+            kind=AttemptOutcome.OK,
             latency_ms=elapsed(),
             http_status=raw.status_code,
             request_id=request_id,

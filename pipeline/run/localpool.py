@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.exc import DBAPIError
 
-from pipeline.batch.submit import queued_job_ids
-from pipeline.db import jobs
-from pipeline.run.executor import Deps, JobResult, process_job
+from pipeline.db.jobs import queued_job_ids
+from pipeline.run.executor import Deps, Handback, JobResult, process_job
+from pipeline.run.retry import redeliver_after
 
 log = logging.getLogger("editbatch.run")
 
@@ -60,12 +60,12 @@ class LocalPool:
             try:
                 result = process_job(job_id, self.deps)
             except DBAPIError as exc:  # "database is locked" and friends: try again shortly
-                log.warning("job %s: database error, retrying: %s", job_id, exc.orig)
-                result = JobResult(job_id, "deferred", "database error", retry_in=1.0)
+                delay = redeliver_after(job_id, exc)
+                result = JobResult(job_id, Handback.DEFERRED, "database error", retry_in=delay)
             except Exception:  # one bad job must not stop the pool; a rerun picks it up
                 log.exception("job %s crashed in the executor", job_id)
-                result = JobResult(job_id, "crashed")
-            if result.state == "deferred":
+                result = JobResult(job_id, Handback.CRASHED)
+            if result.state == Handback.DEFERRED:
                 timer = threading.Timer(result.retry_in or 0.0, work.put, (job_id,))
                 timer.daemon = True
                 timer.start()
@@ -74,15 +74,3 @@ class LocalPool:
                 self._pending -= 1
             if self.on_result is not None:
                 self.on_result(result)
-
-
-def reclaim_orphans(deps: Deps, batch_id: int) -> int:
-    """Jobs a previous `run` of this batch left running (it was killed) go back to queued.
-
-    Only for single-machine runs, where no other process can be working on this batch.
-    """
-    with deps.db.session() as session:
-        ids = jobs.requeue_expired(session, batch_id, ignore_lease=True)
-        jobs.release_held_jobs(session, batch_id)
-        session.commit()
-    return len(ids)

@@ -12,11 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
-from pipeline.errors import EditbatchError
-
-
-class PermitTimeout(EditbatchError):
-    """Raised when no permit came within `max_wait`: hand the job back instead of blocking."""
+from pipeline.errors import PermitTimeout
 
 
 class Limiter(Protocol):

@@ -1,17 +1,115 @@
-"""Retry waits: exponential backoff with full jitter, never shorter than the server asked.
+"""The retry policy, in one place: what is retried, how long it waits, when it stops, and how
+database errors around a call are retried.
 
-Built on tenacity's wait strategies so the executor's `Retrying` loop can use it directly.
+What an answer means (`classify`, pure), per ARCHITECTURE.md's error classes:
+
+    429 rate_limit_exceeded, 408, 409, >= 500, timeout,    TRANSIENT  retried with backoff
+      connection reset, an unreadable 200
+    429 insufficient_quota (and the spend-limit codes)       HOLD       the batch stops; no retry
+    401, 403                                                 HOLD
+    any other 4xx (invalid request, moderation_blocked)      FAILED     the job fails with the code
+
+How long it waits (`wait_api`): full-jitter exponential backoff (EDITBATCH_BACKOFF_BASE_SECONDS,
+capped at EDITBATCH_BACKOFF_MAX_SECONDS), never shorter than the API's `retry-after-ms` /
+`retry-after`. When it stops: after EDITBATCH_MAX_ATTEMPTS calls for the job, counted from its
+last `retry --failed` (`RetryPolicy.attempts_left`). The SDK's own retries are off, so each
+call is one recorded attempt.
+
+Database errors: a write that records a call already made is retried in place for
+`RECORD_RETRY_SECONDS` (`persist`): the call's outcome exists only in this process, and giving up
+would drop its cost from the ledger and buy the edit again. Any other database error gives the
+claim back, and the whole job is tried again `REDELIVER_SECONDS` later (`redeliver_after`), by
+the Celery task and the local pool alike.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
-from tenacity import RetryCallState
+from sqlalchemy.exc import DBAPIError
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
+from pipeline.settings import Settings
+from pipeline.states import AttemptOutcome
 
-class HasRetryAfter(Protocol):
+log = logging.getLogger("editbatch.retry")
+
+__all__ = [
+    "QUOTA_CODES",
+    "RECORD_RETRY_SECONDS",
+    "REDELIVER_SECONDS",
+    "RetryPolicy",
+    "classify",
+    "parse_retry_after",
+    "persist",
+    "redeliver_after",
+    "wait_api",
+]
+
+# 429 bodies that mean "no money / no quota": retrying cannot help and costs nothing but time.
+QUOTA_CODES = frozenset(
+    {
+        "insufficient_quota",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
+        "billing_hard_limit_reached",
+    }
+)
+TRANSIENT_STATUSES = frozenset({408, 409, 429})
+HOLD_STATUSES = frozenset({401, 403})
+MAX_RETRY_AFTER_SECONDS = 600.0
+
+RECORD_RETRY_SECONDS = 30.0
+"""How long the record of a call already made is retried through database errors."""
+REDELIVER_SECONDS = 2.0
+"""After any other database error, the job is tried again this much later."""
+
+
+def classify(status: int | None, error_type: str | None, code: str | None) -> AttemptOutcome:
+    """Map an HTTP status and OpenAI error type/code to TRANSIENT, HOLD or FAILED (pure)."""
+    if status is None:
+        return AttemptOutcome.TRANSIENT  # timeout, connection reset, unreadable body
+    if status == 429:
+        if error_type in QUOTA_CODES or code in QUOTA_CODES:
+            return AttemptOutcome.HOLD
+        return AttemptOutcome.TRANSIENT
+    if status in HOLD_STATUSES:
+        return AttemptOutcome.HOLD
+    if status in TRANSIENT_STATUSES or status >= 500:
+        return AttemptOutcome.TRANSIENT
+    return AttemptOutcome.FAILED
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from `retry-after-ms` (preferred) or `retry-after`, if present and sane."""
+    if headers is None:
+        return None
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) / divisor
+        except ValueError:
+            continue
+        if 0 <= value <= MAX_RETRY_AFTER_SECONDS:
+            return value
+    return None
+
+
+class Retriable(Protocol):
+    """What the policy reads of an attempt's outcome."""
+
+    @property
+    def kind(self) -> AttemptOutcome: ...
+
     @property
     def retry_after(self) -> float | None: ...
 
@@ -26,8 +124,89 @@ class wait_api:
         wait = float(self._jitter(retry_state))
         outcome = retry_state.outcome
         if outcome is not None and not outcome.failed:
-            result: HasRetryAfter = outcome.result()
-            retry_after = getattr(result, "retry_after", None)
+            retry_after = getattr(outcome.result(), "retry_after", None)
             if retry_after is not None:
                 return max(wait, float(retry_after))
         return wait
+
+
+R = TypeVar("R", bound=Retriable)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to call again, how long to wait, when to stop."""
+
+    max_attempts: int
+    backoff_base: float
+    backoff_max: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(
+            settings.max_attempts, settings.backoff_base_seconds, settings.backoff_max_seconds
+        )
+
+    def attempts_left(self, attempts: int, attempt_base: int) -> int:
+        """Calls this run may make for a job that has made `attempts` (`attempt_base` of them
+        before its last `retry --failed`). Never less than one: a claimed job gets its call."""
+        return max(self.max_attempts - (attempts - attempt_base), 1)
+
+    def run(
+        self,
+        call: Callable[[], R],
+        *,
+        attempts: int,
+        sleep: Callable[[float], None],
+        before_call: Callable[[int], None],
+        before_wait: Callable[[float], None],
+    ) -> R:
+        """Call until the outcome is not TRANSIENT or `attempts` calls were made; the last
+        outcome. `before_call(n)` runs before the n-th call (1-based), `before_wait(seconds)`
+        before each wait. Exceptions from `call` propagate at once."""
+
+        def before(state: RetryCallState) -> None:
+            before_call(state.attempt_number)
+
+        def before_sleep(state: RetryCallState) -> None:
+            before_wait(state.next_action.sleep if state.next_action else 0.0)
+
+        retrying = Retrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_api(self.backoff_base, self.backoff_max),
+            retry=retry_if_result(lambda o: o.kind == AttemptOutcome.TRANSIENT),
+            retry_error_callback=lambda rs: rs.outcome.result() if rs.outcome else None,
+            before=before,
+            before_sleep=before_sleep,
+            sleep=sleep,
+            reraise=True,
+        )
+        result: R = retrying(call)
+        return result
+
+
+T = TypeVar("T")
+
+
+def persist(what: str, write: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run `write` (safe to run twice) again after a database error, for RECORD_RETRY_SECONDS."""
+    delay = 0.1
+    deadline = time.monotonic() + RECORD_RETRY_SECONDS
+    while True:
+        try:
+            return write()
+        except DBAPIError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database error, trying again in %.1f s: %s", what, delay, exc.orig)
+            sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def redeliver_after(job_id: int, exc: DBAPIError) -> float:
+    """A database error stopped job `job_id` (its claim was given back): log it, and the
+    seconds after which to try the job again."""
+    log.warning(
+        "job %s: database error, trying again in %.0f s: %s", job_id, REDELIVER_SECONDS, exc.orig
+    )
+    return REDELIVER_SECONDS

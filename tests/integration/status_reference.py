@@ -7,9 +7,10 @@ from decimal import Decimal
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, aliased
 
-from pipeline.batch.status import STATES, BatchStatus
+from pipeline.batch.status import BatchStatus
 from pipeline.db.models import Attempt, Batch, Job, Output
 from pipeline.errors import NotFoundError
+from pipeline.states import JobState
 
 
 def reference_status(session: Session, batch_id: int, failures_limit: int = 20) -> BatchStatus:
@@ -17,7 +18,7 @@ def reference_status(session: Session, batch_id: int, failures_limit: int = 20) 
     batch = session.get(Batch, batch_id)
     if batch is None:
         raise NotFoundError(f"no batch {batch_id}; `editbatch status` lists the batches")
-    counts = {s: 0 for s in STATES}
+    counts: dict[str, int] = {s: 0 for s in JobState}
     cost = Decimal(0)
     for state, n, state_cost in session.execute(
         select(Job.state, func.count(), func.coalesce(func.sum(Job.cost_usd), 0))

@@ -8,12 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
+from sqlalchemy import update
+
+from pipeline.db.models import Batch
+from pipeline.db.session import Database
 from pipeline.sandbox import SandboxConfig, SandboxServer
+from pipeline.states import BatchState, HoldCode
 from tests.conftest import FAKE_KEY, billed_total
 from tests.factories import product_rows, write_manifest
 from tests.servers import REPO
+from tests.unit.helpers import new_batch
 
 
 def editbatch(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -90,3 +97,42 @@ def test_ctrl_c_then_rerun_continues_without_paying_twice(tmp_path: Path) -> Non
     status = json.loads(editbatch(["status", "1", "--json"], env, tmp_path).stdout)
     assert status["counts"]["succeeded"] == 24
     assert len(list((tmp_path / "out").glob("*.png"))) == 24
+
+
+def test_run_continuing_a_held_batch_drops_reservations_a_killed_run_leaked(
+    tmp_path: Path, sandbox: SandboxServer
+) -> None:
+    """`run` continues a held batch the way `resume` does: reservations of calls whose process
+    died are dropped before anything is sent, so a leak cannot stop the batch under its budget."""
+    rows = product_rows(tmp_path / "in", 12)
+    manifest = write_manifest(tmp_path / "in" / "m.csv", rows)
+    out = str((tmp_path / "out").resolve())
+    env = {
+        "EDITBATCH_HOME": str(tmp_path / "home"),
+        "OPENAI_BASE_URL": sandbox.base_url,
+        "OPENAI_API_KEY": FAKE_KEY,
+    }
+    db = Database(f"sqlite:///{tmp_path / 'home' / 'editbatch.db'}")
+    batch_id = new_batch(db, manifest, out, budget_usd=Decimal("2.00")).batch_id
+    with db.session() as s:
+        # What a run killed mid-call leaves behind: the batch held at its budget by
+        # reservations that never settled, and no spend.
+        s.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(
+                state=BatchState.HELD,
+                hold_code=HoldCode.BUDGET,
+                hold_reason="budget: batch budget $2.00 reached",
+                reserved_usd=Decimal("1.95"),
+            )
+        )
+        s.commit()
+    db.dispose()
+    proc = editbatch(["run", str(manifest), "--output", out, "--json"], env, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["state"] == "finished"
+    assert status["counts"]["succeeded"] == 12
+    billed, _ = billed_total(tmp_path / "billing.jsonl")
+    assert str(billed) == status["cost_usd"]

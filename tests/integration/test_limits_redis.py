@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from pipeline.run.ratelimit import PermitTimeout
+from pipeline.errors import PermitTimeout
 from worker.limits import ModelLimit, RedisLimiter
 
 pytestmark = pytest.mark.integration

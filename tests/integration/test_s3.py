@@ -23,12 +23,12 @@ import pytest
 from fsspec.asyn import sync_wrapper
 from sqlalchemy import select
 
-from pipeline.batch.submit import create_batch, queued_job_ids
+from pipeline.batch.submit import BatchOptions, Intake, prepare, store
+from pipeline.cost.pricing import load_prices
+from pipeline.db.jobs import queued_job_ids
 from pipeline.db.models import Batch, Job, Output
 from pipeline.db.session import Database
-from pipeline.intake.catalog import load_catalog
 from pipeline.intake.manifest import Defaults
-from pipeline.intake.preflight import PreflightOptions
 from pipeline.intake.remote import localize_manifest
 from pipeline.output.storage import Storage
 from pipeline.run.deps import build_deps
@@ -104,20 +104,8 @@ def upload_manifest(bucket: str, tmp_path: Path, rows: list[dict[str, Any]], key
 
 def run_batch(settings: Settings, db: Database, manifest_uri: str, output_uri: str) -> int:
     """Localize, submit and run every job in this process (as `editbatch run` does)."""
-    local = localize_manifest(manifest_uri, settings)
-    preflight = local.preflight(
-        PreflightOptions(
-            allowed_roots=local.roots, catalog=load_catalog(), work_dir=settings.home / "pf"
-        )
-    )
-    result = create_batch(
-        db,
-        local.path,
-        name="s3",
-        output_uri=output_uri,
-        defaults=Defaults(),
-        preflight=preflight,
-    )
+    prepared = prepare(settings, manifest_uri, Intake(Defaults()))
+    result = store(db, prepared, BatchOptions(output_uri, name="s3"), load_prices())
     deps = build_deps(settings, LocalLimiter(None, None), db)
     deps.sleep = lambda _s: None
     for chunk in queued_job_ids(db, result.batch_id):
@@ -183,7 +171,9 @@ def test_second_run_uses_the_cache_and_missing_images_reject_their_row(
     fs().put_file(str(tmp_path / "src" / "img0.png"), f"{bucket}/images/img1.png")
     fs().rm(f"{bucket}/images/mask0.png")
     third = localize_manifest(manifest_uri, settings)
-    assert third.fetched == 1 and third.path != first.path
+    assert third.fetched == 1 and third.path == first.path  # the manifest itself is unchanged
+    img1 = "../images/img1.png"
+    assert third.refs[img1] != first.refs[img1]  # the new copy of the changed image
     assert third.problems == {f"s3://{bucket}/images/mask0.png": "not found"}
 
 

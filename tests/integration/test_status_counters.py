@@ -21,8 +21,8 @@ from sqlalchemy import create_engine, inspect, select, text, update
 
 from pipeline.batch import controls
 from pipeline.batch.status import BatchStatus, batch_status, list_batches
-from pipeline.batch.submit import queued_job_ids
 from pipeline.db import jobs
+from pipeline.db.jobs import queued_job_ids
 from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
 from pipeline.db.session import Database, alembic_config
 from pipeline.run.deps import build_deps
@@ -154,7 +154,7 @@ def test_counters_agree_with_aggregates_through_a_random_workload(
     deps = _deps(settings, db)
     folder = tmp_path / "in"
     manifest = write_manifest(folder / "m.csv", _rows(folder, rng, 14))
-    a = new_batch(db, manifest, str(tmp_path / "out-a"), settings_snapshot={"reuse": True}).batch_id
+    a = new_batch(db, manifest, str(tmp_path / "out-a"), reuse=True).batch_id
     check(db, a)
 
     # The executor against the sandbox: successes, retries, failures, bad responses.
@@ -242,7 +242,7 @@ def test_counters_agree_with_aggregates_through_a_random_workload(
     check(db, a)
 
     # The same manifest again: reuse (zero cost, `saved`), then pause, resume and cancel.
-    b = new_batch(db, manifest, str(tmp_path / "out-b"), settings_snapshot={"reuse": True}).batch_id
+    b = new_batch(db, manifest, str(tmp_path / "out-b"), reuse=True).batch_id
     check(db, a, b)
     b_jobs = _in_state(db, b, "queued")
     for job_id in b_jobs[: len(b_jobs) // 2]:

@@ -3,7 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.batch.submit import SubmitResult, create_batch
+from pipeline.batch.submit import BatchOptions, Prepared, SubmitResult, store
+from pipeline.cost.pricing import load_prices
 from pipeline.db.session import Database
 from pipeline.intake.catalog import load_catalog
 from pipeline.intake.manifest import Defaults
@@ -21,13 +22,14 @@ def make_preflight(manifest: Path) -> Preflight:
 
 
 def new_batch(db: Database, manifest: Path, output: str, **kwargs: Any) -> SubmitResult:
-    """Store a batch for `manifest` with the default preflight (what `submit` does)."""
-    return create_batch(
-        db,
+    """Store a batch for `manifest` with the default preflight (what `submit` does).
+
+    `defaults` and `preflight` set how rows are read; other keywords are BatchOptions fields.
+    """
+    prepared = Prepared.local(
         manifest,
-        name=kwargs.pop("name", "t"),
-        output_uri=output,
-        defaults=kwargs.pop("defaults", Defaults()),
-        preflight=make_preflight(manifest),
-        **kwargs,
+        kwargs.pop("defaults", Defaults()),
+        kwargs.pop("preflight", None) or make_preflight(manifest),
     )
+    options = BatchOptions(output_uri=output, name=kwargs.pop("name", "t"), **kwargs)
+    return store(db, prepared, options, load_prices())

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.batch import controls
-from pipeline.batch.submit import queued_job_ids
+from pipeline.db.jobs import queued_job_ids
 from pipeline.db.models import Attempt, Batch, Job
 from pipeline.db.session import Database
 from pipeline.errors import EditbatchError

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from pipeline.batch.submit import StrictRefusal, enqueue_batch
+from pipeline.batch.submit import send
 from pipeline.db.models import Batch, Job
 from pipeline.db.session import Database
+from pipeline.errors import StrictRefusal
 from tests.factories import make_image, make_mask, write_manifest
 from tests.unit.helpers import new_batch
 
@@ -46,7 +47,7 @@ def test_rejected_rows_stored_with_reason_and_never_enqueued(tmp_path: Path, db:
         (8, "id"),
     }
     sent: list[int] = []
-    assert enqueue_batch(db, result.batch_id, sent.extend) == 2
+    assert send(db, result.batch_id, sent.extend) == 2
     with db.session() as s:
         jobs = {j.row_number: j for j in s.scalars(select(Job)).all()}
     assert sorted(sent) == sorted(jobs[r].id for r in (1, 6))

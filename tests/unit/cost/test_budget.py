@@ -22,8 +22,7 @@ from sqlalchemy import inspect, select
 from pipeline.cost.budget import daily_spent, reconcile, reserve, reserve_call, settle
 from pipeline.cost.estimate import estimate_cost
 from pipeline.cost.pricing import load_prices
-from pipeline.db.budget_models import DailySpend
-from pipeline.db.models import Base, Batch, Job
+from pipeline.db.models import Base, Batch, DailySpend, Job
 from pipeline.db.session import Database, alembic_config, make_engine
 from pipeline.errors import NotFoundError
 from pipeline.spec import EditSpec

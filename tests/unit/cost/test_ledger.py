@@ -14,10 +14,8 @@ from typing import Any
 from sqlalchemy import select
 
 from pipeline.batch.status import batch_status
-from pipeline.batch.submit import create_batch
 from pipeline.db.models import Attempt, Job
 from pipeline.db.session import Database
-from pipeline.intake.manifest import Defaults
 from pipeline.run.deps import build_deps
 from pipeline.run.localpool import LocalPool
 from pipeline.run.ratelimit import LocalLimiter
@@ -25,7 +23,7 @@ from pipeline.sandbox import SandboxServer
 from pipeline.settings import Settings
 from tests.conftest import FAKE_KEY, billed_total
 from tests.factories import make_image, make_mask, write_manifest
-from tests.unit.helpers import make_preflight
+from tests.unit.helpers import new_batch
 
 MODELS = ["gpt-image-1.5", "gpt-image-1-mini", "gpt-image-2"]
 SIZES = {
@@ -72,14 +70,7 @@ def test_mixed_batch_ledger_equals_bill_and_estimate_is_close(
     tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
 ) -> None:
     manifest = write_manifest(tmp_path / "in" / "m.jsonl", mixed_rows(tmp_path / "in", 200))
-    result = create_batch(
-        db,
-        manifest,
-        name="mixed",
-        output_uri=str(tmp_path / "out"),
-        defaults=Defaults(),
-        preflight=make_preflight(manifest),
-    )
+    result = new_batch(db, manifest, str(tmp_path / "out"), name="mixed")
     assert (result.accepted, result.rejected) == (200, 0), result.errors[:3]
     deps = build_deps(settings, LocalLimiter(None, None), db)
     deps.sleep = lambda _s: None

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.intake.naming import OutputNameError, render_name
+from pipeline.errors import OutputNameError
+from pipeline.intake.naming import render_name
 from pipeline.spec import EditSpec
 
 

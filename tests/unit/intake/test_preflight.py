@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.errors import ConfigError
+from pipeline.files import file_sha256
 from pipeline.intake import preflight as preflight_module
 from pipeline.intake.catalog import load_catalog
 from pipeline.intake.preflight import (
@@ -23,7 +24,7 @@ from pipeline.intake.preflight import (
     PreflightOptions,
     PreflightResult,
 )
-from pipeline.spec import EditSpec, file_sha256
+from pipeline.spec import EditSpec
 
 ROW = 7
 KEY = "SKU-42"

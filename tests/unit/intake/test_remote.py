@@ -13,18 +13,11 @@ import fsspec
 import pytest
 
 from pipeline.batch.submit import check_rows
-from pipeline.errors import ManifestError
+from pipeline.errors import ManifestError, SchemeNotAllowed, TooLarge
 from pipeline.intake.catalog import load_catalog
-from pipeline.intake.manifest import Defaults, read_manifest
+from pipeline.intake.manifest import Defaults
 from pipeline.intake.preflight import PreflightOptions
-from pipeline.intake.remote import (
-    LocalManifest,
-    RemoteOptions,
-    SchemeNotAllowed,
-    TooLarge,
-    fetch,
-    localize,
-)
+from pipeline.intake.remote import LocalManifest, RemoteOptions, fetch, localize
 from pipeline.spec import EditSpec
 from tests.factories import make_image, make_mask
 
@@ -64,7 +57,7 @@ def _checked(local: LocalManifest, tmp_path: Path) -> list[tuple[int, list[str]]
     )
     return [
         (r.row, [f"{e.field}: {e.reason}" for e in r.errors])
-        for r in check_rows(local.path, Defaults(), preflight)
+        for r in check_rows(local, Defaults(), preflight)
     ]
 
 
@@ -139,7 +132,7 @@ def test_size_is_enforced_while_reading_too(
     assert not [p for p in (tmp_path / "cache" / "tmp").iterdir()]  # no partial file left
 
 
-# --- rewriting ---------------------------------------------------------------------------------
+# --- references ---------------------------------------------------------------------------------
 
 
 def test_remote_csv_keeps_columns_rows_and_numbers(
@@ -168,7 +161,7 @@ def test_remote_csv_keeps_columns_rows_and_numbers(
     assert local.path.name == "2026-03-14.csv" and local.changed
     assert local.roots == ((tmp_path / "cache").resolve(),)
     assert local.fetched == 3  # shoe.png once, although named twice
-    specs = [s for s in read_manifest(local.path, Defaults()) if isinstance(s, EditSpec)]
+    specs = [s for s in local.read(Defaults()) if isinstance(s, EditSpec)]
     assert [(s.row, s.key) for s in specs] == [(1, "S1"), (3, "S2")]
     first, second = specs
     assert len(first.images) == 2 and second.mask is not None
@@ -207,7 +200,7 @@ def test_remote_manifest_cannot_name_local_files_or_leave_its_bucket(
     ]
 
 
-def test_json_manifest_lists_are_rewritten(
+def test_json_manifest_lists_are_resolved(
     tmp_path: Path, mem: tuple[fsspec.AbstractFileSystem, str]
 ) -> None:
     fs, bucket = mem
@@ -216,7 +209,7 @@ def test_json_manifest_lists_are_rewritten(
     doc = {"rows": [{"id": "J", "image": ["a.png", "b.png"], "prompt": "p", "n": 2}]}
     fs.pipe_file(f"/{bucket}/m.json", json.dumps(doc).encode())
     local = localize(f"memory://{bucket}/m.json", _options(tmp_path))
-    (spec,) = list(read_manifest(local.path, Defaults()))
+    (spec,) = list(local.read(Defaults()))
     assert isinstance(spec, EditSpec) and spec.n == 2
     assert [Path(p).name for p in spec.images] == ["a.png", "b.png"]
 
@@ -242,7 +235,7 @@ def test_local_manifest_with_remote_images_gets_a_local_copy(
     )
     local = localize(str(manifest), _options(tmp_path))
     assert local.changed and local.roots[0] == manifest.parent.resolve()
-    (spec,) = list(read_manifest(local.path, Defaults()))
+    (spec,) = list(local.read(Defaults()))
     assert isinstance(spec, EditSpec)
     assert spec.images[0] == str((tmp_path / "in" / "a.png").resolve())
     assert Path(spec.images[1]).name == "logo.png"
@@ -256,4 +249,4 @@ def test_unreadable_manifest_is_left_to_the_manifest_reader(
     fs.pipe_file(f"/{bucket}/m.csv", b"image,prompt\n\xff\xfe,bad\n")
     local = localize(f"memory://{bucket}/m.csv", _options(tmp_path))
     with pytest.raises(ManifestError, match="not UTF-8"):
-        list(read_manifest(local.path, Defaults()))
+        list(local.read(Defaults()))

@@ -13,13 +13,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
-from pipeline.batch.submit import queued_job_ids
+from pipeline.db.jobs import queued_job_ids
 from pipeline.db.models import Batch
 from pipeline.db.session import Database
+from pipeline.errors import PermitTimeout
 from pipeline.observe import metrics
 from pipeline.run.deps import build_deps
 from pipeline.run.executor import Deps, process_job
-from pipeline.run.ratelimit import LocalLimiter, PermitTimeout
+from pipeline.run.ratelimit import LocalLimiter
 from pipeline.settings import Settings, get_settings
 from tests.factories import product_rows, write_manifest
 from tests.servers import free_port
@@ -116,7 +117,7 @@ def test_in_flight_counts_while_the_block_runs(
 ) -> None:
     server = serve()
     before = value("editbatch_calls_in_flight")
-    with metrics.in_flight("test-inflight"), metrics.in_flight():
+    with metrics.call_in_flight("test-inflight"), metrics.call_in_flight():
         during = sample(scrape(server.port), "editbatch_calls_in_flight")
     assert during == before + 2
     assert sample(scrape(server.port), "editbatch_calls_in_flight") == before
@@ -125,11 +126,11 @@ def test_in_flight_counts_while_the_block_runs(
 def test_an_exception_in_flight_is_an_interrupted_attempt() -> None:
     labels = {"model": "test-interrupt", "outcome": "interrupted", "status_class": "none"}
     before = value("editbatch_calls_in_flight")
-    with pytest.raises(KeyboardInterrupt), metrics.in_flight("test-interrupt"):
+    with pytest.raises(KeyboardInterrupt), metrics.call_in_flight("test-interrupt"):
         raise KeyboardInterrupt
     assert value("editbatch_attempts_total", **labels) == 1
     assert value("editbatch_calls_in_flight") == before
-    with pytest.raises(RuntimeError), metrics.in_flight():  # no model: nothing to attribute
+    with pytest.raises(RuntimeError), metrics.call_in_flight():  # no model: nothing to attribute
         raise RuntimeError
     assert value("editbatch_attempts_total", **labels) == 1
 

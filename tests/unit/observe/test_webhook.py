@@ -11,10 +11,8 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import update
 
-from pipeline.batch.submit import create_batch
 from pipeline.db.models import Job
 from pipeline.db.session import Database
-from pipeline.intake.manifest import Defaults
 from pipeline.observe import webhook
 from pipeline.observe.webhook import (
     SIGNATURE_HEADER,
@@ -29,7 +27,7 @@ from pipeline.observe.webhook import (
 from pipeline.settings import Settings
 from tests.conftest import FAKE_KEY
 from tests.factories import product_rows, write_manifest
-from tests.unit.helpers import make_preflight
+from tests.unit.helpers import new_batch
 
 SECRET = "whsec-test-0123456789"
 BODY = b'{"batch_id":7,"event":"batch.finished","state":"finished"}'
@@ -186,14 +184,7 @@ def test_body_masks_the_api_key_and_key_shaped_text_but_not_skus() -> None:
 def _finished_batch(tmp_path: Path, db: Database) -> int:
     rows = product_rows(tmp_path / "in", 2)
     manifest = write_manifest(tmp_path / "in" / "m.csv", rows)
-    result = create_batch(
-        db,
-        manifest,
-        name="wh",
-        output_uri=str(tmp_path / "out"),
-        defaults=Defaults(),
-        preflight=make_preflight(manifest),
-    )
+    result = new_batch(db, manifest, str(tmp_path / "out"), name="wh")
     with db.session() as session:
         session.execute(
             update(Job)

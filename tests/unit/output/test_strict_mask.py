@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 from sqlalchemy import select
 
-from pipeline.batch.submit import queued_job_ids
+from pipeline.db.jobs import queued_job_ids
 from pipeline.db.models import Job, Output
 from pipeline.db.session import Database
 from pipeline.run.deps import build_deps

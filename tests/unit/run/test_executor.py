@@ -1,8 +1,10 @@
-"""The executor against the sandbox over real HTTP: claims, retries, error classes, ledger."""
+"""The executor against the sandbox in process (the real SDK on an httpx2.MockTransport): claims,
+retries, error classes, ledger. The integration suite runs the same paths over real HTTP."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -10,21 +12,41 @@ import pytest
 from sqlalchemy import func, select
 
 from pipeline.batch.status import batch_status
-from pipeline.batch.submit import queued_job_ids
+from pipeline.db.jobs import queued_job_ids
 from pipeline.db.models import Attempt, Batch, Job, Output
 from pipeline.db.session import Database
 from pipeline.run.deps import build_deps
 from pipeline.run.executor import Deps, process_job
 from pipeline.run.ratelimit import LocalLimiter
-from pipeline.sandbox import SandboxServer
+from pipeline.sandbox import SandboxConfig
 from pipeline.settings import Settings
-from tests.conftest import billed_total
+from tests.conftest import FAKE_KEY, billed_total
 from tests.factories import product_rows, write_manifest
+from tests.fakes import InProcessAPI
 from tests.unit.helpers import new_batch
 
 
-def _deps(settings: Settings, db: Database) -> Deps:
-    deps = build_deps(settings, LocalLimiter(None, None), db)
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[InProcessAPI]:
+    with InProcessAPI(SandboxConfig(billing_log=str(tmp_path / "billing.jsonl"))) as fake:
+        yield fake
+
+
+@pytest.fixture
+def settings(tmp_path: Path, api: InProcessAPI) -> Settings:
+    return Settings(
+        home=tmp_path / "home",
+        database_url=f"sqlite:///{tmp_path / 'editbatch.db'}",
+        openai_base_url=api.base_url,
+        openai_api_key=FAKE_KEY,
+        backoff_base_seconds=0.01,
+        backoff_max_seconds=0.05,
+        request_timeout_seconds=10,
+    )
+
+
+def _deps(settings: Settings, db: Database, api: InProcessAPI) -> Deps:
+    deps = build_deps(settings, LocalLimiter(None, None), db, http_client=api.client())
     deps.sleep = lambda _s: None  # retries happen at once in tests; waits are tested elsewhere
     return deps
 
@@ -36,20 +58,13 @@ def _batch(tmp_path: Path, db: Database, rows: list[dict[str, object]]) -> tuple
     return result.batch_id, ids
 
 
-def _requests(sandbox: SandboxServer) -> int:
-    import httpx
-
-    stats = httpx.get(sandbox.base_url.removesuffix("/v1") + "/sandbox/stats").json()
-    return int(stats["requests"])
-
-
 def test_success_records_attempt_cost_and_outputs(
-    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
 ) -> None:
     batch_id, (job_id,) = _batch(tmp_path, db, product_rows(tmp_path / "in", 1, n=2))
-    result = process_job(job_id, _deps(settings, db))
+    result = process_job(job_id, _deps(settings, db, api))
     assert result.state == "succeeded"
-    billed, per_request = billed_total(Path(str(sandbox.config.billing_log)))
+    billed, per_request = billed_total(Path(str(api.config.billing_log)))
     with db.session() as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -64,24 +79,24 @@ def test_success_records_attempt_cost_and_outputs(
 
 
 def test_same_message_twice_makes_one_call(
-    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
 ) -> None:
     _, (job_id,) = _batch(tmp_path, db, product_rows(tmp_path / "in", 1))
-    deps = _deps(settings, db)
+    deps = _deps(settings, db, api)
     assert process_job(job_id, deps).state == "succeeded"
     assert process_job(job_id, deps).state == "skipped"
-    assert _requests(sandbox) == 1
+    assert api.requests == 1
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(Output)) == 1
 
 
 def test_concurrent_duplicate_delivery_makes_one_call(
-    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
 ) -> None:
     _, (job_id,) = _batch(
         tmp_path, db, product_rows(tmp_path / "in", 1, prompt="slow #sandbox:latency=300")
     )
-    deps = _deps(settings, db)
+    deps = _deps(settings, db, api)
     results: list[str] = []
     threads = [
         threading.Thread(target=lambda: results.append(process_job(job_id, deps).state))
@@ -92,17 +107,17 @@ def test_concurrent_duplicate_delivery_makes_one_call(
     for t in threads:
         t.join()
     assert sorted(results) == ["skipped", "skipped", "skipped", "succeeded"]
-    assert _requests(sandbox) == 1
+    assert api.requests == 1
 
 
 def test_500_and_429_are_retried_and_every_attempt_recorded(
-    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
 ) -> None:
     rows = product_rows(tmp_path / "in", 2)
     rows[0]["prompt"] = "a #sandbox:500x2"
     rows[1]["prompt"] = "b #sandbox:429x1"
     _, (j500, j429) = _batch(tmp_path, db, rows)
-    deps = _deps(settings, db)
+    deps = _deps(settings, db, api)
     assert process_job(j500, deps).state == "succeeded"
     assert process_job(j429, deps).state == "succeeded"
     with db.session() as s:
@@ -122,14 +137,14 @@ def test_500_and_429_are_retried_and_every_attempt_recorded(
         assert a429[0].retry_after_s == 0.05
         assert a429[0].request_id and a429[0].latency_ms is not None
         assert s.get(Job, j500).attempts == 3  # type: ignore[union-attr]
-    assert _requests(sandbox) == 5
+    assert api.requests == 5
 
 
 def test_transient_errors_exhaust_attempts_then_fail_with_reason(
-    tmp_path: Path, db: Database, settings: Settings
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
 ) -> None:
     _, (job_id,) = _batch(tmp_path, db, product_rows(tmp_path / "in", 1, prompt="x #sandbox:500"))
-    deps = _deps(settings.model_copy(update={"max_attempts": 3}), db)
+    deps = _deps(settings.model_copy(update={"max_attempts": 3}), db, api)
     result = process_job(job_id, deps)
     assert result.state == "failed"
     with db.session() as s:
@@ -140,16 +155,16 @@ def test_transient_errors_exhaust_attempts_then_fail_with_reason(
 
 
 def test_400_and_moderation_fail_at_once_with_api_code(
-    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
 ) -> None:
     rows = product_rows(tmp_path / "in", 2)
     rows[0]["prompt"] = "a #sandbox:400"
     rows[1]["prompt"] = "b #sandbox:moderation"
     _, (j400, jmod) = _batch(tmp_path, db, rows)
-    deps = _deps(settings, db)
+    deps = _deps(settings, db, api)
     assert process_job(j400, deps).state == "failed"
     assert process_job(jmod, deps).state == "failed"
-    assert _requests(sandbox) == 2  # no retries
+    assert api.requests == 2  # no retries
     with db.session() as s:
         bad = s.get(Job, j400)
         mod = s.get(Job, jmod)
@@ -161,15 +176,15 @@ def test_400_and_moderation_fail_at_once_with_api_code(
 
 
 def test_insufficient_quota_holds_batch_after_one_call(
-    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
 ) -> None:
     rows = product_rows(tmp_path / "in", 4)
     rows[0]["prompt"] = "a #sandbox:quota"
     batch_id, ids = _batch(tmp_path, db, rows)
-    deps = _deps(settings, db)
+    deps = _deps(settings, db, api)
     states = [process_job(i, deps).state for i in ids]
     assert states == ["held", "held", "held", "held"]
-    assert _requests(sandbox) == 1
+    assert api.requests == 1
     with db.session() as s:
         batch = s.get(Batch, batch_id)
         assert batch is not None and batch.state == "held"
@@ -177,24 +192,24 @@ def test_insufficient_quota_holds_batch_after_one_call(
 
 
 def test_auth_error_holds_batch(
-    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
 ) -> None:
     batch_id, ids = _batch(tmp_path, db, product_rows(tmp_path / "in", 2, prompt="#sandbox:401"))
-    deps = _deps(settings, db)
+    deps = _deps(settings, db, api)
     assert [process_job(i, deps).state for i in ids] == ["held", "held"]
-    assert _requests(sandbox) == 1
+    assert api.requests == 1
     with db.session() as s:
         assert s.get(Batch, batch_id).state == "held"  # type: ignore[union-attr]
 
 
 def test_unreadable_image_data_is_retried_and_cost_recorded(
-    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
 ) -> None:
     _, (job_id,) = _batch(
         tmp_path, db, product_rows(tmp_path / "in", 1, prompt="x #sandbox:badb64x1")
     )
-    assert process_job(job_id, _deps(settings, db)).state == "succeeded"
-    billed, _ = billed_total(Path(str(sandbox.config.billing_log)))
+    assert process_job(job_id, _deps(settings, db, api)).state == "succeeded"
+    billed, _ = billed_total(Path(str(api.config.billing_log)))
     with db.session() as s:
         job = s.get(Job, job_id)
         assert job is not None and job.attempts == 2
@@ -218,17 +233,21 @@ def test_unreadable_image_data_is_retried_and_cost_recorded(
 
 
 def test_batch_whose_last_worker_died_before_finishing_is_finished_by_the_reaper(
-    tmp_path: Path, db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    db: Database,
+    settings: Settings,
+    api: InProcessAPI,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pipeline.db import jobs as jobs_db
     from pipeline.run import executor
 
     batch_id, (job_id,) = _batch(tmp_path, db, product_rows(tmp_path / "in", 1))
-    deps = _deps(settings, db)
+    deps = _deps(settings, db, api)
     # The worker "dies" right after recording success: nothing collected, batch not finished.
     with monkeypatch.context() as m:
         m.setattr(executor.collector, "collect_job", lambda *a, **k: 0)
-        m.setattr(executor, "_maybe_finish", lambda *a, **k: None)
+        m.setattr(executor, "finish_if_done", lambda *a, **k: False)
         assert process_job(job_id, deps).state == "succeeded"
     with db.session() as s:
         assert s.get(Batch, batch_id).state == "running"  # type: ignore[union-attr]

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from tenacity import RetryCallState, Retrying
 
+from pipeline.errors import PermitTimeout
 from pipeline.run.gateway import (
     CallOutcome,
     classify,
@@ -17,7 +18,7 @@ from pipeline.run.gateway import (
     parse_retry_after,
     usage_from_response,
 )
-from pipeline.run.ratelimit import LocalLimiter, PermitTimeout, gcra_wait, parse_reset
+from pipeline.run.ratelimit import LocalLimiter, gcra_wait, parse_reset
 from pipeline.run.retry import wait_api
 
 

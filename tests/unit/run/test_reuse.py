@@ -9,7 +9,7 @@ import httpx
 from sqlalchemy import select
 
 from pipeline.batch.status import batch_status
-from pipeline.batch.submit import queued_job_ids
+from pipeline.db.jobs import queued_job_ids
 from pipeline.db.models import Job, Output
 from pipeline.db.session import Database
 from pipeline.run.deps import build_deps
@@ -24,7 +24,7 @@ from tests.unit.helpers import new_batch
 def run_batch(
     tmp_path: Path, db: Database, settings: Settings, manifest: Path, out: str, reuse: bool = True
 ) -> int:
-    result = new_batch(db, manifest, str(tmp_path / out), settings_snapshot={"reuse": reuse})
+    result = new_batch(db, manifest, str(tmp_path / out), reuse=reuse)
     deps = build_deps(settings, LocalLimiter(None, None), db)
     for ids in queued_job_ids(db, result.batch_id):
         for job_id in ids:

@@ -12,8 +12,8 @@ import pytest
 from fakeredis._socket import _base as fake_socket
 from fakeredis.commands_mixins import server_mixin
 
-from pipeline.errors import ConfigError
-from pipeline.run.ratelimit import LocalLimiter, PermitTimeout, gcra_wait
+from pipeline.errors import ConfigError, PermitTimeout
+from pipeline.run.ratelimit import LocalLimiter, gcra_wait
 from pipeline.settings import Settings
 from worker import constants
 from worker.limits import ModelLimit, RedisLimiter, account_id, build_limiter

@@ -1,0 +1,154 @@
+"""Watching and steering batches: `status`, `resume`, `pause`, `cancel`, `retry`, `collect`."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from pipeline.batch.status import batch_status, list_batches
+from pipeline.cli import dispatch
+from pipeline.cli.app import app
+from pipeline.cli.options import BatchArg, BudgetOpt, JsonOpt, LocalOpt, parse_budget
+from pipeline.cli.ui import console, err, friendly_errors, print_status, progress_table
+from pipeline.db.session import Database
+from pipeline.settings import get_settings
+from pipeline.states import BatchState
+
+
+@app.command()
+def status(
+    batch: Annotated[int | None, typer.Argument(help="Batch id; omit to list batches.")] = None,
+    as_json: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until it ends.")] = False,
+) -> None:
+    """List batches, or show one batch: counts per state, cost so far, failures."""
+    with friendly_errors():
+        db = Database(get_settings().effective_database_url)
+        with db.session() as session:
+            if batch is None:
+                rows = list_batches(session)
+                if as_json:
+                    print(json.dumps(rows))
+                    return
+                table = Table(title="Batches", title_justify="left")
+                for col in ("batch", "name", "state", "created", "jobs", "cost $"):
+                    table.add_column(col)
+                for r in rows:
+                    table.add_row(
+                        str(r["batch_id"]),
+                        r["name"],
+                        r["state"],
+                        r["created_at"],
+                        str(r["jobs_total"]),
+                        r["cost_usd"],
+                    )
+                console.print(table)
+                return
+            current = batch_status(session, batch)
+        if as_json:
+            print(json.dumps(current.to_json()))
+            return
+        if watch:
+            started = time.monotonic()
+            with Live(console=console, refresh_per_second=1) as live:
+                while current.state == BatchState.RUNNING:
+                    live.update(progress_table(current, time.monotonic() - started))
+                    time.sleep(1)
+                    with db.session() as session:
+                        current = batch_status(session, batch)
+        print_status(current)
+
+
+@app.command()
+def collect(batch: BatchArg) -> None:
+    """Retry writing spooled outputs to the output location (after a storage failure)."""
+    from pipeline.output.collector import StorageCache, collect_batch
+    from pipeline.output.report import write_report
+
+    with friendly_errors():
+        db = Database(get_settings().effective_database_url)
+        storages = StorageCache()
+        written, left = collect_batch(db, batch, storages)
+        console.print(f"collected {written} outputs; {left} still waiting")
+        with db.session() as session:
+            state = batch_status(session, batch).state
+        if state == BatchState.FINISHED:
+            csv_uri, _ = write_report(db, batch, storages)
+            console.print(f"report: {csv_uri}")
+    if left:
+        raise typer.Exit(1)
+
+
+@app.command()
+def resume(batch: BatchArg, budget: BudgetOpt = None, local: LocalOpt = False) -> None:
+    """Continue a held or paused batch, and re-send every unfinished job from the database."""
+    from pipeline.batch import controls
+
+    with friendly_errors():
+        settings = get_settings()
+        db = Database(settings.effective_database_url)
+        with db.session() as session:
+            controls.resume(session, batch, parse_budget(budget))
+        if local:
+            print_status(dispatch.in_process(settings, db, batch, settings.concurrency))
+            return
+        sent = dispatch.to_workers(db, batch, settings)
+    console.print(f"batch {batch}: {sent} jobs sent to the workers")
+
+
+@app.command()
+def pause(batch: BatchArg) -> None:
+    """Stop starting new calls (calls in flight finish); `editbatch resume` continues."""
+    from pipeline.batch import controls
+
+    with friendly_errors():
+        db = Database(get_settings().effective_database_url)
+        with db.session() as session:
+            controls.pause(session, batch)
+    console.print(f"batch {batch} paused; continue with: editbatch resume {batch}")
+
+
+@app.command()
+def cancel(batch: BatchArg) -> None:
+    """Cancel every job not yet started (calls in flight finish and are recorded)."""
+    from pipeline.batch import controls
+
+    with friendly_errors():
+        db = Database(get_settings().effective_database_url)
+        with db.session() as session:
+            n = controls.cancel(session, batch)
+    console.print(f"batch {batch} cancelled ({n} jobs not started)")
+
+
+@app.command()
+def retry(
+    batch: BatchArg,
+    failed: Annotated[bool, typer.Option("--failed", help="Retry the failed jobs.")] = False,
+    prompt: Annotated[str | None, typer.Option(help="New prompt for the retried jobs.")] = None,
+    model: Annotated[str | None, typer.Option(help="New model for the retried jobs.")] = None,
+    local: LocalOpt = False,
+) -> None:
+    """Run the failed jobs of a batch again; successes are kept, new attempts are recorded."""
+    if not failed:
+        err.print("say what to retry: editbatch retry BATCH --failed")
+        raise typer.Exit(2)
+    from pipeline.batch import controls
+
+    with friendly_errors():
+        settings = get_settings()
+        db = Database(settings.effective_database_url)
+        with db.session() as session:
+            n = controls.retry_failed(session, batch, prompt, model)
+        if not n:
+            console.print(f"batch {batch} has no failed jobs")
+            return
+        if local:
+            print_status(dispatch.in_process(settings, db, batch, settings.concurrency))
+            return
+        dispatch.to_workers(db, batch, settings)
+    console.print(f"batch {batch}: {n} failed jobs sent again")

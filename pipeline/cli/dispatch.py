@@ -1,0 +1,113 @@
+"""Where a batch's jobs go: to the Celery workers through the broker, or to a pool of threads
+in this process (`run`, `--local`). The one module of `pipeline` that imports `worker`."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.live import Live
+
+from pipeline.batch.status import BatchStatus, batch_status
+from pipeline.cli.ui import console, err, progress_table
+from pipeline.db.session import Database
+from pipeline.errors import EditbatchError
+from pipeline.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from pipeline.batch.submit import Enqueue
+    from pipeline.run.localpool import LocalPool
+
+
+def celery_enqueue() -> Enqueue:
+    """The function that sends job ids to the Celery workers (imports Celery when called)."""
+    from worker.tasks import enqueue
+
+    return enqueue
+
+
+def to_workers(db: Database, batch_id: int, settings: Settings) -> int:
+    """Send the batch's queued jobs to the Celery workers; how many were sent."""
+    from pipeline.batch.submit import send
+
+    try:
+        return send(db, batch_id, celery_enqueue())
+    except Exception as exc:  # kombu raises OperationalError and friends
+        raise EditbatchError(
+            f"batch {batch_id} is stored, but the broker at {settings.broker_url} refused the "
+            f"messages ({type(exc).__name__}: {exc}). Start Redis, then: "
+            f"editbatch resume {batch_id}"
+        ) from exc
+
+
+def in_process(settings: Settings, db: Database, batch_id: int, concurrency: int) -> BatchStatus:
+    """Run the batch's jobs in this process, collect, finish if done; the status afterwards."""
+    from pipeline.output.collector import collect_batch
+    from pipeline.run.deps import build_deps
+    from pipeline.run.executor import finish_if_done
+    from pipeline.run.localpool import LocalPool
+    from pipeline.run.ratelimit import LocalLimiter
+
+    deps = build_deps(
+        settings, LocalLimiter(settings.images_per_minute, settings.max_in_flight), db
+    )
+    _run_with_progress(LocalPool(deps, concurrency), db, batch_id)
+    collect_batch(db, batch_id, deps.storages)  # outputs a storage failure left in the spool
+    finish_if_done(deps, batch_id)
+    with db.session() as session:
+        return batch_status(session, batch_id)
+
+
+def _run_with_progress(pool: LocalPool, db: Database, batch_id: int) -> None:
+    """Run the pool in a thread and show a live status with an ETA; Ctrl-C stops gracefully."""
+    runner = threading.Thread(target=pool.run_batch, args=(batch_id,), daemon=True)
+    stop_requested = {"n": 0}
+
+    def on_sigint(_sig: int, _frame: Any) -> None:
+        stop_requested["n"] += 1
+        pool.stop.set()
+        if stop_requested["n"] > 1:
+            raise KeyboardInterrupt
+        err.print(
+            "stopping after the calls in flight; Ctrl-C again to quit at once "
+            "(run the same command later to continue)"
+        )
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    started = time.monotonic()
+    try:
+        runner.start()
+        with Live(console=console, refresh_per_second=2, transient=True) as live:
+            while runner.is_alive():
+                with db.session() as session:
+                    status = batch_status(session, batch_id, failures_limit=0)
+                live.update(progress_table(status, time.monotonic() - started))
+                runner.join(timeout=0.5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def sandbox_if(enabled: bool, say: Console = console) -> Iterator[dict[str, Any]]:
+    """With `--sandbox`: the bundled sandbox API on a free local port, and the settings that
+    point this process at it."""
+    if not enabled:
+        yield {}
+        return
+    from pipeline.sandbox import SandboxConfig, SandboxServer
+
+    settings = get_settings()
+    home = settings.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = SandboxConfig(billing_log=str(home / "sandbox-billing.jsonl"))
+    with SandboxServer(config) as server:
+        say.print(f"sandbox API at {server.base_url} (not AI: a deterministic stand-in)")
+        yield {
+            "openai_base_url": server.base_url,
+            "openai_api_key": "sk-sandbox-local",
+        }

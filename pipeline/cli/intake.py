@@ -1,0 +1,159 @@
+"""`check` and `estimate`: what a manifest holds and costs, before anything is stored or sent."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pipeline.cli.app import app
+from pipeline.cli.options import JsonOpt, ManifestArg, ManifestOptions, shared
+from pipeline.cli.ui import console, friendly_errors, print_estimate, print_row_errors
+from pipeline.errors import RowError
+from pipeline.settings import get_settings
+from pipeline.states import JobState
+
+# Commands import Pillow, fsspec and the submit path when they run, so that `editbatch status`
+# starts fast (docs/performance.md).
+
+
+@app.command()
+@shared(ManifestOptions)
+def check(manifest: ManifestArg, opts: ManifestOptions, as_json: JsonOpt = False) -> None:
+    """Validate every row (files, formats, masks, model rules) without spending anything."""
+    from pipeline.batch.submit import prepare
+
+    with friendly_errors():
+        settings = get_settings()
+        prepared = prepare(settings, manifest, opts.intake(settings))
+        rows = 0
+        errors: list[RowError] = []
+        notes: list[str] = []
+        bad_rows = 0
+        for r in prepared.rows():
+            rows += 1
+            if r.errors:
+                bad_rows += 1
+                errors.extend(r.errors)
+            notes.extend(f"row {r.row}: {note}" for note in r.notes)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "accepted": rows - bad_rows,
+                    JobState.REJECTED: bad_rows,
+                    "errors": [e.__dict__ for e in errors],
+                    "notes": notes,
+                }
+            )
+        )
+    else:
+        print_row_errors(errors, manifest)
+        for note in notes[:50]:
+            console.print(f"note: {note}")
+        console.print(f"{rows} rows: {rows - bad_rows} ok, {bad_rows} rejected")
+    if bad_rows:
+        raise typer.Exit(1)
+
+
+@app.command()
+@shared(ManifestOptions)
+def estimate(
+    manifest: ManifestArg,
+    opts: ManifestOptions,
+    rows: Annotated[int, typer.Option(help="Rows to list (0: all).")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """What a manifest will cost (per row and in total, low-high) and how long it will take."""
+    from pipeline.batch.submit import prepare
+    from pipeline.cost.estimate import (
+        estimate_batch,
+        estimate_cost,
+        estimate_duration,
+        typical_latency,
+    )
+    from pipeline.cost.pricing import load_prices
+
+    with friendly_errors():
+        settings = get_settings()
+        prepared = prepare(settings, manifest, opts.intake(settings))
+        table_data = load_prices(settings.prices_file)
+        per_row = []
+        rejected = 0
+        for r in prepared.rows():
+            if r.spec is None or r.errors:
+                rejected += 1
+                continue
+            est = estimate_cost(r.spec, r.pixels, table_data)
+            per_row.append((r, est))
+        total = estimate_batch((est, r.spec.n) for r, est in per_row if r.spec)
+        models = {est.model for _, est in per_row}
+
+    def money(value: Decimal | None) -> str | None:
+        return None if value is None else str(value)
+
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "rows": [
+                        {
+                            "row": r.row,
+                            "id": r.key,
+                            "model": est.model,
+                            "expected_usd": money(est.expected),
+                            "low_usd": money(est.low),
+                            "high_usd": money(est.high),
+                            "priced": est.priced,
+                        }
+                        for r, est in per_row
+                    ],
+                    "total": {
+                        "calls": total.calls,
+                        "images": total.images,
+                        "expected_usd": str(total.expected),
+                        "low_usd": str(total.low),
+                        "high_usd": str(total.high),
+                        "unpriced_calls": total.unpriced,
+                        "unpriced_models": list(total.unpriced_models),
+                    },
+                    "rejected_rows": rejected,
+                    "duration_s": estimate_duration(
+                        total.calls,
+                        total.images,
+                        settings.images_per_minute,
+                        settings.max_in_flight or settings.concurrency,
+                        typical_latency(models),
+                    ),
+                }
+            )
+        )
+        return
+    table = Table(title=f"Estimate for {manifest}", title_justify="left")
+    for col in ("row", "id", "model", "quality", "size", "n", "expected $", "low-high $"):
+        table.add_column(col, justify="right" if "$" in col else "left")
+    shown = per_row if rows == 0 else per_row[:rows]
+    for r, est in shown:
+        assert r.spec is not None
+        table.add_row(
+            str(r.row),
+            r.key or "",
+            est.model,
+            r.spec.quality,
+            r.spec.size,
+            str(r.spec.n),
+            f"{est.expected:.6f}" if est.expected is not None else "unpriced",
+            f"{est.low:.4f}-{est.high:.4f}"
+            if est.low is not None and est.high is not None
+            else "-",
+        )
+    console.print(table)
+    if len(shown) < len(per_row):
+        console.print(f"... {len(per_row) - len(shown)} more rows (--rows 0 lists all)")
+    if rejected:
+        console.print(f"{rejected} rows rejected by preflight (see: editbatch check)")
+    print_estimate(total, settings, models, None)

@@ -1,0 +1,171 @@
+"""What the commands print: tables, estimates, and errors a person can act on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.batch.status import BatchStatus
+from pipeline.errors import EditbatchError, RowError
+from pipeline.settings import Settings
+from pipeline.states import BATCH_STOPPED, JOB_TO_RUN
+
+if TYPE_CHECKING:
+    from pipeline.cost.estimate import BatchEstimate
+
+console = Console()
+err = Console(stderr=True)
+
+
+def print_row_errors(errors: list[RowError], manifest: str | Path, limit: int = 50) -> None:
+    if not errors:
+        return
+    table = Table(title=f"Rejected rows in {manifest}", title_justify="left")
+    for col in ("row", "id", "field", "reason"):
+        table.add_column(col, overflow="fold")
+    for e in errors[:limit]:
+        table.add_row(str(e.row), e.key or "", e.field, e.reason)
+    err.print(table)
+    if len(errors) > limit:
+        err.print(f"... and {len(errors) - limit} more problems")
+
+
+def status_table(status: BatchStatus) -> Table:
+    table = Table(
+        title=f"Batch {status.batch_id} · {status.name} · {status.state}", title_justify="left"
+    )
+    table.add_column("state")
+    table.add_column("jobs", justify="right")
+    for state, n in status.counts.items():
+        if n:
+            table.add_row(state, str(n))
+    table.add_section()
+    table.add_row("total", str(status.jobs_total))
+    table.add_row("attempts", str(status.attempts))
+    cost = f"${status.cost_usd:.6f}"
+    if status.unpriced_attempts:
+        cost += f" + {status.unpriced_attempts} unpriced attempts (cost unknown)"
+    table.add_row("cost", cost)
+    if status.unpriced_jobs:
+        table.add_row("unpriced", f"{status.unpriced_jobs} jobs use a model with no price")
+    table.add_row(
+        "estimate",
+        f"${status.estimated_usd:.4f} in all, ${status.estimated_remaining_usd:.4f} still to go",
+    )
+    if status.cost_per_output_usd is not None:
+        table.add_row("per output", f"${status.cost_per_output_usd:.6f}")
+    if status.retry_waste_usd:
+        table.add_row("retry waste", f"${status.retry_waste_usd:.6f} (attempts that gave nothing)")
+    if status.reused:
+        table.add_row("reused", f"{status.reused} jobs, saved ${status.saved_usd:.6f}")
+    if status.budget_usd is not None:
+        in_flight = max(status.reserved_usd - status.cost_usd, Decimal(0))
+        table.add_row(
+            "budget", f"${status.budget_usd:.2f} (${in_flight:.4f} reserved by calls in flight)"
+        )
+    table.add_row("outputs", f"{status.outputs} ({status.outputs_uncollected} not collected)")
+    if status.drift_outputs and status.drift_mean is not None:
+        table.add_row(
+            "mask drift",
+            f"mean {status.drift_mean:.1%}, max {status.drift_max or 0:.1%} of protected pixels "
+            f"changed by the model ({status.drift_outputs} masked outputs)",
+        )
+    return table
+
+
+def print_status(status: BatchStatus) -> None:
+    console.print(status_table(status))
+    if status.hold_reason and status.state in BATCH_STOPPED:
+        console.print(f"[yellow]{status.state}:[/] {status.hold_reason}")
+        console.print(f"resume with: editbatch resume {status.batch_id}")
+    if len(status.breakdown) > 1:
+        table = Table(title="Cost by model, quality and state", title_justify="left")
+        for col in ("model", "quality", "state", "jobs", "cost $"):
+            table.add_column(col, justify="right" if col in ("jobs", "cost $") else "left")
+        for b in status.breakdown:
+            table.add_row(
+                b["model"] or "", b["quality"] or "", b["state"], str(b["jobs"]), b["cost_usd"]
+            )
+        console.print(table)
+    if status.failures:
+        table = Table(title="Failed and rejected jobs", title_justify="left")
+        for col in ("row", "id", "state", "code", "message"):
+            table.add_column(col, overflow="fold")
+        for f in status.failures:
+            table.add_row(
+                str(f["row"]), f["id"] or "", f["state"], f["code"] or "", f["message"] or ""
+            )
+        console.print(table)
+
+
+def print_estimate(
+    est: BatchEstimate,
+    settings: Settings,
+    models: set[str],
+    budget: Decimal | None,
+    out: Console | None = None,
+) -> None:
+    from pipeline.cost.estimate import estimate_duration, typical_latency
+
+    if not est.calls:
+        return
+    out = out or console
+    latency = typical_latency(models)
+    seconds = estimate_duration(
+        est.calls,
+        est.images,
+        settings.images_per_minute,
+        settings.max_in_flight or settings.concurrency,
+        latency,
+    )
+    out.print(
+        f"estimate: ${est.expected:.2f} (range ${est.low:.2f}-${est.high:.2f}) for "
+        f"{est.calls} calls, {est.images} images; about {duration(seconds)} at "
+        f"{settings.images_per_minute or 'unlimited'} images/min, "
+        f"{settings.max_in_flight or settings.concurrency} in flight, ~{latency:.0f} s per call"
+    )
+    if est.unpriced:
+        err.print(
+            f"[yellow]warning:[/] {est.unpriced} calls use models with no price "
+            f"({', '.join(est.unpriced_models)}): their cost is unknown, not $0. Add them to a "
+            "price file (EDITBATCH_PRICES_FILE)."
+        )
+    if budget is not None and est.low > budget:
+        err.print(
+            f"[yellow]warning:[/] the budget ${budget:.2f} is below the lowest estimate "
+            f"${est.low:.2f}: the batch will hold before it finishes"
+        )
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@contextmanager
+def friendly_errors() -> Iterator[None]:
+    try:
+        yield
+    except EditbatchError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def progress_table(status: BatchStatus, elapsed: float) -> Table:
+    table = status_table(status)
+    todo = sum(status.counts.get(s, 0) for s in JOB_TO_RUN)
+    finished_now = status.done
+    rate = finished_now / elapsed if elapsed > 0 else 0
+    eta = f"{todo / rate:.0f} s" if rate > 0 and todo else "-"
+    table.caption = f"elapsed {elapsed:.0f} s · {todo} to go · ETA {eta}"
+    return table

@@ -1,0 +1,194 @@
+"""Every state a job, a batch or an attempt can be in, and the moves between them, as data.
+
+This module is the one place where state names are written. The database stores the values;
+every change of a job's or a batch's state goes through `pipeline.db.jobs`, which refuses a
+move that is not in JOB_MOVES / BATCH_MOVES (`InvalidTransition`). The diagrams below are
+rendered from the tables (`job_diagram()`, `batch_diagram()`); a test holds them equal.
+
+Job states:
+
+    rejected   preflight failed, never sent (terminal)
+    queued     waiting for a worker
+    running    claimed by a worker (lease + claim token)
+    retrying   claimed, waiting for its next attempt after a transient error
+    succeeded  outputs recorded (terminal; collection is a separate, re-runnable step)
+    failed     permanent error or attempts used up (terminal until `editbatch retry --failed`)
+    held       its batch stopped (budget, quota, auth, pause, a model gone); resume queues it
+    cancelled  (terminal)
+
+    queued    -> running, held, cancelled
+    running   -> queued, running, retrying, succeeded, failed, held, cancelled
+    retrying  -> queued, running, held, cancelled
+    failed    -> queued
+    held      -> queued, cancelled
+
+    running -> running is a claim taken over after the lease ran out (its worker is gone);
+    running|retrying -> queued hands a job back without spending (no permit in time, an
+    identical job in flight, a database error, an expired lease); running -> held|cancelled
+    parks a claimed job whose batch stopped before its call; failed -> queued is
+    `retry --failed` (and `resume --model-map`).
+
+Batch states:
+
+    running   -> held, paused, finished, cancelled
+    held      -> running, finished, cancelled
+    paused    -> running, held, finished, cancelled
+    finished  -> running
+    cancelled (terminal)
+
+    finished -> running reopens a batch for `retry --failed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from typing import TypeVar
+
+from pipeline.errors import InvalidTransition
+
+__all__ = [
+    "BATCH_CLOSED",
+    "BATCH_MOVES",
+    "BATCH_OPEN",
+    "BATCH_STOPPED",
+    "JOB_CLAIMED",
+    "JOB_MOVES",
+    "JOB_PENDING",
+    "JOB_TERMINAL",
+    "JOB_TO_RUN",
+    "AttemptOutcome",
+    "BatchState",
+    "HoldCode",
+    "InvalidTransition",
+    "JobState",
+    "batch_diagram",
+    "check_batch_move",
+    "check_job_move",
+    "job_diagram",
+]
+
+
+class JobState(StrEnum):
+    """A job's state (listed in the order status tables show them)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    HELD = "held"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+
+
+class BatchState(StrEnum):
+    RUNNING = "running"
+    HELD = "held"
+    PAUSED = "paused"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+class AttemptOutcome(StrEnum):
+    """What one call did. The gateway classifies an answer as OK, TRANSIENT, HOLD or FAILED."""
+
+    IN_FLIGHT = "in_flight"  # recorded before the call; replaced by the outcome after it
+    OK = "ok"  # images came back
+    TRANSIENT = "transient"  # try again later (429, 5xx, timeout, unreadable answer)
+    HOLD = "hold"  # stop the batch (quota, auth, a model that is gone)
+    FAILED = "failed"  # this job cannot succeed as asked (invalid request, moderation)
+    INTERRUPTED = "interrupted"  # the worker died during the call: its fate is unknown
+
+
+class HoldCode(StrEnum):
+    """Why a batch is held or paused (`batches.hold_code`; `hold_reason` says it in words)."""
+
+    PAUSED = "paused"  # a person paused it
+    BUDGET = "budget"  # the batch's budget is reached
+    DAILY_BUDGET = "daily_budget"  # EDITBATCH_DAILY_BUDGET_USD is reached
+    QUOTA = "quota"  # 429 insufficient_quota and friends
+    AUTH = "auth"  # 401 / 403
+    MODEL_UNAVAILABLE = "model_unavailable"  # the API says the model does not exist (any more)
+
+
+S = TypeVar("S", bound=StrEnum)
+J = JobState
+B = BatchState
+
+JOB_MOVES: Mapping[JobState, frozenset[JobState]] = {
+    J.QUEUED: frozenset({J.RUNNING, J.HELD, J.CANCELLED}),
+    J.RUNNING: frozenset(
+        {J.RUNNING, J.RETRYING, J.SUCCEEDED, J.FAILED, J.QUEUED, J.HELD, J.CANCELLED}
+    ),
+    J.RETRYING: frozenset({J.RUNNING, J.QUEUED, J.HELD, J.CANCELLED}),
+    J.HELD: frozenset({J.QUEUED, J.CANCELLED}),
+    J.FAILED: frozenset({J.QUEUED}),
+    J.SUCCEEDED: frozenset(),
+    J.REJECTED: frozenset(),
+    J.CANCELLED: frozenset(),
+}
+
+BATCH_MOVES: Mapping[BatchState, frozenset[BatchState]] = {
+    B.RUNNING: frozenset({B.HELD, B.PAUSED, B.FINISHED, B.CANCELLED}),
+    B.HELD: frozenset({B.RUNNING, B.FINISHED, B.CANCELLED}),
+    B.PAUSED: frozenset({B.RUNNING, B.HELD, B.FINISHED, B.CANCELLED}),
+    B.FINISHED: frozenset({B.RUNNING}),
+    B.CANCELLED: frozenset(),
+}
+
+JOB_TERMINAL = frozenset({J.SUCCEEDED, J.FAILED, J.REJECTED, J.CANCELLED})
+"""States no worker will move a job out of by itself."""
+JOB_CLAIMED = frozenset({J.RUNNING, J.RETRYING})
+"""A worker holds the job (lease + claim token)."""
+JOB_TO_RUN = frozenset({J.QUEUED, *JOB_CLAIMED})
+"""Work a worker has or will have: queued or claimed."""
+JOB_PENDING = frozenset({*JOB_TO_RUN, J.HELD})
+"""Not finished: a batch with any such job is not done."""
+
+BATCH_OPEN = frozenset({B.RUNNING, B.HELD, B.PAUSED})
+"""Not finished: its jobs may still run (after a resume)."""
+BATCH_STOPPED = frozenset({B.HELD, B.PAUSED})
+"""Open, but no new call may start until a person (or the system) resumes it."""
+BATCH_CLOSED = frozenset({B.FINISHED, B.CANCELLED})
+
+
+def _check(kind: str, moves: Mapping[S, frozenset[S]], sources: Iterable[S], target: S) -> None:
+    bad = sorted(str(s) for s in sources if target not in moves[s])
+    if bad:
+        raise InvalidTransition(
+            f"a {kind} cannot move from {', '.join(bad)} to {target}: "
+            f"allowed moves are listed in pipeline/states.py"
+        )
+
+
+def check_job_move(sources: Iterable[JobState], target: JobState) -> None:
+    """Raise InvalidTransition unless every `source -> target` is in JOB_MOVES."""
+    _check("job", JOB_MOVES, sources, target)
+
+
+def check_batch_move(sources: Iterable[BatchState], target: BatchState) -> None:
+    """Raise InvalidTransition unless every `source -> target` is in BATCH_MOVES."""
+    _check("batch", BATCH_MOVES, sources, target)
+
+
+def _diagram(moves: Mapping[S, frozenset[S]], order: Iterable[S]) -> str:
+    ranks = {state: i for i, state in enumerate(order)}
+    width = max(len(str(s)) for s in moves)
+    lines = []
+    for state in order:
+        targets = sorted(moves[state], key=ranks.__getitem__)
+        if targets:
+            lines.append(f"{state!s:<{width}} -> {', '.join(str(t) for t in targets)}")
+    return "\n".join(lines)
+
+
+def job_diagram() -> str:
+    """The job moves as the docstring writes them (one line per state that can move)."""
+    order = (J.QUEUED, J.RUNNING, J.RETRYING, J.SUCCEEDED, J.FAILED, J.HELD, J.CANCELLED)
+    return _diagram(JOB_MOVES, (*order, J.REJECTED))
+
+
+def batch_diagram() -> str:
+    """The batch moves as the docstring writes them."""
+    return _diagram(BATCH_MOVES, tuple(BatchState))
