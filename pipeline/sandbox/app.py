@@ -56,6 +56,7 @@ from pipeline.sandbox.faults import (
     random_fault,
 )
 from pipeline.sandbox.images import EditJob, render
+from pipeline.sandbox.models import Access, model_list, model_object, retrieve
 from pipeline.sandbox.ratelimit import SlidingWindow
 from pipeline.sandbox.stats import Stats
 from pipeline.sandbox.validation import EditRequest, validate
@@ -136,6 +137,14 @@ def _bearer_key(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     return key.strip() or None if scheme.lower() == "bearer" else None
+
+
+def authorize(request: Request, config: SandboxConfig) -> str:
+    """The request's API key, or the 401 the API answers without a valid one."""
+    key = _bearer_key(request)
+    if key is None or (config.api_keys is not None and key not in config.api_keys):
+        raise invalid_api_key(key)
+    return key
 
 
 class Cut(StrEnum):
@@ -230,10 +239,8 @@ class EditsEndpoint:
     ) -> Reply:
         config = self.sandbox.config
         try:
-            key = _bearer_key(request)
-            if key is None or (config.api_keys is not None and key not in config.api_keys):
-                raise invalid_api_key(key)
-            edit = await run_in_threadpool(validate, form)
+            key = authorize(request, config)
+            edit = await run_in_threadpool(validate, form, Access.of(config, key))
             try:
                 directives = parse_directives(edit.prompt)
             except DirectiveError as exc:
@@ -438,6 +445,12 @@ class EditsEndpoint:
             raise RuntimeError("sandbox: truncated response (intentional)")
 
 
+def error_response(error: ApiError) -> Response:
+    """An OpenAI-shaped error answer with a request id, for the plain (non-edit) endpoints."""
+    headers = {"x-request-id": f"req_{uuid.uuid4().hex}", **error.headers}
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
 def _openai_http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     message = f"Invalid URL ({request.method} {request.url.path})"
@@ -473,9 +486,27 @@ def create_app(config: SandboxConfig) -> Starlette:
         sandbox.reset()
         return JSONResponse({"reset": True})
 
+    async def list_models(request: Request) -> Response:
+        try:
+            key = authorize(request, sandbox.config)
+        except ApiError as error:
+            return error_response(error)
+        return JSONResponse(model_list(Access.of(sandbox.config, key)))
+
+    async def get_model(request: Request) -> Response:
+        try:
+            key = authorize(request, sandbox.config)
+            access = Access.of(sandbox.config, key)
+            model = retrieve(request.path_params["model"], access)
+        except ApiError as error:
+            return error_response(error)
+        return JSONResponse(model_object(model, access))
+
     app = Starlette(
         routes=[
             Route("/v1/images/edits", EditsEndpoint(sandbox), methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
             Route("/sandbox/stats", stats, methods=["GET"]),
             Route("/sandbox/config", get_config, methods=["GET"]),
             Route("/sandbox/config", post_config, methods=["POST"]),

@@ -6,8 +6,11 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any
+
+UNAVAILABLE_STYLES = ("404", "400")
 
 
 @dataclass
@@ -30,6 +33,18 @@ class SandboxConfig:
     api_keys: list[str] | None = None
     seed: int = 0
     billing_log: str | None = None
+    # The sandbox's own calendar: models whose shutdown date is <= today are gone.
+    today: str | None = None
+    unavailable_style: str = "404"
+    unavailable_models: list[str] = field(default_factory=list)
+    org_verified: bool = True
+    key_models: dict[str, list[str]] | None = None
+
+    def current_date(self) -> date:
+        """`today` as a date, or the real UTC date when it is None."""
+        if self.today is None:
+            return datetime.now(UTC).date()
+        return date.fromisoformat(self.today)
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set fields from plain values (e.g. JSON); raise ValueError naming a bad field."""
@@ -46,7 +61,8 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SandboxC
 
 
 def field_kind(name: str) -> tuple[type, bool]:
-    """The base type of a config field (float, int, str or list) and whether it may be None."""
+    """The base type of a config field (float, int, bool, str, list or dict) and whether it may
+    be None."""
     hint = _HINTS[name]
     optional = False
     if isinstance(hint, types.UnionType):
@@ -79,10 +95,32 @@ def coerce_field(name: str, value: Any) -> Any:
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
         return value
-    if base is str and isinstance(value, str):
+    if base is bool and isinstance(value, bool):
         return value
+    if base is str and isinstance(value, str):
+        return _checked_text(name, value)
     if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
+    if (
+        base is dict
+        and isinstance(value, dict)
+        and all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(m, str) for m in v)
+            for k, v in value.items()
+        )
+    ):
+        return {k: list(v) for k, v in value.items()}
     raise ValueError(
         f"{name} expects {base.__name__}{' or null' if optional else ''}, got {value!r}"
     )
+
+
+def _checked_text(name: str, value: str) -> str:
+    if name == "today":
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"today must be an ISO date (YYYY-MM-DD), got {value!r}") from None
+    if name == "unavailable_style" and value not in UNAVAILABLE_STYLES:
+        raise ValueError(f"unavailable_style must be one of {UNAVAILABLE_STYLES}, got {value!r}")
+    return value

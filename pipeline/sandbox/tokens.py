@@ -1,6 +1,7 @@
 """The sandbox's own token tables, usage arithmetic and prices (no code shared with the pipeline).
 
-Source: ../shared/API-FACTS.md, as of 2026-11-21. Prices are USD per 1M tokens.
+Source: ../shared/API-FACTS.md, as of 2026-11-30. Prices are USD per 1M tokens, except dall-e-2
+(USD per image; from OpenAI's pricing page before its retirement, not in API-FACTS).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-AS_OF = "2026-11-21"
+AS_OF = "2026-11-30"
 SOURCE = "../shared/API-FACTS.md"
 
 # Output image tokens per image, by size and quality (gpt-image-1 table, used for every model).
@@ -46,11 +47,13 @@ def _price(text_in: str, image_in: str, image_out: str) -> Price:
     return Price(Decimal(text_in), Decimal(image_in), Decimal(image_out))
 
 
+_V1 = _price("5.00", "10.00", "40.00")
 _MINI = _price("2.00", "2.50", "8.00")
 _V15 = _price("5.00", "8.00", "32.00")
 _V2 = _price("5.00", "8.00", "30.00")
 
 PRICES: dict[str, Price] = {
+    "gpt-image-1": _V1,
     "gpt-image-1-mini": _MINI,
     "gpt-image-1.5": _V15,
     "chatgpt-image-latest": _V15,
@@ -62,6 +65,15 @@ PRICES: dict[str, Price] = {
     "gpt-image-2.5-flare-2026-09-08": _V2,
     "gpt-image-2.6-sunburst": _V2,
     "gpt-image-2.6-flare": _V2,
+}
+
+# dall-e-2 answered without `usage` and was billed per image, by size.
+PER_IMAGE_PRICES: dict[str, dict[str, Decimal]] = {
+    "dall-e-2": {
+        "256x256": Decimal("0.016"),
+        "512x512": Decimal("0.018"),
+        "1024x1024": Decimal("0.020"),
+    },
 }
 
 

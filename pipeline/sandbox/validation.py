@@ -10,16 +10,17 @@ from typing import IO
 from starlette.datastructures import FormData, UploadFile
 
 from pipeline.sandbox import images
-from pipeline.sandbox.errors import ApiError, bad_request, model_not_found
+from pipeline.sandbox.errors import ApiError, bad_request
 from pipeline.sandbox.models import (
     DEFAULT_MODEL,
     FIXED_SIZES,
     MAX_ASPECT,
     MAX_LONG_EDGE,
     MAX_SHORT_EDGE,
-    MODELS,
     SIZE_MULTIPLE,
+    Access,
     ModelRules,
+    resolve,
 )
 
 MAX_IMAGES = 16
@@ -175,12 +176,12 @@ def check_parameter_names(form: FormData) -> None:
         raise bad_request(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
 
 
-def check_model(form: FormData) -> tuple[str, ModelRules]:
-    model = _text(form, "model") or DEFAULT_MODEL
-    rules = MODELS.get(model)
-    if rules is None:
-        raise model_not_found(model)
-    return model, rules
+def check_model(form: FormData, access: Access) -> tuple[str, ModelRules]:
+    name = _text(form, "model") or DEFAULT_MODEL
+    model = resolve(name, access)
+    if model.rules is None:
+        raise bad_request(f"The model `{name}` does not support image edits.", param="model")
+    return name, model.rules
 
 
 def _prompt(form: FormData) -> str:
@@ -396,10 +397,10 @@ def _unsupported(form: FormData) -> None:
         )
 
 
-def validate(form: FormData) -> EditRequest:
+def validate(form: FormData, access: Access) -> EditRequest:
     """Check every field like the real endpoint; blocking file reads, so call it in a thread."""
     check_parameter_names(form)
-    model, rules = check_model(form)
+    model, rules = check_model(form, access)
     prompt = _prompt(form)
     n = _integer(form, "n", 1, MAX_N) or 1
     requested_quality = _choice(form, "quality", rules.qualities) or "auto"

@@ -61,7 +61,17 @@ def test_config_endpoint_updates_the_running_server(
 
 @pytest.mark.parametrize(
     "body",
-    [{"error_rat": 1}, {"error_rate": 2}, {"error_rate": "high"}, {"api_keys": "sk"}, [1]],
+    [
+        {"error_rat": 1},
+        {"error_rate": 2},
+        {"error_rate": "high"},
+        {"api_keys": "sk"},
+        [1],
+        {"today": "2026-13-01"},
+        {"unavailable_style": "500"},
+        {"org_verified": "no"},
+        {"key_models": {"sk": "gpt-image-2"}},
+    ],
 )
 def test_config_endpoint_refuses_bad_values(sandbox: SandboxServer, body: object) -> None:
     root = sandbox.base_url.removesuffix("/v1")
@@ -121,6 +131,12 @@ def test_every_config_field_has_a_command_line_flag() -> None:
             "sk-b",
             "--seed=3",
             "--billing-log=/tmp/b.jsonl",
+            "--today=2026-12-01",
+            "--unavailable-style=400",
+            "--unavailable-models",
+            "gpt-image-2",
+            "--org-verified=false",
+            '--key-models={"sk-a": ["gpt-image-2.5-flare"]}',
         ]
     )
     config = config_from_args(args)
@@ -141,10 +157,28 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         api_keys=["sk-a", "sk-b"],
         seed=3,
         billing_log="/tmp/b.jsonl",
+        today="2026-12-01",
+        unavailable_style="400",
+        unavailable_models=["gpt-image-2"],
+        org_verified=False,
+        key_models={"sk-a": ["gpt-image-2.5-flare"]},
     )
     assert args.port == 9
-    assert len(FIELD_NAMES) == 16
+    assert len(FIELD_NAMES) == 21
     assert config_from_args(build_parser().parse_args([])) == SandboxConfig()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--org-verified", "maybe"), ("--key-models", "[1]"), ("--today", "soon")]
+)
+def test_bad_command_line_values_name_the_flag(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad flag value stops the command with a message naming the flag, not a traceback."""
+    with pytest.raises(SystemExit) as info:
+        config_from_args(build_parser().parse_args([f"{flag}={value}"]))
+    said = f"{info.value.code} {capsys.readouterr().err}".replace("-", "_")
+    assert flag.removeprefix("--").replace("-", "_") in said
 
 
 def test_python_dash_m_serves(tmp_path: object) -> None:

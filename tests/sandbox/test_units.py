@@ -25,8 +25,10 @@ from pipeline.sandbox.validation import nearest_standard_size
 
 
 def test_tables_carry_their_date_and_source() -> None:
-    assert (tokens.AS_OF, tokens.SOURCE) == ("2026-11-21", "../shared/API-FACTS.md")
-    assert set(tokens.PRICES) == set(MODELS)
+    assert (tokens.AS_OF, tokens.SOURCE) == ("2026-11-30", "../shared/API-FACTS.md")
+    editing = {name for name, model in MODELS.items() if model.rules is not None}
+    assert set(tokens.PRICES) | set(tokens.PER_IMAGE_PRICES) == editing
+    assert not set(tokens.PRICES) & set(tokens.PER_IMAGE_PRICES)
 
 
 @pytest.mark.parametrize(
