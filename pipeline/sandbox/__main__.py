@@ -33,6 +33,8 @@ HELP = {
     "unavailable_models": "models to treat as gone from now on",
     "org_verified": "false: GPT Image models answer 403 (organization must be verified)",
     "key_models": 'JSON {"KEY": ["model", ...]}: the models each key may use',
+    "gif_models": "models with access to GIF output (output_format=gif)",
+    "svg_models": "models with access to SVG output (output_format=svg)",
 }
 ALIASES = {"rate_limit_per_minute": ["--rate-limit"]}
 

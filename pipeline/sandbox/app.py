@@ -9,7 +9,6 @@ faults -> render -> 200 (whole, truncated, or with bad base64) -> billing log.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import math
 import time
@@ -28,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from pipeline.sandbox import connections, tokens
+from pipeline.sandbox import connections
 from pipeline.sandbox.billing import BillingLog
 from pipeline.sandbox.config import SandboxConfig
 from pipeline.sandbox.errors import (
@@ -55,11 +54,12 @@ from pipeline.sandbox.faults import (
     parse_directives,
     random_fault,
 )
-from pipeline.sandbox.images import EditJob, render
 from pipeline.sandbox.models import Access, model_list, model_object, retrieve
+from pipeline.sandbox.params import FormParams
 from pipeline.sandbox.ratelimit import SlidingWindow
+from pipeline.sandbox.response import cost_for, images_response, usage_for
 from pipeline.sandbox.stats import Stats
-from pipeline.sandbox.validation import EditRequest, validate
+from pipeline.sandbox.validation import EditRequest, Policy, validate
 
 # Reported in x-ratelimit-* headers when no limit is configured; never enforced.
 NOTIONAL_IMAGE_LIMIT = 10_000
@@ -107,13 +107,6 @@ def _duration(seconds: float) -> str:
     minutes, rest = divmod(ms / 1000, 60)
     text = f"{round(rest, 3):g}s"
     return f"{int(minutes)}m{text}" if minutes else text
-
-
-def _corrupt_b64(value: str) -> str:
-    """Base64 no decoder accepts: 4k+1 alphabet characters (padding cannot fix that) and a '!'."""
-    core = value.rstrip("=")[:-1]
-    core = core[: len(core) - (len(core) - 1) % 4]
-    return core + "!"
 
 
 async def _disconnected_within(receive: Receive, seconds: float) -> bool:
@@ -240,7 +233,7 @@ class EditsEndpoint:
         config = self.sandbox.config
         try:
             key = authorize(request, config)
-            edit = await run_in_threadpool(validate, form, Access.of(config, key))
+            edit = await run_in_threadpool(validate, FormParams(form), Policy.of(config, key))
             try:
                 directives = parse_directives(edit.prompt)
             except DirectiveError as exc:
@@ -336,62 +329,20 @@ class EditsEndpoint:
                 raise server_error()  # not served by SandboxServer/serve: nothing to reset
             return Reply(cut=Cut.RESET)
 
-        usage = tokens.usage(
-            prompt=edit.prompt,
-            input_sizes=[(u.info.width, u.info.height) for u in edit.images],
-            input_fidelity=edit.input_fidelity,
-            output_size=edit.size,
-            quality=edit.quality,
-            n=edit.n,
+        usage = usage_for(edit)
+        payload = await images_response(
+            edit, usage, drift=plan.drift, seed=config.seed, bad_b64=plan.fault is Fault.BAD_B64
         )
-        body = await self._success_body(edit, plan, usage, config.seed)
+        body = json.dumps(payload).encode()
+        del payload
         if plan.fault is Fault.TRUNCATED:
             return Reply(200, body, cut=Cut.TRUNCATE)
         self._bill(edit, usage, request_id)
         return Reply(200, body, billed=True)
 
-    async def _success_body(
-        self, edit: EditRequest, plan: Plan, usage: dict[str, Any], seed: int
-    ) -> bytes:
-        job = EditJob(
-            image=edit.images[0].file,
-            mask=edit.mask.file if edit.mask else None,
-            size=edit.size,
-            output_format=edit.output_format,
-            output_compression=edit.output_compression,
-            background=edit.background,
-            prompt=edit.prompt,
-            n=edit.n,
-            drift=plan.drift,
-            seed=seed,
-        )
-        try:
-            rendered = await run_in_threadpool(render, job)
-        except (OSError, ValueError) as exc:
-            # Validation reads only headers; a body that does not decode shows up here.
-            raise bad_request(
-                f"Invalid image file: it could not be decoded ({exc}).",
-                param="image",
-                code="invalid_image",
-            ) from exc
-        background = rendered.background
-        encoded = [base64.b64encode(image).decode("ascii") for image in rendered.images]
-        del rendered  # keep one copy of the images (base64) in memory, not two
-        if plan.fault is Fault.BAD_B64:
-            encoded = [_corrupt_b64(value) for value in encoded]
-        payload = {
-            "created": int(time.time()),
-            "data": [{"b64_json": value} for value in encoded],
-            "background": background,
-            "output_format": edit.output_format,
-            "quality": edit.quality,
-            "size": edit.size_text,
-            "usage": usage,
-        }
-        return json.dumps(payload).encode()
-
-    def _bill(self, edit: EditRequest, usage: dict[str, Any], request_id: str) -> None:
-        self.sandbox.token_window.add(usage["total_tokens"])
+    def _bill(self, edit: EditRequest, usage: dict[str, Any] | None, request_id: str) -> None:
+        if usage is not None:
+            self.sandbox.token_window.add(usage["total_tokens"])
         self.sandbox.billing.append(
             self.sandbox.config.billing_log,
             request_id=request_id,
@@ -400,7 +351,7 @@ class EditsEndpoint:
             quality=edit.quality,
             n=edit.n,
             usage=usage,
-            cost_usd=tokens.cost_usd(edit.model, usage),
+            cost_usd=cost_for(edit, usage),
         )
 
     # -- answering ------------------------------------------------------------------------

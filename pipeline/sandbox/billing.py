@@ -24,7 +24,7 @@ class BillingLog:
         size: str,
         quality: str,
         n: int,
-        usage: dict[str, Any],
+        usage: dict[str, Any] | None,
         cost_usd: Decimal,
     ) -> None:
         if path is None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
+from pipeline.sandbox.models import DEFAULT_GIF_MODELS, DEFAULT_SVG_MODELS
+
 UNAVAILABLE_STYLES = ("404", "400")
 
 
@@ -39,6 +41,9 @@ class SandboxConfig:
     unavailable_models: list[str] = field(default_factory=list)
     org_verified: bool = True
     key_models: dict[str, list[str]] | None = None
+    # Models with access to the GIF preview and to SVG output.
+    gif_models: list[str] = field(default_factory=lambda: list(DEFAULT_GIF_MODELS))
+    svg_models: list[str] = field(default_factory=lambda: list(DEFAULT_SVG_MODELS))
 
     def current_date(self) -> date:
         """`today` as a date, or the real UTC date when it is None."""

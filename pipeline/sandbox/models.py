@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.sandbox.config import SandboxConfig
 from pipeline.sandbox.errors import (
     ApiError,
     bad_request,
     model_not_found,
     organization_not_verified,
 )
+
+if TYPE_CHECKING:  # config.py takes its defaults from this module
+    from pipeline.sandbox.config import SandboxConfig
 
 AS_OF = "2026-11-30"
 SOURCE = "../shared/API-FACTS.md"

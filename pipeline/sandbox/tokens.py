@@ -119,12 +119,17 @@ def usage(
     output_size: tuple[int, int],
     quality: str,
     n: int,
+    frames: int = 1,
 ) -> dict[str, Any]:
-    """The `usage` object of a response; `input_sizes` are the input images, first one first."""
+    """The `usage` object of a response; `input_sizes` are the input images, first one first.
+
+    `frames`: a GIF's frame count. Nothing is published on how GIF output is billed; the sandbox
+    bills every frame as one output image.
+    """
     image_in = sum(input_image_tokens(w, h) for w, h in input_sizes)
     image_in += fidelity_tokens(*input_sizes[0], input_fidelity)
     text_in = text_tokens(prompt)
-    image_out = output_image_tokens(*output_size, quality) * n
+    image_out = output_image_tokens(*output_size, quality) * frames * n
     input_total = image_in + text_in
     return {
         "input_tokens": input_total,
@@ -135,8 +140,18 @@ def usage(
     }
 
 
-def cost_usd(model: str, usage_: dict[str, Any]) -> Decimal:
-    """Exact sum of tokens x price / 1e6, rounded once, half up, to 0.000001 USD."""
+def _rounded(total: Decimal) -> Decimal:
+    return total.quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+
+
+def per_image_cost(model: str, size: str, n: int, factor: Decimal = Decimal(1)) -> Decimal:
+    """Cost of a per-image-priced answer (dall-e-2), times `factor`, rounded once."""
+    return _rounded(PER_IMAGE_PRICES[model][size] * n * factor)
+
+
+def cost_usd(model: str, usage_: dict[str, Any], factor: Decimal = Decimal(1)) -> Decimal:
+    """Exact sum of tokens x price / 1e6, times `factor` (0.5 for the Batch API), rounded once,
+    half up, to 0.000001 USD."""
     price = PRICES[model]
     inp = usage_["input_tokens_details"]
     out = usage_["output_tokens_details"]
@@ -146,4 +161,4 @@ def cost_usd(model: str, usage_: dict[str, Any]) -> Decimal:
         + out["image_tokens"] * price.image_out
         + out["text_tokens"] * price.text_in
     )
-    return (total / MILLION).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+    return _rounded(total * factor / MILLION)

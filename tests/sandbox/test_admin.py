@@ -137,6 +137,11 @@ def test_every_config_field_has_a_command_line_flag() -> None:
             "gpt-image-2",
             "--org-verified=false",
             '--key-models={"sk-a": ["gpt-image-2.5-flare"]}',
+            "--gif-models",
+            "gpt-image-2",
+            "--svg-models",
+            "gpt-image-2",
+            "gpt-image-2.6-flare",
         ]
     )
     config = config_from_args(args)
@@ -162,9 +167,11 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         unavailable_models=["gpt-image-2"],
         org_verified=False,
         key_models={"sk-a": ["gpt-image-2.5-flare"]},
+        gif_models=["gpt-image-2"],
+        svg_models=["gpt-image-2", "gpt-image-2.6-flare"],
     )
     assert args.port == 9
-    assert len(FIELD_NAMES) == 21
+    assert len(FIELD_NAMES) == 23
     assert config_from_args(build_parser().parse_args([])) == SandboxConfig()
 
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from pipeline.sandbox import tokens
-from pipeline.sandbox.app import _corrupt_b64, _duration
+from pipeline.sandbox.app import _duration
 from pipeline.sandbox.config import SandboxConfig
 from pipeline.sandbox.faults import (
     DirectiveError,
@@ -21,6 +21,7 @@ from pipeline.sandbox.faults import (
 )
 from pipeline.sandbox.models import MODELS
 from pipeline.sandbox.ratelimit import SlidingWindow
+from pipeline.sandbox.response import corrupt_b64
 from pipeline.sandbox.validation import nearest_standard_size
 
 
@@ -130,7 +131,7 @@ def test_latency_is_lognormal_around_the_median() -> None:
 
 def test_corrupt_base64_fails_every_decoder() -> None:
     for length in [*range(1, 12), 200, 201, 202]:
-        value = _corrupt_b64(base64.b64encode(bytes(range(length))).decode())
+        value = corrupt_b64(base64.b64encode(bytes(range(length))).decode())
         for padding in ("", "=", "=="):
             with pytest.raises(binascii.Error):
                 base64.b64decode(value + padding)
