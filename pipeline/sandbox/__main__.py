@@ -27,6 +27,8 @@ HELP = {
     "api_keys": "accept only these bearer keys (default: any non-empty key)",
     "seed": "seed of the fault and latency draws",
     "billing_log": "append one JSON line per billed request to this file",
+    "bill_undelivered": "bill answers made after the client left or cut off (as the API does); "
+    "false: bill only answers sent whole",
     "today": "the sandbox's date, YYYY-MM-DD (models shut down on or before it are gone; "
     "default: the real UTC date)",
     "unavailable_style": "how a gone model is refused: 404 model_not_found or 400 invalid_value",

@@ -109,21 +109,35 @@ def _duration(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes else text
 
 
-async def _disconnected_within(receive: Receive, seconds: float) -> bool:
-    """Sleep `seconds`, but stop early and return True if the client goes away."""
+class DisconnectWatch:
+    """Notices when the client goes away while the request carries on (the real API keeps
+    working on, and bills, an answer whose client has left)."""
 
-    async def wait_disconnect() -> None:
-        while (await receive())["type"] != "http.disconnect":
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.gone = asyncio.Event()
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        # The body has been read: the next message is the disconnect (or the end of the
+        # response, which comes after stop()).
+        while (await self._receive())["type"] != "http.disconnect":
             pass
+        self.gone.set()
 
-    watcher = asyncio.ensure_future(wait_disconnect())
-    try:
-        await asyncio.wait_for(asyncio.shield(watcher), timeout=seconds)
-    except TimeoutError:
-        return False
-    finally:
-        watcher.cancel()
-    return True
+    async def sleep(self, seconds: float, *, stop_early: bool) -> bool:
+        """Sleep `seconds` (or less, with `stop_early`, if the client leaves); True if it left."""
+        if not stop_early:
+            await asyncio.sleep(seconds)
+            return self.gone.is_set()
+        try:
+            await asyncio.wait_for(self.gone.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        self._task.cancel()
 
 
 def _bearer_key(request: Request) -> str | None:
@@ -156,6 +170,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     cut: Cut = Cut.NONE
     billed: bool = False
+    delivered: bool = True  # False: billed, but the client left or the body was cut off
 
     @classmethod
     def error(cls, error: ApiError) -> Reply:
@@ -244,13 +259,17 @@ class EditsEndpoint:
             return Reply.error(error)
 
         reply = DISCONNECTED
+        watch = DisconnectWatch(receive)
         try:
             plan = self._plan(edit, directives, config)
-            reply = await self._run(scope, receive, edit, plan, key, request_id)
+            reply = await self._run(scope, watch, edit, plan, key, request_id)
         except ApiError as error:
-            reply = Reply.error(error)
+            reply = DISCONNECTED if watch.gone.is_set() else Reply.error(error)
         finally:
-            self.sandbox.stats.release_quota(billed=reply.billed, images=edit.n)
+            watch.stop()
+            self.sandbox.stats.release_quota(
+                billed=reply.billed, images=edit.n, delivered=reply.delivered
+            )
         return reply
 
     def _plan(self, edit: EditRequest, directives: Directives, config: SandboxConfig) -> Plan:
@@ -306,28 +325,33 @@ class EditsEndpoint:
     async def _run(
         self,
         scope: Scope,
-        receive: Receive,
+        watch: DisconnectWatch,
         edit: EditRequest,
         plan: Plan,
         key: str,
         request_id: str,
     ) -> Reply:
         config = self.sandbox.config
+        # bill_undelivered (the real API): a client that leaves does not stop the work, and the
+        # answer made is billed. False (the old sandbox): stop at once, bill only what is sent.
+        keep_going = config.bill_undelivered
         if plan.fault in REJECTIONS:
             raise self._rejection(plan, edit, key)
         self._rate_limit(edit, config)
-        if plan.latency > 0 and await _disconnected_within(receive, plan.latency):
-            return DISCONNECTED
+        if plan.latency > 0:
+            left = await watch.sleep(plan.latency, stop_early=not keep_going)
+            if left and not keep_going:
+                return DISCONNECTED
         if plan.fault is Fault.SERVER_ERROR:
             raise server_error()
         if plan.fault is Fault.TIMEOUT:
-            if await _disconnected_within(receive, config.hang_seconds):
+            if await watch.sleep(config.hang_seconds, stop_early=True):
                 return DISCONNECTED
             raise server_error()
         if plan.fault is Fault.RESET:
             if not connections.can_cut(scope):
                 raise server_error()  # not served by SandboxServer/serve: nothing to reset
-            return Reply(cut=Cut.RESET)
+            return DISCONNECTED if watch.gone.is_set() else Reply(cut=Cut.RESET)
 
         usage = usage_for(edit)
         payload = await images_response(
@@ -335,12 +359,24 @@ class EditsEndpoint:
         )
         body = json.dumps(payload).encode()
         del payload
-        if plan.fault is Fault.TRUNCATED:
-            return Reply(200, body, cut=Cut.TRUNCATE)
-        self._bill(edit, usage, request_id)
+        gone, cut_off = watch.gone.is_set(), plan.fault is Fault.TRUNCATED
+        if not keep_going:
+            if gone:
+                return DISCONNECTED
+            if cut_off:
+                return Reply(200, body, cut=Cut.TRUNCATE)
+            self._bill(edit, usage, request_id, delivered=True)
+            return Reply(200, body, billed=True)
+        self._bill(edit, usage, request_id, delivered=not (gone or cut_off))
+        if gone:
+            return Reply(cut=Cut.NOTHING, billed=True, delivered=False)
+        if cut_off:
+            return Reply(200, body, cut=Cut.TRUNCATE, billed=True, delivered=False)
         return Reply(200, body, billed=True)
 
-    def _bill(self, edit: EditRequest, usage: dict[str, Any] | None, request_id: str) -> None:
+    def _bill(
+        self, edit: EditRequest, usage: dict[str, Any] | None, request_id: str, *, delivered: bool
+    ) -> None:
         if usage is not None:
             self.sandbox.token_window.add(usage["total_tokens"])
         self.sandbox.billing.append(
@@ -352,6 +388,8 @@ class EditsEndpoint:
             n=edit.n,
             usage=usage,
             cost_usd=cost_for(edit, usage),
+            route="sync",
+            delivered=delivered,
         )
 
     # -- answering ------------------------------------------------------------------------

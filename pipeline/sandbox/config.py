@@ -35,6 +35,8 @@ class SandboxConfig:
     api_keys: list[str] | None = None
     seed: int = 0
     billing_log: str | None = None
+    # True (the real API): an answer is billed once made, even if the client has left.
+    bill_undelivered: bool = True
     # The sandbox's own calendar: models whose shutdown date is <= today are gone.
     today: str | None = None
     unavailable_style: str = "404"

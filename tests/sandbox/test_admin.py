@@ -40,6 +40,7 @@ def test_stats_count_requests_by_outcome(client: openai.OpenAI, sandbox: Sandbox
     assert stats == {
         "requests": 3,
         "billed": 1,
+        "billed_undelivered": 0,
         "by_status": {"200": 1, "400": 1, "429": 1},
         "in_flight": 0,
         "max_in_flight": 1,
@@ -131,6 +132,7 @@ def test_every_config_field_has_a_command_line_flag() -> None:
             "sk-b",
             "--seed=3",
             "--billing-log=/tmp/b.jsonl",
+            "--bill-undelivered=false",
             "--today=2026-12-01",
             "--unavailable-style=400",
             "--unavailable-models",
@@ -162,6 +164,7 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         api_keys=["sk-a", "sk-b"],
         seed=3,
         billing_log="/tmp/b.jsonl",
+        bill_undelivered=False,
         today="2026-12-01",
         unavailable_style="400",
         unavailable_models=["gpt-image-2"],
@@ -171,7 +174,7 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         svg_models=["gpt-image-2", "gpt-image-2.6-flare"],
     )
     assert args.port == 9
-    assert len(FIELD_NAMES) == 23
+    assert len(FIELD_NAMES) == 24
     assert config_from_args(build_parser().parse_args([])) == SandboxConfig()
 
 
