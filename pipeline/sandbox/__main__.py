@@ -35,6 +35,8 @@ HELP = {
     "unavailable_models": "models to treat as gone from now on",
     "org_verified": "false: GPT Image models answer 403 (organization must be verified)",
     "key_models": 'JSON {"KEY": ["model", ...]}: the models each key may use',
+    "files_dir": "folder for Files API uploads and batch output files "
+    "(default: a temporary folder, deleted at exit)",
     "gif_models": "models with access to GIF output (output_format=gif)",
     "svg_models": "models with access to SVG output (output_format=svg)",
 }

@@ -9,10 +9,12 @@ faults -> render -> 200 (whole, truncated, or with bad base64) -> billing log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -54,6 +56,7 @@ from pipeline.sandbox.faults import (
     parse_directives,
     random_fault,
 )
+from pipeline.sandbox.files import FileStore, file_routes
 from pipeline.sandbox.models import Access, model_list, model_object, retrieve
 from pipeline.sandbox.params import FormParams
 from pipeline.sandbox.ratelimit import SlidingWindow
@@ -79,14 +82,25 @@ class Sandbox:
         self.directives = DirectiveCounter()
         self.dice = FaultDice(config.seed)
         self.billing = BillingLog()
+        self.files = FileStore()
 
     def reset(self) -> None:
-        """Clear stats, directive counters and rate windows, and restart the fault sequence."""
+        """Clear stats, directive counters and rate windows, restart the fault sequence, and
+        forget every file (deleting it from disk)."""
         self.stats.clear()
         self.image_window.clear()
         self.token_window.clear()
         self.directives.clear()
         self.dice.reseed(self.config.seed)
+        self.files.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        """`GET /sandbox/stats`: the request counters, plus uploads."""
+        return {**self.stats.snapshot(), "uploads": self.files.stats()}
+
+    def close(self) -> None:
+        """At shutdown: delete the files and the temporary folder made for them."""
+        self.files.close()
 
 
 @dataclass(frozen=True)
@@ -453,8 +467,15 @@ def create_app(config: SandboxConfig) -> Starlette:
     """The sandbox as an ASGI app; `app.state.sandbox` holds its state and config."""
     sandbox = Sandbox(config)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            sandbox.close()
+
     async def stats(request: Request) -> Response:
-        return JSONResponse(sandbox.stats.snapshot())
+        return JSONResponse(sandbox.snapshot())
 
     async def get_config(request: Request) -> Response:
         return JSONResponse(sandbox.config.as_dict())
@@ -496,12 +517,14 @@ def create_app(config: SandboxConfig) -> Starlette:
             Route("/v1/images/edits", EditsEndpoint(sandbox), methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+            *file_routes(sandbox.files, lambda: sandbox.config, authorize, error_response),
             Route("/sandbox/stats", stats, methods=["GET"]),
             Route("/sandbox/config", get_config, methods=["GET"]),
             Route("/sandbox/config", post_config, methods=["POST"]),
             Route("/sandbox/reset", reset, methods=["POST"]),
         ],
         exception_handlers={404: _openai_http_error, 405: _openai_http_error},
+        lifespan=lifespan,
     )
     app.state.sandbox = sandbox
     return app

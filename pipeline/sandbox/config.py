@@ -44,6 +44,8 @@ class SandboxConfig:
     org_verified: bool = True
     key_models: dict[str, list[str]] | None = None
     # Models with access to the GIF preview and to SVG output.
+    # Files API storage (None: a temporary folder, deleted when the server stops).
+    files_dir: str | None = None
     gif_models: list[str] = field(default_factory=lambda: list(DEFAULT_GIF_MODELS))
     svg_models: list[str] = field(default_factory=lambda: list(DEFAULT_SVG_MODELS))
 

@@ -47,6 +47,7 @@ def test_stats_count_requests_by_outcome(client: openai.OpenAI, sandbox: Sandbox
         "rate_limited": 0,
         "images": 3,
         "faults": {"429": 1},
+        "uploads": {"count": 0, "bytes": 0, "distinct_sha256": 0},
     }
 
 
@@ -139,6 +140,7 @@ def test_every_config_field_has_a_command_line_flag() -> None:
             "gpt-image-2",
             "--org-verified=false",
             '--key-models={"sk-a": ["gpt-image-2.5-flare"]}',
+            "--files-dir=/tmp/files",
             "--gif-models",
             "gpt-image-2",
             "--svg-models",
@@ -170,11 +172,12 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         unavailable_models=["gpt-image-2"],
         org_verified=False,
         key_models={"sk-a": ["gpt-image-2.5-flare"]},
+        files_dir="/tmp/files",
         gif_models=["gpt-image-2"],
         svg_models=["gpt-image-2", "gpt-image-2.6-flare"],
     )
     assert args.port == 9
-    assert len(FIELD_NAMES) == 24
+    assert len(FIELD_NAMES) == 25
     assert config_from_args(build_parser().parse_args([])) == SandboxConfig()
 
 
