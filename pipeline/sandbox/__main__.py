@@ -37,6 +37,14 @@ HELP = {
     "key_models": 'JSON {"KEY": ["model", ...]}: the models each key may use',
     "files_dir": "folder for Files API uploads and batch output files "
     "(default: a temporary folder, deleted at exit)",
+    "batch_validating_seconds": "how long a new batch stays `validating`",
+    "batch_lines_per_second": "pace of a batch's lines while `in_progress`",
+    "batch_finalizing_seconds": "how long a batch stays `finalizing`",
+    "batch_line_error_rate": "fraction of batch lines answered 500 server_error",
+    "batch_line_moderation_rate": "fraction of batch lines answered 400 moderation_blocked",
+    "batch_expire_after_seconds": "a batch expires this long after its creation (default: never)",
+    "batch_max_requests": "most requests in one batch input file",
+    "batch_max_file_bytes": "largest batch input file, in bytes",
     "gif_models": "models with access to GIF output (output_format=gif)",
     "svg_models": "models with access to SVG output (output_format=svg)",
 }

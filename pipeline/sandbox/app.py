@@ -30,6 +30,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from pipeline.sandbox import connections
+from pipeline.sandbox.batch_runner import BatchContext, BatchRunner
+from pipeline.sandbox.batches import Batch, BatchStore, batch_routes
 from pipeline.sandbox.billing import BillingLog
 from pipeline.sandbox.config import SandboxConfig
 from pipeline.sandbox.errors import (
@@ -83,6 +85,16 @@ class Sandbox:
         self.dice = FaultDice(config.seed)
         self.billing = BillingLog()
         self.files = FileStore()
+        self.batches = BatchStore()
+        self.batch_dice = FaultDice(config.seed)
+        self.runners = BatchContext(
+            config=lambda: self.config,
+            files=self.files,
+            store=self.batches,
+            billing=self.billing,
+            dice=self.batch_dice,
+            directives=self.directives,
+        )
 
     def reset(self) -> None:
         """Clear stats, directive counters and rate windows, restart the fault sequence, and
@@ -92,14 +104,32 @@ class Sandbox:
         self.token_window.clear()
         self.directives.clear()
         self.dice.reseed(self.config.seed)
+        self.batch_dice.reseed(self.config.seed)
+        for batch in self.batches.clear():
+            if batch.task is not None:  # may be called from another thread than the loop's
+                batch.task.get_loop().call_soon_threadsafe(batch.task.cancel)
         self.files.clear()
 
-    def snapshot(self) -> dict[str, Any]:
-        """`GET /sandbox/stats`: the request counters, plus uploads."""
-        return {**self.stats.snapshot(), "uploads": self.files.stats()}
+    def start_batch(self, batch: Batch) -> None:
+        """Run a new batch on the running event loop (called by the create endpoint)."""
+        batch.task = asyncio.get_running_loop().create_task(
+            BatchRunner(self.runners, batch).run(), name=f"sandbox {batch.id}"
+        )
 
-    def close(self) -> None:
-        """At shutdown: delete the files and the temporary folder made for them."""
+    def snapshot(self) -> dict[str, Any]:
+        """`GET /sandbox/stats`: the request counters, plus uploads and batches."""
+        return {
+            **self.stats.snapshot(),
+            "uploads": self.files.stats(),
+            "batches": self.batches.stats(),
+        }
+
+    async def close(self) -> None:
+        """At shutdown: stop the batch runners, delete the files and their temporary folder."""
+        tasks = [b.task for b in self.batches.clear() if b.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.files.close()
 
 
@@ -472,7 +502,7 @@ def create_app(config: SandboxConfig) -> Starlette:
         try:
             yield
         finally:
-            sandbox.close()
+            await sandbox.close()
 
     async def stats(request: Request) -> Response:
         return JSONResponse(sandbox.snapshot())
@@ -518,6 +548,14 @@ def create_app(config: SandboxConfig) -> Starlette:
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", get_model, methods=["GET"]),
             *file_routes(sandbox.files, lambda: sandbox.config, authorize, error_response),
+            *batch_routes(
+                sandbox.batches,
+                sandbox.files,
+                lambda: sandbox.config,
+                authorize,
+                error_response,
+                sandbox.start_batch,
+            ),
             Route("/sandbox/stats", stats, methods=["GET"]),
             Route("/sandbox/config", get_config, methods=["GET"]),
             Route("/sandbox/config", post_config, methods=["POST"]),

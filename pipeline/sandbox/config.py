@@ -46,6 +46,15 @@ class SandboxConfig:
     # Models with access to the GIF preview and to SVG output.
     # Files API storage (None: a temporary folder, deleted when the server stops).
     files_dir: str | None = None
+    # The Batch API: pace (times time_scale), per-line faults, expiry and input limits.
+    batch_validating_seconds: float = 1.0
+    batch_lines_per_second: float = 10.0
+    batch_finalizing_seconds: float = 1.0
+    batch_line_error_rate: float = 0.0
+    batch_line_moderation_rate: float = 0.0
+    batch_expire_after_seconds: float | None = None
+    batch_max_requests: int = 50_000
+    batch_max_file_bytes: int = 200 * 1024 * 1024
     gif_models: list[str] = field(default_factory=lambda: list(DEFAULT_GIF_MODELS))
     svg_models: list[str] = field(default_factory=lambda: list(DEFAULT_SVG_MODELS))
 
@@ -97,6 +106,8 @@ def coerce_field(name: str, value: Any) -> Any:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
         if name.endswith("_rate") and number > 1:
             raise ValueError(f"{name} is a fraction of requests and must be <= 1, got {value!r}")
+        if name == "batch_lines_per_second" and number == 0:
+            raise ValueError("batch_lines_per_second must be > 0")
         if name == "drift" and number > 1:
             raise ValueError(f"drift is a fraction of pixels and must be <= 1, got {value!r}")
         return number

@@ -48,6 +48,7 @@ def test_stats_count_requests_by_outcome(client: openai.OpenAI, sandbox: Sandbox
         "images": 3,
         "faults": {"429": 1},
         "uploads": {"count": 0, "bytes": 0, "distinct_sha256": 0},
+        "batches": {"by_status": {}, "lines_done": 0, "lines_billed": 0},
     }
 
 
@@ -73,6 +74,8 @@ def test_config_endpoint_updates_the_running_server(
         {"unavailable_style": "500"},
         {"org_verified": "no"},
         {"key_models": {"sk": "gpt-image-2"}},
+        {"batch_lines_per_second": 0},
+        {"batch_line_error_rate": 1.5},
     ],
 )
 def test_config_endpoint_refuses_bad_values(sandbox: SandboxServer, body: object) -> None:
@@ -141,6 +144,14 @@ def test_every_config_field_has_a_command_line_flag() -> None:
             "--org-verified=false",
             '--key-models={"sk-a": ["gpt-image-2.5-flare"]}',
             "--files-dir=/tmp/files",
+            "--batch-validating-seconds=2",
+            "--batch-lines-per-second=50",
+            "--batch-finalizing-seconds=3",
+            "--batch-line-error-rate=0.1",
+            "--batch-line-moderation-rate=0.05",
+            "--batch-expire-after-seconds=600",
+            "--batch-max-requests=100",
+            "--batch-max-file-bytes=1000000",
             "--gif-models",
             "gpt-image-2",
             "--svg-models",
@@ -173,11 +184,19 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         org_verified=False,
         key_models={"sk-a": ["gpt-image-2.5-flare"]},
         files_dir="/tmp/files",
+        batch_validating_seconds=2,
+        batch_lines_per_second=50,
+        batch_finalizing_seconds=3,
+        batch_line_error_rate=0.1,
+        batch_line_moderation_rate=0.05,
+        batch_expire_after_seconds=600,
+        batch_max_requests=100,
+        batch_max_file_bytes=1_000_000,
         gif_models=["gpt-image-2"],
         svg_models=["gpt-image-2", "gpt-image-2.6-flare"],
     )
     assert args.port == 9
-    assert len(FIELD_NAMES) == 25
+    assert len(FIELD_NAMES) == 33
     assert config_from_args(build_parser().parse_args([])) == SandboxConfig()
 
 

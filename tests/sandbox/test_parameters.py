@@ -57,11 +57,11 @@ def test_gif_output_is_an_animation_with_the_default_frames(
     client: openai.OpenAI, sandbox: SandboxServer
 ) -> None:
     result = client.images.edit(
-        image=IMAGE, prompt="spin", model=GIF_MODEL, output_format="gif", size="1024x1024", n=2
+        image=IMAGE, prompt="spin", model=GIF_MODEL, output_format="gif", size="512x512", n=2
     )
     assert result.data is not None and len(result.data) == 2
     gif = _gif(result)
-    assert (gif.format, gif.size, gif.n_frames, gif.is_animated) == ("GIF", (1024, 1024), 9, True)
+    assert (gif.format, gif.size, gif.n_frames, gif.is_animated) == ("GIF", (512, 512), 9, True)
     assert gif.info["duration"] == 200
     frames = []
     for index in range(gif.n_frames):
@@ -70,13 +70,13 @@ def test_gif_output_is_an_animation_with_the_default_frames(
     assert len(set(frames)) == 9, "every frame shows a different edit"
     # Billing: every frame is one output image (nothing is published on GIF billing).
     assert result.usage is not None
-    assert result.usage.output_tokens == 2 * 9 * 1056
+    assert result.usage.output_tokens == 2 * 9 * 264  # 1056 x 512^2 / 1024^2 per frame
     [line] = billing_lines(sandbox.config.billing_log)
     u = result.usage
     expected = (
         Decimal(u.input_tokens_details.text_tokens) * 5
         + Decimal(u.input_tokens_details.image_tokens) * 8
-        + Decimal(2 * 9 * 1056) * 30
+        + Decimal(2 * 9 * 264) * 30
     ) / 1_000_000
     assert line["cost_usd"] == f"{expected:.6f}"
 
