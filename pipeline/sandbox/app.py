@@ -1,9 +1,11 @@
-"""The sandbox ASGI app: OpenAI's `POST /v1/images/edits`, plus `/sandbox/*` admin endpoints.
+"""The sandbox ASGI app: OpenAI's `POST /v1/images/edits`, `/v1/models`, `/v1/files`,
+`/v1/batches`, plus `/sandbox/*` admin endpoints.
 
-Order of decisions for an edit: read the form -> auth (401) -> validation (400/404) -> directive
-syntax (400) -> quota (429 insufficient_quota) -> fault choice (directive, else seeded draw) ->
-immediate rejections (429/400/401/403 faults) -> rate limit (429) -> latency -> 500/timeout/reset
-faults -> render -> 200 (whole, truncated, or with bad base64) -> billing log.
+Order of decisions for an edit: read the form (or JSON body) -> auth (401) -> validation
+(400/404/403) -> directive syntax (400) -> quota (429 insufficient_quota) -> fault choice
+(directive, else seeded draw) -> immediate rejections (429/400/401/403 faults) -> rate limit
+(429) -> latency (the work goes on if the client leaves) -> 500/timeout/reset faults -> render
+-> billing log (delivered or not) -> 200 (whole, truncated, or with bad base64).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any
 from python_multipart.exceptions import MultipartParseError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -60,7 +61,7 @@ from pipeline.sandbox.faults import (
 )
 from pipeline.sandbox.files import FileStore, file_routes
 from pipeline.sandbox.models import Access, model_list, model_object, retrieve
-from pipeline.sandbox.params import FormParams
+from pipeline.sandbox.params import FormParams, JsonParams, Params
 from pipeline.sandbox.ratelimit import SlidingWindow
 from pipeline.sandbox.response import cost_for, images_response, usage_for
 from pipeline.sandbox.stats import Stats
@@ -107,7 +108,8 @@ class Sandbox:
         self.batch_dice.reseed(self.config.seed)
         for batch in self.batches.clear():
             if batch.task is not None:  # may be called from another thread than the loop's
-                batch.task.get_loop().call_soon_threadsafe(batch.task.cancel)
+                with contextlib.suppress(RuntimeError):  # the loop has already stopped
+                    batch.task.get_loop().call_soon_threadsafe(batch.task.cancel)
         self.files.clear()
 
     def start_batch(self, batch: Batch) -> None:
@@ -265,12 +267,22 @@ class EditsEndpoint:
     async def _read_and_reply(self, scope: Scope, receive: Receive, request_id: str) -> Reply:
         request = Request(scope, receive)
         content_type = request.headers.get("content-type", "")
+        if content_type.startswith("application/json"):
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                return Reply.error(bad_request(f"Invalid JSON body: {exc}", param=None, code=None))
+            if not isinstance(body, dict):
+                return Reply.error(
+                    bad_request("The JSON body must be an object.", param=None, code=None)
+                )
+            with JsonParams(body, self.sandbox.files.path_of) as json_params:
+                return await self._reply_to(scope, request, receive, json_params, request_id)
         if not content_type.startswith(FORM_CONTENT_TYPES):
             await request.body()
             return Reply.error(
                 bad_request(
-                    "The sandbox accepts only multipart/form-data edits (JSON bodies with image "
-                    "URLs or file ids are not supported).",
+                    "Send the edit as multipart/form-data or as a JSON body.",
                     param=None,
                     code="unsupported_content_type",
                 )
@@ -282,17 +294,17 @@ class EditsEndpoint:
                 bad_request(f"Could not parse the multipart body: {exc}", param=None, code=None)
             )
         try:
-            return await self._reply_to_form(scope, request, receive, form, request_id)
+            return await self._reply_to(scope, request, receive, FormParams(form), request_id)
         finally:
             await form.close()
 
-    async def _reply_to_form(
-        self, scope: Scope, request: Request, receive: Receive, form: FormData, request_id: str
+    async def _reply_to(
+        self, scope: Scope, request: Request, receive: Receive, params: Params, request_id: str
     ) -> Reply:
         config = self.sandbox.config
         try:
             key = authorize(request, config)
-            edit = await run_in_threadpool(validate, FormParams(form), Policy.of(config, key))
+            edit = await run_in_threadpool(validate, params, Policy.of(config, key))
             try:
                 directives = parse_directives(edit.prompt)
             except DirectiveError as exc:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx2
 import openai
@@ -233,6 +235,65 @@ def test_python_dash_m_serves(tmp_path: object) -> None:
                     raise
                 time.sleep(0.05)
         assert config["error_rate"] == 1.0
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_python_dash_m_runs_batches(tmp_path: Path) -> None:
+    """The batch runner lives in the app: `python -m pipeline.sandbox` (and so `editbatch
+    sandbox`) runs a batch to completion, and keeps files where --files-dir says."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    files_dir = tmp_path / "files"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.sandbox",
+            f"--port={port}",
+            "--batch-validating-seconds=0",
+            "--batch-lines-per-second=1000",
+            "--batch-finalizing-seconds=0",
+            f"--files-dir={files_dir}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = openai.OpenAI(
+            api_key="sk-t", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                image = client.files.create(file=("a.png", png(32, 32)), purpose="user_data")
+                break
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        line = {
+            "custom_id": "only",
+            "method": "POST",
+            "url": "/v1/images/edits",
+            "body": {"model": "gpt-image-2", "images": [{"file_id": image.id}], "prompt": "p"},
+        }
+        batch_input = client.files.create(
+            file=("in.jsonl", (json.dumps(line) + "\n").encode()), purpose="batch"
+        )
+        batch = client.batches.create(
+            input_file_id=batch_input.id, endpoint="/v1/images/edits", completion_window="24h"
+        )
+        while batch.status not in ("completed", "failed") and time.monotonic() < deadline + 15:
+            time.sleep(0.05)
+            batch = client.batches.retrieve(batch.id)
+        assert batch.status == "completed"
+        assert batch.output_file_id is not None
+        assert (files_dir / image.id).exists()
+        [answer] = client.files.content(batch.output_file_id).text.splitlines()
+        assert json.loads(answer)["response"]["status_code"] == 200
     finally:
         process.terminate()
         process.wait(timeout=10)

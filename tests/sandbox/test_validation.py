@@ -309,13 +309,54 @@ def test_sdk_raises_the_matching_classes(client: openai.OpenAI) -> None:
     assert missing.value.code == "model_not_found"
 
 
-def test_json_bodies_are_refused(sandbox: SandboxServer) -> None:
+def test_json_bodies_take_file_ids_and_data_urls(sandbox: SandboxServer) -> None:
+    """The contract's other request shape: `images: [{"file_id"} | {"image_url"}]`."""
+    import base64
+
+    import httpx2
+
+    headers = {"Authorization": "Bearer sk-test"}
+    uploaded = httpx2.post(
+        f"{sandbox.base_url}/files",
+        data={"purpose": "user_data"},
+        files={"file": ("a.png", png(64, 64), "image/png")},
+        headers=headers,
+    ).json()
+    data_url = "data:image/png;base64," + base64.b64encode(png(64, 64)).decode()
+    for ref in ({"file_id": uploaded["id"]}, {"image_url": data_url}):
+        response = httpx2.post(
+            f"{sandbox.base_url}/images/edits",
+            json={"prompt": "p", "images": [ref], "n": 2, "size": "1024x1024"},
+            headers=headers,
+        )
+        assert response.status_code == 200, response.text
+        assert len(response.json()["data"]) == 2
+    assert len(billing_lines(sandbox.config.billing_log)) == 2
+
+    refused = [
+        (
+            {"prompt": "p", "images": [{"image_url": "https://example.com/a.png"}]},
+            "images[0].image_url",
+        ),
+        ({"prompt": "p", "images": [{"file_id": "file-nope"}]}, "images[0].file_id"),
+        ({"prompt": "p", "images": []}, "images"),
+        ({"prompt": "p"}, "images"),
+        ({"prompt": "p", "images": [{"file_id": uploaded["id"]}], "n": "2"}, "n"),
+        ({"prompt": "p", "image": "x"}, "image"),
+    ]
+    for body, param in refused:
+        response = httpx2.post(f"{sandbox.base_url}/images/edits", json=body, headers=headers)
+        assert response.status_code == 400, body
+        assert response.json()["error"]["param"] == param, response.json()
+
+
+def test_other_bodies_are_refused(sandbox: SandboxServer) -> None:
     import httpx2
 
     response = httpx2.post(
         f"{sandbox.base_url}/images/edits",
-        json={"prompt": "p", "images": [{"image_url": "https://example.com/a.png"}]},
-        headers={"Authorization": "Bearer sk-test"},
+        content=b"prompt=p",
+        headers={"Authorization": "Bearer sk-test", "content-type": "text/plain"},
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "unsupported_content_type"
