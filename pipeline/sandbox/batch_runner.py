@@ -179,9 +179,11 @@ def _read(file: IO[bytes], ref: LineRef) -> dict[str, Any]:
     return body
 
 
-def _append(path: Path, text: str) -> None:
+def _append(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Append JSONL entries (encoded here, in a worker thread: an answer can be megabytes)."""
     with path.open("a", encoding="utf-8") as out:
-        out.write(text)
+        for entry in entries:
+            out.write(json.dumps(entry) + "\n")
 
 
 class BatchRunner:
@@ -283,20 +285,17 @@ class BatchRunner:
     async def _expire(self) -> None:
         batch = self.batch
         remaining = batch.lines[batch.done_lines :]
-        text = "".join(
-            json.dumps(
-                {
-                    "id": new_id("batch_req_"),
-                    "custom_id": ref.custom_id,
-                    "response": None,
-                    "error": {"code": "batch_expired", "message": EXPIRED_MESSAGE},
-                }
-            )
-            + "\n"
+        entries = [
+            {
+                "id": new_id("batch_req_"),
+                "custom_id": ref.custom_id,
+                "response": None,
+                "error": {"code": "batch_expired", "message": EXPIRED_MESSAGE},
+            }
             for ref in remaining
-        )
-        if text:
-            await run_in_threadpool(_append, self._path("error"), text)
+        ]
+        if entries:
+            await run_in_threadpool(_append, self._path("error"), entries)
         batch.failed += len(remaining)
         batch.done_lines = batch.total
         await self._close(Status.EXPIRED)
@@ -342,7 +341,7 @@ class BatchRunner:
             "error": None,
         }
         kind = "output" if status == 200 else "error"
-        await run_in_threadpool(_append, self._path(kind), json.dumps(line) + "\n")
+        await run_in_threadpool(_append, self._path(kind), [line])
         del line, response
         if bill is not None:
             edit, usage, cost = bill

@@ -348,7 +348,9 @@ def batch_routes(
     """The `/v1/batches` routes and the admin `POST /sandbox/batches/{id}/expire`; `start`
     launches a new batch's runner."""
 
-    def guarded(handler: Callable[[Request, str], Awaitable[Response]]) -> Any:
+    def guarded(
+        handler: Callable[[Request, str], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
                 key = authorize(request, config())

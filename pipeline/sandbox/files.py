@@ -56,7 +56,7 @@ class StoredFile:
     bytes: int
     created_at: int
     path: Path
-    sha256: str
+    sha256: str | None  # uploads only (for the stats); None for files the sandbox wrote
     expires_at: int | None = None
 
     def object(self) -> dict[str, Any]:
@@ -143,7 +143,7 @@ class FileStore:
     def add(self, stored: StoredFile, *, upload: bool) -> None:
         with self._lock:
             self._files[stored.id] = stored
-            if upload:
+            if upload and stored.sha256 is not None:
                 self.uploads += 1
                 self.upload_bytes += stored.bytes
                 self._upload_hashes.add(stored.sha256)
@@ -152,10 +152,6 @@ class FileStore:
         self, path: Path, file_id: str, filename: str, purpose: str, expires_at: int | None
     ) -> StoredFile:
         """Make a file the sandbox wrote itself (a batch's output or error file) visible."""
-        digest = hashlib.sha256()
-        with path.open("rb") as file:
-            while chunk := file.read(COPY_CHUNK):
-                digest.update(chunk)
         stored = StoredFile(
             id=file_id,
             filename=filename,
@@ -163,7 +159,7 @@ class FileStore:
             bytes=path.stat().st_size,
             created_at=int(time.time()),
             path=path,
-            sha256=digest.hexdigest(),
+            sha256=None,
             expires_at=expires_at,
         )
         self.add(stored, upload=False)

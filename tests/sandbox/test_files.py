@@ -6,6 +6,7 @@ import json
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any, Literal
 
 import httpx2
 import openai
@@ -18,7 +19,7 @@ from tests.sandbox.helpers import admin, png
 JSONL = b'{"custom_id": "a"}\n{"custom_id": "b"}\n'
 
 
-def _valid(raw: openai.APIResponse[object], schema_name: str) -> None:
+def _valid(raw: Any, schema_name: str) -> None:
     body = json.loads(raw.http_response.content)
     assert schema.check(body, schema_name, schema.FILES_BATCHES) == []
 
@@ -62,8 +63,9 @@ def test_upload_retrieve_download_delete(client: openai.OpenAI) -> None:
 
 def test_images_upload_as_user_data_or_vision(client: openai.OpenAI) -> None:
     image = png(16, 16)
-    for purpose in ("user_data", "vision"):
-        uploaded = client.files.create(file=("shoe.png", image), purpose=purpose)  # type: ignore[arg-type]
+    purposes: tuple[Literal["user_data"], Literal["vision"]] = ("user_data", "vision")
+    for purpose in purposes:
+        uploaded = client.files.create(file=("shoe.png", image), purpose=purpose)
         assert uploaded.purpose == purpose
         assert client.files.content(uploaded.id).content == image
 
