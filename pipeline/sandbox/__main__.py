@@ -29,20 +29,20 @@ HELP = {
     "billing_log": "append one JSON line per billed request to this file",
     "bill_undelivered": "bill answers made after the client left or cut off (as the API does); "
     "false: bill only answers sent whole",
-    "today": "the sandbox's date, YYYY-MM-DD (models shut down on or before it are gone; "
-    "default: the real UTC date)",
+    "today": "the sandbox's date, YYYY-MM-DD: models shut down on or before it are gone "
+    "(none: the real UTC date)",
     "unavailable_style": "how a gone model is refused: 404 model_not_found or 400 invalid_value",
     "unavailable_models": "models to treat as gone from now on",
     "org_verified": "false: GPT Image models answer 403 (organization must be verified)",
     "key_models": 'JSON {"KEY": ["model", ...]}: the models each key may use',
     "files_dir": "folder for Files API uploads and batch output files "
-    "(default: a temporary folder, deleted at exit)",
+    "(none: a temporary folder, deleted at exit)",
     "batch_validating_seconds": "how long a new batch stays `validating`",
     "batch_lines_per_second": "pace of a batch's lines while `in_progress`",
     "batch_finalizing_seconds": "how long a batch stays `finalizing`",
     "batch_line_error_rate": "fraction of batch lines answered 500 server_error",
     "batch_line_moderation_rate": "fraction of batch lines answered 400 moderation_blocked",
-    "batch_expire_after_seconds": "a batch expires this long after its creation (default: never)",
+    "batch_expire_after_seconds": "a batch expires this long after its creation (none: never)",
     "batch_max_requests": "most requests in one batch input file",
     "batch_max_file_bytes": "largest batch input file, in bytes",
     "gif_models": "models with access to GIF output (output_format=gif)",

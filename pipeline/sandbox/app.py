@@ -98,8 +98,8 @@ class Sandbox:
         )
 
     def reset(self) -> None:
-        """Clear stats, directive counters and rate windows, restart the fault sequence, and
-        forget every file (deleting it from disk)."""
+        """Clear stats, directive counters and rate windows, restart the fault sequences, stop
+        every batch, and forget every batch and file (deleting the files from disk)."""
         self.stats.clear()
         self.image_window.clear()
         self.token_window.clear()
