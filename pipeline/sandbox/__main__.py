@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
+from typing import Any
 
 from pipeline.sandbox.config import FIELD_NAMES, SandboxConfig, coerce_field, field_kind
 from pipeline.sandbox.server import serve
@@ -25,8 +27,47 @@ HELP = {
     "api_keys": "accept only these bearer keys (default: any non-empty key)",
     "seed": "seed of the fault and latency draws",
     "billing_log": "append one JSON line per billed request to this file",
+    "bill_undelivered": "bill answers made after the client left or cut off (as the API does); "
+    "false: bill only answers sent whole",
+    "today": "the sandbox's date, YYYY-MM-DD: models shut down on or before it are gone "
+    "(none: the real UTC date)",
+    "unavailable_style": "how a gone model is refused: 404 model_not_found or 400 invalid_value",
+    "unavailable_models": "models to treat as gone from now on",
+    "org_verified": "false: GPT Image models answer 403 (organization must be verified)",
+    "key_models": 'JSON {"KEY": ["model", ...]}: the models each key may use',
+    "files_dir": "folder for Files API uploads and batch output files "
+    "(none: a temporary folder, deleted at exit)",
+    "batch_validating_seconds": "how long a new batch stays `validating`",
+    "batch_lines_per_second": "pace of a batch's lines while `in_progress`",
+    "batch_finalizing_seconds": "how long a batch stays `finalizing`",
+    "batch_line_error_rate": "fraction of batch lines answered 500 server_error",
+    "batch_line_moderation_rate": "fraction of batch lines answered 400 moderation_blocked",
+    "batch_expire_after_seconds": "a batch expires this long after its creation (none: never)",
+    "batch_max_requests": "most requests in one batch input file",
+    "batch_max_file_bytes": "largest batch input file, in bytes",
+    "gif_models": "models with access to GIF output (output_format=gif)",
+    "svg_models": "models with access to SVG output (output_format=svg)",
 }
 ALIASES = {"rate_limit_per_minute": ["--rate-limit"]}
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, name)
         help_text = f"{HELP[name]} (default: {default})"
         if base is list:
-            parser.add_argument(*flags, dest=name, nargs="+", default=None, help=help_text)
+            parser.add_argument(*flags, dest=name, nargs="+", default=default, help=help_text)
+        elif base is bool:
+            parser.add_argument(*flags, dest=name, type=_boolean, default=default, help=help_text)
+        elif base is dict:
+            parser.add_argument(
+                *flags, dest=name, type=_json_object, default=default, help=help_text
+            )
         else:
             parser.add_argument(*flags, dest=name, type=base, default=default, help=help_text)
     return parser

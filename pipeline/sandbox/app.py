@@ -1,19 +1,22 @@
-"""The sandbox ASGI app: OpenAI's `POST /v1/images/edits`, plus `/sandbox/*` admin endpoints.
+"""The sandbox ASGI app: OpenAI's `POST /v1/images/edits`, `/v1/models`, `/v1/files`,
+`/v1/batches`, plus `/sandbox/*` admin endpoints.
 
-Order of decisions for an edit: read the form -> auth (401) -> validation (400/404) -> directive
-syntax (400) -> quota (429 insufficient_quota) -> fault choice (directive, else seeded draw) ->
-immediate rejections (429/400/401/403 faults) -> rate limit (429) -> latency -> 500/timeout/reset
-faults -> render -> 200 (whole, truncated, or with bad base64) -> billing log.
+Order of decisions for an edit: read the form (or JSON body) -> auth (401) -> validation
+(400/404/403) -> directive syntax (400) -> quota (429 insufficient_quota) -> fault choice
+(directive, else seeded draw) -> immediate rejections (429/400/401/403 faults) -> rate limit
+(429) -> latency (the work goes on if the client leaves) -> 500/timeout/reset faults -> render
+-> billing log (delivered or not) -> 200 (whole, truncated, or with bad base64).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import json
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -21,14 +24,15 @@ from typing import Any
 from python_multipart.exceptions import MultipartParseError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from pipeline.sandbox import connections, tokens
+from pipeline.sandbox import connections
+from pipeline.sandbox.batch_runner import BatchContext, BatchRunner
+from pipeline.sandbox.batches import Batch, BatchStore, batch_routes
 from pipeline.sandbox.billing import BillingLog
 from pipeline.sandbox.config import SandboxConfig
 from pipeline.sandbox.errors import (
@@ -55,10 +59,13 @@ from pipeline.sandbox.faults import (
     parse_directives,
     random_fault,
 )
-from pipeline.sandbox.images import EditJob, render
+from pipeline.sandbox.files import FileStore, file_routes
+from pipeline.sandbox.models import Access, model_list, model_object, retrieve
+from pipeline.sandbox.params import FormParams, JsonParams, Params
 from pipeline.sandbox.ratelimit import SlidingWindow
+from pipeline.sandbox.response import cost_for, images_response, usage_for
 from pipeline.sandbox.stats import Stats
-from pipeline.sandbox.validation import EditRequest, validate
+from pipeline.sandbox.validation import EditRequest, Policy, validate
 
 # Reported in x-ratelimit-* headers when no limit is configured; never enforced.
 NOTIONAL_IMAGE_LIMIT = 10_000
@@ -78,14 +85,54 @@ class Sandbox:
         self.directives = DirectiveCounter()
         self.dice = FaultDice(config.seed)
         self.billing = BillingLog()
+        self.files = FileStore()
+        self.batches = BatchStore()
+        self.batch_dice = FaultDice(config.seed)
+        self.runners = BatchContext(
+            config=lambda: self.config,
+            files=self.files,
+            store=self.batches,
+            billing=self.billing,
+            dice=self.batch_dice,
+            directives=self.directives,
+        )
 
     def reset(self) -> None:
-        """Clear stats, directive counters and rate windows, and restart the fault sequence."""
+        """Clear stats, directive counters and rate windows, restart the fault sequences, stop
+        every batch, and forget every batch and file (deleting the files from disk)."""
         self.stats.clear()
         self.image_window.clear()
         self.token_window.clear()
         self.directives.clear()
         self.dice.reseed(self.config.seed)
+        self.batch_dice.reseed(self.config.seed)
+        for batch in self.batches.clear():
+            if batch.task is not None:  # may be called from another thread than the loop's
+                with contextlib.suppress(RuntimeError):  # the loop has already stopped
+                    batch.task.get_loop().call_soon_threadsafe(batch.task.cancel)
+        self.files.clear()
+
+    def start_batch(self, batch: Batch) -> None:
+        """Run a new batch on the running event loop (called by the create endpoint)."""
+        batch.task = asyncio.get_running_loop().create_task(
+            BatchRunner(self.runners, batch).run(), name=f"sandbox {batch.id}"
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """`GET /sandbox/stats`: the request counters, plus uploads and batches."""
+        return {
+            **self.stats.snapshot(),
+            "uploads": self.files.stats(),
+            "batches": self.batches.stats(),
+        }
+
+    async def close(self) -> None:
+        """At shutdown: stop the batch runners, delete the files and their temporary folder."""
+        tasks = [b.task for b in self.batches.clear() if b.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.files.close()
 
 
 @dataclass(frozen=True)
@@ -108,34 +155,49 @@ def _duration(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes else text
 
 
-def _corrupt_b64(value: str) -> str:
-    """Base64 no decoder accepts: 4k+1 alphabet characters (padding cannot fix that) and a '!'."""
-    core = value.rstrip("=")[:-1]
-    core = core[: len(core) - (len(core) - 1) % 4]
-    return core + "!"
+class DisconnectWatch:
+    """Notices when the client goes away while the request carries on (the real API keeps
+    working on, and bills, an answer whose client has left)."""
 
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.gone = asyncio.Event()
+        self._task = asyncio.ensure_future(self._watch())
 
-async def _disconnected_within(receive: Receive, seconds: float) -> bool:
-    """Sleep `seconds`, but stop early and return True if the client goes away."""
-
-    async def wait_disconnect() -> None:
-        while (await receive())["type"] != "http.disconnect":
+    async def _watch(self) -> None:
+        # The body has been read: the next message is the disconnect (or the end of the
+        # response, which comes after stop()).
+        while (await self._receive())["type"] != "http.disconnect":
             pass
+        self.gone.set()
 
-    watcher = asyncio.ensure_future(wait_disconnect())
-    try:
-        await asyncio.wait_for(asyncio.shield(watcher), timeout=seconds)
-    except TimeoutError:
-        return False
-    finally:
-        watcher.cancel()
-    return True
+    async def sleep(self, seconds: float, *, stop_early: bool) -> bool:
+        """Sleep `seconds` (or less, with `stop_early`, if the client leaves); True if it left."""
+        if not stop_early:
+            await asyncio.sleep(seconds)
+            return self.gone.is_set()
+        try:
+            await asyncio.wait_for(self.gone.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        self._task.cancel()
 
 
 def _bearer_key(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     return key.strip() or None if scheme.lower() == "bearer" else None
+
+
+def authorize(request: Request, config: SandboxConfig) -> str:
+    """The request's API key, or the 401 the API answers without a valid one."""
+    key = _bearer_key(request)
+    if key is None or (config.api_keys is not None and key not in config.api_keys):
+        raise invalid_api_key(key)
+    return key
 
 
 class Cut(StrEnum):
@@ -154,6 +216,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     cut: Cut = Cut.NONE
     billed: bool = False
+    delivered: bool = True  # False: billed, but the client left or the body was cut off
 
     @classmethod
     def error(cls, error: ApiError) -> Reply:
@@ -204,12 +267,22 @@ class EditsEndpoint:
     async def _read_and_reply(self, scope: Scope, receive: Receive, request_id: str) -> Reply:
         request = Request(scope, receive)
         content_type = request.headers.get("content-type", "")
+        if content_type.startswith("application/json"):
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                return Reply.error(bad_request(f"Invalid JSON body: {exc}", param=None, code=None))
+            if not isinstance(body, dict):
+                return Reply.error(
+                    bad_request("The JSON body must be an object.", param=None, code=None)
+                )
+            with JsonParams(body, self.sandbox.files.path_of) as json_params:
+                return await self._reply_to(scope, request, receive, json_params, request_id)
         if not content_type.startswith(FORM_CONTENT_TYPES):
             await request.body()
             return Reply.error(
                 bad_request(
-                    "The sandbox accepts only multipart/form-data edits (JSON bodies with image "
-                    "URLs or file ids are not supported).",
+                    "Send the edit as multipart/form-data or as a JSON body.",
                     param=None,
                     code="unsupported_content_type",
                 )
@@ -221,19 +294,17 @@ class EditsEndpoint:
                 bad_request(f"Could not parse the multipart body: {exc}", param=None, code=None)
             )
         try:
-            return await self._reply_to_form(scope, request, receive, form, request_id)
+            return await self._reply_to(scope, request, receive, FormParams(form), request_id)
         finally:
             await form.close()
 
-    async def _reply_to_form(
-        self, scope: Scope, request: Request, receive: Receive, form: FormData, request_id: str
+    async def _reply_to(
+        self, scope: Scope, request: Request, receive: Receive, params: Params, request_id: str
     ) -> Reply:
         config = self.sandbox.config
         try:
-            key = _bearer_key(request)
-            if key is None or (config.api_keys is not None and key not in config.api_keys):
-                raise invalid_api_key(key)
-            edit = await run_in_threadpool(validate, form)
+            key = authorize(request, config)
+            edit = await run_in_threadpool(validate, params, Policy.of(config, key))
             try:
                 directives = parse_directives(edit.prompt)
             except DirectiveError as exc:
@@ -244,13 +315,17 @@ class EditsEndpoint:
             return Reply.error(error)
 
         reply = DISCONNECTED
+        watch = DisconnectWatch(receive)
         try:
             plan = self._plan(edit, directives, config)
-            reply = await self._run(scope, receive, edit, plan, key, request_id)
+            reply = await self._run(scope, watch, edit, plan, key, request_id)
         except ApiError as error:
-            reply = Reply.error(error)
+            reply = DISCONNECTED if watch.gone.is_set() else Reply.error(error)
         finally:
-            self.sandbox.stats.release_quota(billed=reply.billed, images=edit.n)
+            watch.stop()
+            self.sandbox.stats.release_quota(
+                billed=reply.billed, images=edit.n, delivered=reply.delivered
+            )
         return reply
 
     def _plan(self, edit: EditRequest, directives: Directives, config: SandboxConfig) -> Plan:
@@ -306,85 +381,60 @@ class EditsEndpoint:
     async def _run(
         self,
         scope: Scope,
-        receive: Receive,
+        watch: DisconnectWatch,
         edit: EditRequest,
         plan: Plan,
         key: str,
         request_id: str,
     ) -> Reply:
         config = self.sandbox.config
+        # bill_undelivered (the real API): a client that leaves does not stop the work, and the
+        # answer made is billed. False (the old sandbox): stop at once, bill only what is sent.
+        keep_going = config.bill_undelivered
         if plan.fault in REJECTIONS:
             raise self._rejection(plan, edit, key)
         self._rate_limit(edit, config)
-        if plan.latency > 0 and await _disconnected_within(receive, plan.latency):
-            return DISCONNECTED
+        if plan.latency > 0:
+            left = await watch.sleep(plan.latency, stop_early=not keep_going)
+            if left and not keep_going:
+                return DISCONNECTED
         if plan.fault is Fault.SERVER_ERROR:
             raise server_error()
         if plan.fault is Fault.TIMEOUT:
-            if await _disconnected_within(receive, config.hang_seconds):
+            if await watch.sleep(config.hang_seconds, stop_early=True):
                 return DISCONNECTED
             raise server_error()
         if plan.fault is Fault.RESET:
             if not connections.can_cut(scope):
                 raise server_error()  # not served by SandboxServer/serve: nothing to reset
-            return Reply(cut=Cut.RESET)
+            return DISCONNECTED if watch.gone.is_set() else Reply(cut=Cut.RESET)
 
-        usage = tokens.usage(
-            prompt=edit.prompt,
-            input_sizes=[(u.info.width, u.info.height) for u in edit.images],
-            input_fidelity=edit.input_fidelity,
-            output_size=edit.size,
-            quality=edit.quality,
-            n=edit.n,
+        usage = usage_for(edit)
+        payload = await images_response(
+            edit, usage, drift=plan.drift, seed=config.seed, bad_b64=plan.fault is Fault.BAD_B64
         )
-        body = await self._success_body(edit, plan, usage, config.seed)
-        if plan.fault is Fault.TRUNCATED:
-            return Reply(200, body, cut=Cut.TRUNCATE)
-        self._bill(edit, usage, request_id)
+        body = json.dumps(payload).encode()
+        del payload
+        gone, cut_off = watch.gone.is_set(), plan.fault is Fault.TRUNCATED
+        if not keep_going:
+            if gone:
+                return DISCONNECTED
+            if cut_off:
+                return Reply(200, body, cut=Cut.TRUNCATE)
+            self._bill(edit, usage, request_id, delivered=True)
+            return Reply(200, body, billed=True)
+        self._bill(edit, usage, request_id, delivered=not (gone or cut_off))
+        if gone:
+            return Reply(cut=Cut.NOTHING, billed=True, delivered=False)
+        if cut_off:
+            return Reply(200, body, cut=Cut.TRUNCATE, billed=True, delivered=False)
         return Reply(200, body, billed=True)
 
-    async def _success_body(
-        self, edit: EditRequest, plan: Plan, usage: dict[str, Any], seed: int
-    ) -> bytes:
-        job = EditJob(
-            image=edit.images[0].file,
-            mask=edit.mask.file if edit.mask else None,
-            size=edit.size,
-            output_format=edit.output_format,
-            output_compression=edit.output_compression,
-            background=edit.background,
-            prompt=edit.prompt,
-            n=edit.n,
-            drift=plan.drift,
-            seed=seed,
-        )
-        try:
-            rendered = await run_in_threadpool(render, job)
-        except (OSError, ValueError) as exc:
-            # Validation reads only headers; a body that does not decode shows up here.
-            raise bad_request(
-                f"Invalid image file: it could not be decoded ({exc}).",
-                param="image",
-                code="invalid_image",
-            ) from exc
-        background = rendered.background
-        encoded = [base64.b64encode(image).decode("ascii") for image in rendered.images]
-        del rendered  # keep one copy of the images (base64) in memory, not two
-        if plan.fault is Fault.BAD_B64:
-            encoded = [_corrupt_b64(value) for value in encoded]
-        payload = {
-            "created": int(time.time()),
-            "data": [{"b64_json": value} for value in encoded],
-            "background": background,
-            "output_format": edit.output_format,
-            "quality": edit.quality,
-            "size": edit.size_text,
-            "usage": usage,
-        }
-        return json.dumps(payload).encode()
-
-    def _bill(self, edit: EditRequest, usage: dict[str, Any], request_id: str) -> None:
-        self.sandbox.token_window.add(usage["total_tokens"])
+    def _bill(
+        self, edit: EditRequest, usage: dict[str, Any] | None, request_id: str, *, delivered: bool
+    ) -> None:
+        if usage is not None:
+            self.sandbox.token_window.add(usage["total_tokens"])
         self.sandbox.billing.append(
             self.sandbox.config.billing_log,
             request_id=request_id,
@@ -393,7 +443,9 @@ class EditsEndpoint:
             quality=edit.quality,
             n=edit.n,
             usage=usage,
-            cost_usd=tokens.cost_usd(edit.model, usage),
+            cost_usd=cost_for(edit, usage),
+            route="sync",
+            delivered=delivered,
         )
 
     # -- answering ------------------------------------------------------------------------
@@ -438,6 +490,12 @@ class EditsEndpoint:
             raise RuntimeError("sandbox: truncated response (intentional)")
 
 
+def error_response(error: ApiError) -> Response:
+    """An OpenAI-shaped error answer with a request id, for the plain (non-edit) endpoints."""
+    headers = {"x-request-id": f"req_{uuid.uuid4().hex}", **error.headers}
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
 def _openai_http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     message = f"Invalid URL ({request.method} {request.url.path})"
@@ -451,8 +509,15 @@ def create_app(config: SandboxConfig) -> Starlette:
     """The sandbox as an ASGI app; `app.state.sandbox` holds its state and config."""
     sandbox = Sandbox(config)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await sandbox.close()
+
     async def stats(request: Request) -> Response:
-        return JSONResponse(sandbox.stats.snapshot())
+        return JSONResponse(sandbox.snapshot())
 
     async def get_config(request: Request) -> Response:
         return JSONResponse(sandbox.config.as_dict())
@@ -473,15 +538,43 @@ def create_app(config: SandboxConfig) -> Starlette:
         sandbox.reset()
         return JSONResponse({"reset": True})
 
+    async def list_models(request: Request) -> Response:
+        try:
+            key = authorize(request, sandbox.config)
+        except ApiError as error:
+            return error_response(error)
+        return JSONResponse(model_list(Access.of(sandbox.config, key)))
+
+    async def get_model(request: Request) -> Response:
+        try:
+            key = authorize(request, sandbox.config)
+            access = Access.of(sandbox.config, key)
+            model = retrieve(request.path_params["model"], access)
+        except ApiError as error:
+            return error_response(error)
+        return JSONResponse(model_object(model, access))
+
     app = Starlette(
         routes=[
             Route("/v1/images/edits", EditsEndpoint(sandbox), methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+            *file_routes(sandbox.files, lambda: sandbox.config, authorize, error_response),
+            *batch_routes(
+                sandbox.batches,
+                sandbox.files,
+                lambda: sandbox.config,
+                authorize,
+                error_response,
+                sandbox.start_batch,
+            ),
             Route("/sandbox/stats", stats, methods=["GET"]),
             Route("/sandbox/config", get_config, methods=["GET"]),
             Route("/sandbox/config", post_config, methods=["POST"]),
             Route("/sandbox/reset", reset, methods=["POST"]),
         ],
         exception_handlers={404: _openai_http_error, 405: _openai_http_error},
+        lifespan=lifespan,
     )
     app.state.sandbox = sandbox
     return app

@@ -1,4 +1,5 @@
-"""The JSONL billing log: one line per billed request, appended under one lock."""
+"""The JSONL billing log: one line per billed answer (sync request or batch line), appended under
+one lock."""
 
 from __future__ import annotations
 
@@ -24,21 +25,32 @@ class BillingLog:
         size: str,
         quality: str,
         n: int,
-        usage: dict[str, Any],
+        usage: dict[str, Any] | None,
         cost_usd: Decimal,
+        route: str,
+        delivered: bool,
+        batch_id: str | None = None,
+        custom_id: str | None = None,
     ) -> None:
+        """`route`: "sync" or "batch"; `delivered`: the answer reached the client (sync) or the
+        output file (batch)."""
         if path is None:
             return
-        record = {
+        record: dict[str, Any] = {
             "request_id": request_id,
             "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "route": route,
             "model": model,
             "size": size,
             "quality": quality,
             "n": n,
             "usage": usage,
             "cost_usd": str(cost_usd),
+            "delivered": delivered,
         }
+        if batch_id is not None:
+            record["batch_id"] = batch_id
+            record["custom_id"] = custom_id
         line = json.dumps(record, separators=(",", ":")) + "\n"
         with self._lock, open(path, "a", encoding="utf-8") as log:
             log.write(line)

@@ -6,8 +6,13 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any
+
+from pipeline.sandbox.models import DEFAULT_GIF_MODELS, DEFAULT_SVG_MODELS
+
+UNAVAILABLE_STYLES = ("404", "400")
 
 
 @dataclass
@@ -30,6 +35,34 @@ class SandboxConfig:
     api_keys: list[str] | None = None
     seed: int = 0
     billing_log: str | None = None
+    # True (the real API): an answer is billed once made, even if the client has left.
+    bill_undelivered: bool = True
+    # The sandbox's own calendar: models whose shutdown date is <= today are gone.
+    today: str | None = None
+    unavailable_style: str = "404"
+    unavailable_models: list[str] = field(default_factory=list)
+    org_verified: bool = True
+    key_models: dict[str, list[str]] | None = None
+    # Models with access to the GIF preview and to SVG output.
+    # Files API storage (None: a temporary folder, deleted when the server stops).
+    files_dir: str | None = None
+    # The Batch API: pace (times time_scale), per-line faults, expiry and input limits.
+    batch_validating_seconds: float = 1.0
+    batch_lines_per_second: float = 10.0
+    batch_finalizing_seconds: float = 1.0
+    batch_line_error_rate: float = 0.0
+    batch_line_moderation_rate: float = 0.0
+    batch_expire_after_seconds: float | None = None
+    batch_max_requests: int = 50_000
+    batch_max_file_bytes: int = 200 * 1024 * 1024
+    gif_models: list[str] = field(default_factory=lambda: list(DEFAULT_GIF_MODELS))
+    svg_models: list[str] = field(default_factory=lambda: list(DEFAULT_SVG_MODELS))
+
+    def current_date(self) -> date:
+        """`today` as a date, or the real UTC date when it is None."""
+        if self.today is None:
+            return datetime.now(UTC).date()
+        return date.fromisoformat(self.today)
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set fields from plain values (e.g. JSON); raise ValueError naming a bad field."""
@@ -46,7 +79,8 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SandboxC
 
 
 def field_kind(name: str) -> tuple[type, bool]:
-    """The base type of a config field (float, int, str or list) and whether it may be None."""
+    """The base type of a config field (float, int, bool, str, list or dict) and whether it may
+    be None."""
     hint = _HINTS[name]
     optional = False
     if isinstance(hint, types.UnionType):
@@ -72,6 +106,8 @@ def coerce_field(name: str, value: Any) -> Any:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
         if name.endswith("_rate") and number > 1:
             raise ValueError(f"{name} is a fraction of requests and must be <= 1, got {value!r}")
+        if name == "batch_lines_per_second" and number == 0:
+            raise ValueError("batch_lines_per_second must be > 0")
         if name == "drift" and number > 1:
             raise ValueError(f"drift is a fraction of pixels and must be <= 1, got {value!r}")
         return number
@@ -79,10 +115,32 @@ def coerce_field(name: str, value: Any) -> Any:
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
         return value
-    if base is str and isinstance(value, str):
+    if base is bool and isinstance(value, bool):
         return value
+    if base is str and isinstance(value, str):
+        return _checked_text(name, value)
     if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
+    if (
+        base is dict
+        and isinstance(value, dict)
+        and all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(m, str) for m in v)
+            for k, v in value.items()
+        )
+    ):
+        return {k: list(v) for k, v in value.items()}
     raise ValueError(
         f"{name} expects {base.__name__}{' or null' if optional else ''}, got {value!r}"
     )
+
+
+def _checked_text(name: str, value: str) -> str:
+    if name == "today":
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"today must be an ISO date (YYYY-MM-DD), got {value!r}") from None
+    if name == "unavailable_style" and value not in UNAVAILABLE_STYLES:
+        raise ValueError(f"unavailable_style must be one of {UNAVAILABLE_STYLES}, got {value!r}")
+    return value

@@ -8,6 +8,7 @@ way. Outside the edit area the resized input is copied unchanged, except for `dr
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import random
@@ -112,6 +113,8 @@ class EditJob:
     n: int
     drift: float
     seed: int
+    frame_count: int = 1
+    frame_duration_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def _stripes(size: tuple[int, int], period: int, width: int, flip: bool) -> Imag
     return stripes
 
 
-def _edited(base: Image.Image, prompt: str, index: int, transparent: bool) -> Image.Image:
+def _edited(base: Image.Image, prompt: str, index: object, transparent: bool) -> Image.Image:
     """The base with every pixel changed: channel shifts of 64..120, stripes shifted back."""
     d = _digest("edit", prompt, index)
     offsets = (64 + d[0] % 57, 64 + d[1] % 57, 64 + d[2] % 57)
@@ -203,11 +206,40 @@ def _encode(im: Image.Image, output_format: str, compression: int | None) -> byt
     return buf.getvalue()
 
 
+def _gif(frames: list[Image.Image], duration_ms: int) -> bytes:
+    buf = io.BytesIO()
+    frames[0].save(
+        buf,
+        "GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=duration_ms,
+        loop=0,
+        optimize=False,
+    )
+    return buf.getvalue()
+
+
+def svg_document(png: bytes, size: tuple[int, int]) -> bytes:
+    """An SVG of the output size that shows the edited image (embedded as a PNG data URI)."""
+    width, height = size
+    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">'
+        f'<image width="{width}" height="{height}" href="{uri}"/></svg>'
+    ).encode()
+
+
 def render(job: EditJob) -> Rendered:
-    """Make `job.n` output images (CPU-bound: run it in a thread)."""
+    """Make `job.n` output images (CPU-bound: run it in a thread).
+
+    A GIF has `frame_count` frames, each a different edit of the whole image (so the animation
+    is visible); an SVG wraps the PNG edit in an <svg> element of the output size.
+    """
     source = _open_oriented(job.image)
     source_alpha = source.mode in _ALPHA_MODES or "transparency" in source.info
-    if job.output_format == "jpeg" or job.background == "opaque":
+    if job.output_format in ("jpeg", "gif") or job.background == "opaque":
         mode = "RGB"
     elif job.background == "transparent" or source_alpha:
         mode = "RGBA"
@@ -219,12 +251,21 @@ def render(job: EditJob) -> Rendered:
     outside = ImageChops.invert(area)
     transparent = job.background == "transparent"
 
-    images = []
-    for index in range(job.n):
-        out = Image.composite(_edited(base, job.prompt, index, transparent), base, area)
+    def output(key: object) -> Image.Image:
+        out = Image.composite(_edited(base, job.prompt, key, transparent), base, area)
         if job.drift > 0:
-            seed = _digest("drift", job.seed, job.prompt, index)
+            seed = _digest("drift", job.seed, job.prompt, key)
             chosen = ImageChops.darker(_drift_selection(job.size, job.drift, seed), outside)
             out = Image.composite(base.point(_drift_lut(mode)), out, chosen)
-        images.append(_encode(out, job.output_format, job.output_compression))
+        return out
+
+    images = []
+    for index in range(job.n):
+        if job.output_format == "gif":
+            frames = [output(f"{index}/{frame}") for frame in range(job.frame_count)]
+            images.append(_gif(frames, job.frame_duration_ms or 200))
+        elif job.output_format == "svg":
+            images.append(svg_document(_encode(output(index), "png", None), job.size))
+        else:
+            images.append(_encode(output(index), job.output_format, job.output_compression))
     return Rendered(images, "transparent" if mode == "RGBA" else "opaque")

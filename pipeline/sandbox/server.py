@@ -26,7 +26,7 @@ def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str) -> uvi
         port=port,
         http=SandboxH11Protocol,
         ws="none",
-        lifespan="off",
+        lifespan="on",
         log_level=log_level,
         access_log=False,
         backlog=BACKLOG,

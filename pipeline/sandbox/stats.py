@@ -8,7 +8,8 @@ from typing import Any
 
 
 class Stats:
-    """Thread-safe request counters. `billed` counts responses that carried a usage object."""
+    """Thread-safe request counters. `billed` counts answers made and billed, `billed_undelivered`
+    those among them the client never received (it left, or the body was cut off)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -18,6 +19,7 @@ class Stats:
     def _zero(self) -> None:
         self.requests = 0
         self.billed = 0
+        self.billed_undelivered = 0
         self.images = 0
         self.rate_limited = 0
         self.in_flight = 0
@@ -53,18 +55,21 @@ class Stats:
             self._reserved += 1
             return True
 
-    def release_quota(self, *, billed: bool, images: int) -> None:
+    def release_quota(self, *, billed: bool, images: int, delivered: bool = True) -> None:
         with self._lock:
             self._reserved -= 1
             if billed:
                 self.billed += 1
                 self.images += images
+                if not delivered:
+                    self.billed_undelivered += 1
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "requests": self.requests,
                 "billed": self.billed,
+                "billed_undelivered": self.billed_undelivered,
                 "by_status": dict(self.by_status),
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,

@@ -1,6 +1,7 @@
 """The sandbox's own token tables, usage arithmetic and prices (no code shared with the pipeline).
 
-Source: ../shared/API-FACTS.md, as of 2026-11-21. Prices are USD per 1M tokens.
+Source: ../shared/API-FACTS.md, as of 2026-11-30. Prices are USD per 1M tokens, except dall-e-2
+(USD per image; from OpenAI's pricing page before its retirement, not in API-FACTS).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-AS_OF = "2026-11-21"
+AS_OF = "2026-11-30"
 SOURCE = "../shared/API-FACTS.md"
 
 # Output image tokens per image, by size and quality (gpt-image-1 table, used for every model).
@@ -46,11 +47,13 @@ def _price(text_in: str, image_in: str, image_out: str) -> Price:
     return Price(Decimal(text_in), Decimal(image_in), Decimal(image_out))
 
 
+_V1 = _price("5.00", "10.00", "40.00")
 _MINI = _price("2.00", "2.50", "8.00")
 _V15 = _price("5.00", "8.00", "32.00")
 _V2 = _price("5.00", "8.00", "30.00")
 
 PRICES: dict[str, Price] = {
+    "gpt-image-1": _V1,
     "gpt-image-1-mini": _MINI,
     "gpt-image-1.5": _V15,
     "chatgpt-image-latest": _V15,
@@ -62,6 +65,15 @@ PRICES: dict[str, Price] = {
     "gpt-image-2.5-flare-2026-09-08": _V2,
     "gpt-image-2.6-sunburst": _V2,
     "gpt-image-2.6-flare": _V2,
+}
+
+# dall-e-2 answered without `usage` and was billed per image, by size.
+PER_IMAGE_PRICES: dict[str, dict[str, Decimal]] = {
+    "dall-e-2": {
+        "256x256": Decimal("0.016"),
+        "512x512": Decimal("0.018"),
+        "1024x1024": Decimal("0.020"),
+    },
 }
 
 
@@ -107,12 +119,17 @@ def usage(
     output_size: tuple[int, int],
     quality: str,
     n: int,
+    frames: int = 1,
 ) -> dict[str, Any]:
-    """The `usage` object of a response; `input_sizes` are the input images, first one first."""
+    """The `usage` object of a response; `input_sizes` are the input images, first one first.
+
+    `frames`: a GIF's frame count. Nothing is published on how GIF output is billed; the sandbox
+    bills every frame as one output image.
+    """
     image_in = sum(input_image_tokens(w, h) for w, h in input_sizes)
     image_in += fidelity_tokens(*input_sizes[0], input_fidelity)
     text_in = text_tokens(prompt)
-    image_out = output_image_tokens(*output_size, quality) * n
+    image_out = output_image_tokens(*output_size, quality) * frames * n
     input_total = image_in + text_in
     return {
         "input_tokens": input_total,
@@ -123,8 +140,18 @@ def usage(
     }
 
 
-def cost_usd(model: str, usage_: dict[str, Any]) -> Decimal:
-    """Exact sum of tokens x price / 1e6, rounded once, half up, to 0.000001 USD."""
+def _rounded(total: Decimal) -> Decimal:
+    return total.quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+
+
+def per_image_cost(model: str, size: str, n: int, factor: Decimal = Decimal(1)) -> Decimal:
+    """Cost of a per-image-priced answer (dall-e-2), times `factor`, rounded once."""
+    return _rounded(PER_IMAGE_PRICES[model][size] * n * factor)
+
+
+def cost_usd(model: str, usage_: dict[str, Any], factor: Decimal = Decimal(1)) -> Decimal:
+    """Exact sum of tokens x price / 1e6, times `factor` (0.5 for the Batch API), rounded once,
+    half up, to 0.000001 USD."""
     price = PRICES[model]
     inp = usage_["input_tokens_details"]
     out = usage_["output_tokens_details"]
@@ -134,4 +161,4 @@ def cost_usd(model: str, usage_: dict[str, Any]) -> Decimal:
         + out["image_tokens"] * price.image_out
         + out["text_tokens"] * price.text_in
     )
-    return (total / MILLION).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+    return _rounded(total * factor / MILLION)

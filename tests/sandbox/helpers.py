@@ -12,6 +12,9 @@ import httpx2
 from PIL import Image, ImageChops
 
 API_KEY = "sk-test-sandbox"
+# The sandbox's calendar in these tests: the last day of gpt-image-1.5, gpt-image-1-mini and
+# chatgpt-image-latest (they shut down on 2026-12-01).
+TODAY = "2026-11-30"
 
 
 def png(

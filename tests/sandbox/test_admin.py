@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx2
 import openai
@@ -40,12 +42,15 @@ def test_stats_count_requests_by_outcome(client: openai.OpenAI, sandbox: Sandbox
     assert stats == {
         "requests": 3,
         "billed": 1,
+        "billed_undelivered": 0,
         "by_status": {"200": 1, "400": 1, "429": 1},
         "in_flight": 0,
         "max_in_flight": 1,
         "rate_limited": 0,
         "images": 3,
         "faults": {"429": 1},
+        "uploads": {"count": 0, "bytes": 0, "distinct_sha256": 0},
+        "batches": {"by_status": {}, "lines_done": 0, "lines_billed": 0},
     }
 
 
@@ -61,7 +66,19 @@ def test_config_endpoint_updates_the_running_server(
 
 @pytest.mark.parametrize(
     "body",
-    [{"error_rat": 1}, {"error_rate": 2}, {"error_rate": "high"}, {"api_keys": "sk"}, [1]],
+    [
+        {"error_rat": 1},
+        {"error_rate": 2},
+        {"error_rate": "high"},
+        {"api_keys": "sk"},
+        [1],
+        {"today": "2026-13-01"},
+        {"unavailable_style": "500"},
+        {"org_verified": "no"},
+        {"key_models": {"sk": "gpt-image-2"}},
+        {"batch_lines_per_second": 0},
+        {"batch_line_error_rate": 1.5},
+    ],
 )
 def test_config_endpoint_refuses_bad_values(sandbox: SandboxServer, body: object) -> None:
     root = sandbox.base_url.removesuffix("/v1")
@@ -121,6 +138,27 @@ def test_every_config_field_has_a_command_line_flag() -> None:
             "sk-b",
             "--seed=3",
             "--billing-log=/tmp/b.jsonl",
+            "--bill-undelivered=false",
+            "--today=2026-12-01",
+            "--unavailable-style=400",
+            "--unavailable-models",
+            "gpt-image-2",
+            "--org-verified=false",
+            '--key-models={"sk-a": ["gpt-image-2.5-flare"]}',
+            "--files-dir=/tmp/files",
+            "--batch-validating-seconds=2",
+            "--batch-lines-per-second=50",
+            "--batch-finalizing-seconds=3",
+            "--batch-line-error-rate=0.1",
+            "--batch-line-moderation-rate=0.05",
+            "--batch-expire-after-seconds=600",
+            "--batch-max-requests=100",
+            "--batch-max-file-bytes=1000000",
+            "--gif-models",
+            "gpt-image-2",
+            "--svg-models",
+            "gpt-image-2",
+            "gpt-image-2.6-flare",
         ]
     )
     config = config_from_args(args)
@@ -141,10 +179,40 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         api_keys=["sk-a", "sk-b"],
         seed=3,
         billing_log="/tmp/b.jsonl",
+        bill_undelivered=False,
+        today="2026-12-01",
+        unavailable_style="400",
+        unavailable_models=["gpt-image-2"],
+        org_verified=False,
+        key_models={"sk-a": ["gpt-image-2.5-flare"]},
+        files_dir="/tmp/files",
+        batch_validating_seconds=2,
+        batch_lines_per_second=50,
+        batch_finalizing_seconds=3,
+        batch_line_error_rate=0.1,
+        batch_line_moderation_rate=0.05,
+        batch_expire_after_seconds=600,
+        batch_max_requests=100,
+        batch_max_file_bytes=1_000_000,
+        gif_models=["gpt-image-2"],
+        svg_models=["gpt-image-2", "gpt-image-2.6-flare"],
     )
     assert args.port == 9
-    assert len(FIELD_NAMES) == 16
+    assert len(FIELD_NAMES) == 33
     assert config_from_args(build_parser().parse_args([])) == SandboxConfig()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--org-verified", "maybe"), ("--key-models", "[1]"), ("--today", "soon")]
+)
+def test_bad_command_line_values_name_the_flag(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad flag value stops the command with a message naming the flag, not a traceback."""
+    with pytest.raises(SystemExit) as info:
+        config_from_args(build_parser().parse_args([f"{flag}={value}"]))
+    said = f"{info.value.code} {capsys.readouterr().err}".replace("-", "_")
+    assert flag.removeprefix("--").replace("-", "_") in said
 
 
 def test_python_dash_m_serves(tmp_path: object) -> None:
@@ -167,6 +235,65 @@ def test_python_dash_m_serves(tmp_path: object) -> None:
                     raise
                 time.sleep(0.05)
         assert config["error_rate"] == 1.0
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_python_dash_m_runs_batches(tmp_path: Path) -> None:
+    """The batch runner lives in the app: `python -m pipeline.sandbox` (and so `editbatch
+    sandbox`) runs a batch to completion, and keeps files where --files-dir says."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    files_dir = tmp_path / "files"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.sandbox",
+            f"--port={port}",
+            "--batch-validating-seconds=0",
+            "--batch-lines-per-second=1000",
+            "--batch-finalizing-seconds=0",
+            f"--files-dir={files_dir}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = openai.OpenAI(
+            api_key="sk-t", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                image = client.files.create(file=("a.png", png(32, 32)), purpose="user_data")
+                break
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        line = {
+            "custom_id": "only",
+            "method": "POST",
+            "url": "/v1/images/edits",
+            "body": {"model": "gpt-image-2", "images": [{"file_id": image.id}], "prompt": "p"},
+        }
+        batch_input = client.files.create(
+            file=("in.jsonl", (json.dumps(line) + "\n").encode()), purpose="batch"
+        )
+        batch = client.batches.create(
+            input_file_id=batch_input.id, endpoint="/v1/images/edits", completion_window="24h"
+        )
+        while batch.status not in ("completed", "failed") and time.monotonic() < deadline + 15:
+            time.sleep(0.05)
+            batch = client.batches.retrieve(batch.id)
+        assert batch.status == "completed"
+        assert batch.output_file_id is not None
+        assert (files_dir / image.id).exists()
+        [answer] = client.files.content(batch.output_file_id).text.splitlines()
+        assert json.loads(answer)["response"]["status_code"] == 200
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -121,14 +121,22 @@ def test_reset_directive_is_a_connection_error(
     assert billing_lines(sandbox.config.billing_log) == []
 
 
+@pytest.mark.parametrize("bill_undelivered", [True, False])
 def test_truncated_directive_is_a_connection_error(
-    client: openai.OpenAI, sandbox: SandboxServer
+    client: openai.OpenAI, sandbox: SandboxServer, bill_undelivered: bool
 ) -> None:
+    """A cut-off answer was made, so it is billed (undelivered) unless bill_undelivered is off."""
+    sandbox.config.bill_undelivered = bill_undelivered
     with pytest.raises(openai.APIConnectionError) as info:
         client.images.edit(image=IMAGE, prompt="p #sandbox:truncated")
     assert "complete message body" in str(info.value.__cause__)
-    assert admin(sandbox.base_url, "stats")["billed"] == 0
-    assert billing_lines(sandbox.config.billing_log) == []
+    stats = admin(sandbox.base_url, "stats")
+    lines = billing_lines(sandbox.config.billing_log)
+    if bill_undelivered:
+        assert (stats["billed"], stats["billed_undelivered"]) == (1, 1)
+        assert [line["delivered"] for line in lines] == [False]
+    else:
+        assert (stats["billed"], stats["billed_undelivered"], lines) == (0, 0, [])
 
 
 def test_badb64_directive_is_billed_and_does_not_decode(

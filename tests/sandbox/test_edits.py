@@ -54,13 +54,13 @@ def test_edit_returns_n_images_usage_headers_and_a_billing_line(
     [line] = billing_lines(sandbox.config.billing_log)
     assert line["request_id"] == headers["x-request-id"]
     assert (line["model"], line["size"], line["quality"], line["n"]) == (
-        "gpt-image-1.5",
+        "gpt-image-2.5-sunburst",  # the default model
         "1024x1024",
         "low",
         2,
     )
     assert line["usage"] == result.usage.model_dump()
-    expected = (Decimal(text) * 5 + Decimal(194) * 8 + Decimal(544) * 32) / 1_000_000
+    expected = (Decimal(text) * 5 + Decimal(194) * 8 + Decimal(544) * 30) / 1_000_000
     assert line["cost_usd"] == f"{expected:.6f}"
     assert line["time"].endswith("Z")
 

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+from dataclasses import replace
+from datetime import date
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from pipeline.sandbox import tokens
-from pipeline.sandbox.app import _corrupt_b64, _duration
+from pipeline.sandbox.app import _duration
+from pipeline.sandbox.batch_runner import parse_input
 from pipeline.sandbox.config import SandboxConfig
+from pipeline.sandbox.errors import ApiError
 from pipeline.sandbox.faults import (
     DirectiveError,
     Directives,
@@ -19,14 +25,17 @@ from pipeline.sandbox.faults import (
     parse_directives,
     random_fault,
 )
-from pipeline.sandbox.models import MODELS
+from pipeline.sandbox.models import MODELS, Access, resolve
 from pipeline.sandbox.ratelimit import SlidingWindow
-from pipeline.sandbox.validation import nearest_standard_size
+from pipeline.sandbox.response import corrupt_b64
+from pipeline.sandbox.validation import frame_duration, nearest_standard_size
 
 
 def test_tables_carry_their_date_and_source() -> None:
-    assert (tokens.AS_OF, tokens.SOURCE) == ("2026-11-21", "../shared/API-FACTS.md")
-    assert set(tokens.PRICES) == set(MODELS)
+    assert (tokens.AS_OF, tokens.SOURCE) == ("2026-11-30", "../shared/API-FACTS.md")
+    editing = {name for name, model in MODELS.items() if model.rules is not None}
+    assert set(tokens.PRICES) | set(tokens.PER_IMAGE_PRICES) == editing
+    assert not set(tokens.PRICES) & set(tokens.PER_IMAGE_PRICES)
 
 
 @pytest.mark.parametrize(
@@ -128,7 +137,7 @@ def test_latency_is_lognormal_around_the_median() -> None:
 
 def test_corrupt_base64_fails_every_decoder() -> None:
     for length in [*range(1, 12), 200, 201, 202]:
-        value = _corrupt_b64(base64.b64encode(bytes(range(length))).decode())
+        value = corrupt_b64(base64.b64encode(bytes(range(length))).decode())
         for padding in ("", "=", "=="):
             with pytest.raises(binascii.Error):
                 base64.b64decode(value + padding)
@@ -157,3 +166,67 @@ def test_config_update_checks_types() -> None:
     for bad in ({"seed": 1.5}, {"drift": -1}, {"hang_seconds": True}, {"nope": 1}):
         with pytest.raises(ValueError):
             config.update(bad)
+
+
+def test_batch_cost_halves_the_exact_amount_then_rounds_once() -> None:
+    usage = {
+        "input_tokens_details": {"text_tokens": 1, "image_tokens": 1},
+        "output_tokens_details": {"text_tokens": 0, "image_tokens": 0},
+    }
+    # mini: 1 x 2.00 + 1 x 2.50 = 4.5 per 1M; sync rounds to 5e-6, the batch line to
+    # round(2.25e-6) = 2e-6 (halving the rounded sync cost would give 3e-6).
+    assert tokens.cost_usd("gpt-image-1-mini", usage) == Decimal("0.000005")
+    assert tokens.cost_usd("gpt-image-1-mini", usage, Decimal("0.5")) == Decimal("0.000002")
+
+
+@pytest.mark.parametrize(
+    ("requested", "expected"),
+    [(1, 10), (4, 10), (5, 10), (14, 10), (15, 20), (124, 120), (125, 130), (10**6, 655_350)],
+)
+def test_gif_frame_duration_rounds_to_10_ms(requested: int, expected: int) -> None:
+    assert frame_duration(requested) == expected
+
+
+def test_parse_input_keeps_positions_not_bodies(tmp_path: Path) -> None:
+    lines = [
+        {"custom_id": "a", "method": "POST", "url": "/v1/images/edits", "body": {"prompt": "x"}},
+        {"custom_id": "b", "method": "POST", "url": "/v1/images/edits", "body": {"n": 2}},
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n")
+    parsed = parse_input(path, max_bytes=10_000, max_requests=10)
+    assert (parsed.errors, parsed.model) == ([], "gpt-image-2.5-sunburst")
+    assert [ref.custom_id for ref in parsed.lines] == ["a", "b"]
+    raw = path.read_bytes()
+    for ref, line in zip(parsed.lines, lines, strict=True):
+        assert json.loads(raw[ref.offset : ref.offset + ref.length]) == line
+    assert parse_input(path, max_bytes=10, max_requests=10).errors[0]["code"] == "file_too_large"
+    assert parse_input(path, max_bytes=10_000, max_requests=1).errors[0]["code"] == (
+        "too_many_tasks"
+    )
+
+
+def test_parse_input_reports_at_most_100_errors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text("not json\n" * 500)
+    errors = parse_input(path, max_bytes=10**6, max_requests=50_000).errors
+    assert len(errors) == 100
+    assert [e["line"] for e in errors[:3]] == [1, 2, 3]
+
+
+def test_model_access_precedence() -> None:
+    today = date(2026, 12, 1)
+    base = Access(today, frozenset(), "404", True, None)
+    assert resolve("gpt-image-2", base).name == "gpt-image-2"
+    with pytest.raises(ApiError) as unknown:
+        resolve("gpt-image-9", replace(base, style="400"))
+    assert unknown.value.status == 404
+    with pytest.raises(ApiError) as gone:
+        resolve("gpt-image-1.5", replace(base, style="400"))
+    assert (gone.value.status, gone.value.param) == (400, "model")
+    with pytest.raises(ApiError) as not_for_key:
+        resolve("gpt-image-1.5", replace(base, style="400", allowed=frozenset({"gpt-image-2"})))
+    assert not_for_key.value.status == 404  # a key without access learns nothing more
+    with pytest.raises(ApiError) as unverified:
+        resolve("gpt-image-2", replace(base, org_verified=False))
+    assert unverified.value.status == 403

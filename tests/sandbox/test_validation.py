@@ -108,7 +108,7 @@ CASES: list[tuple[str, dict[str, str], list[Any], int, str | None, str | None]] 
     ),
     (
         "markup on gpt-image-1.5",
-        {"prompt": "p"},
+        {"prompt": "p", "model": "gpt-image-1.5"},
         [IMAGE, ("markup", upload(_transparent_png(64, 64), "k.png"))],
         400,
         "unsupported_parameter",
@@ -120,16 +120,23 @@ CASES: list[tuple[str, dict[str, str], list[Any], int, str | None, str | None]] 
     ("quality", {"prompt": "p", "quality": "ultra"}, [IMAGE], 400, "invalid_value", "quality"),
     (
         "xhigh on gpt-image-1.5",
-        {"prompt": "p", "quality": "xhigh"},
+        {"prompt": "p", "model": "gpt-image-1.5", "quality": "xhigh"},
         [IMAGE],
         400,
         "invalid_value",
         "quality",
     ),
-    ("legacy size", {"prompt": "p", "size": "512x512"}, [IMAGE], 400, "invalid_value", "size"),
+    (
+        "legacy size",
+        {"prompt": "p", "model": "gpt-image-1.5", "size": "512x512"},
+        [IMAGE],
+        400,
+        "invalid_value",
+        "size",
+    ),
     (
         "custom size on gpt-image-1.5",
-        {"prompt": "p", "size": "1536x864"},
+        {"prompt": "p", "model": "gpt-image-1.5", "size": "1536x864"},
         [IMAGE],
         400,
         "invalid_value",
@@ -200,8 +207,8 @@ CASES: list[tuple[str, dict[str, str], list[Any], int, str | None, str | None]] 
         "output_compression",
     ),
     (
-        "output format gif",
-        {"prompt": "p", "output_format": "gif"},
+        "output format gif on gpt-image-1.5",
+        {"prompt": "p", "model": "gpt-image-1.5", "output_format": "gif"},
         [IMAGE],
         400,
         "invalid_value",
@@ -302,13 +309,54 @@ def test_sdk_raises_the_matching_classes(client: openai.OpenAI) -> None:
     assert missing.value.code == "model_not_found"
 
 
-def test_json_bodies_are_refused(sandbox: SandboxServer) -> None:
+def test_json_bodies_take_file_ids_and_data_urls(sandbox: SandboxServer) -> None:
+    """The contract's other request shape: `images: [{"file_id"} | {"image_url"}]`."""
+    import base64
+
+    import httpx2
+
+    headers = {"Authorization": "Bearer sk-test"}
+    uploaded = httpx2.post(
+        f"{sandbox.base_url}/files",
+        data={"purpose": "user_data"},
+        files={"file": ("a.png", png(64, 64), "image/png")},
+        headers=headers,
+    ).json()
+    data_url = "data:image/png;base64," + base64.b64encode(png(64, 64)).decode()
+    for ref in ({"file_id": uploaded["id"]}, {"image_url": data_url}):
+        response = httpx2.post(
+            f"{sandbox.base_url}/images/edits",
+            json={"prompt": "p", "images": [ref], "n": 2, "size": "1024x1024"},
+            headers=headers,
+        )
+        assert response.status_code == 200, response.text
+        assert len(response.json()["data"]) == 2
+    assert len(billing_lines(sandbox.config.billing_log)) == 2
+
+    refused = [
+        (
+            {"prompt": "p", "images": [{"image_url": "https://example.com/a.png"}]},
+            "images[0].image_url",
+        ),
+        ({"prompt": "p", "images": [{"file_id": "file-nope"}]}, "images[0].file_id"),
+        ({"prompt": "p", "images": []}, "images"),
+        ({"prompt": "p"}, "images"),
+        ({"prompt": "p", "images": [{"file_id": uploaded["id"]}], "n": "2"}, "n"),
+        ({"prompt": "p", "image": "x"}, "image"),
+    ]
+    for body, param in refused:
+        response = httpx2.post(f"{sandbox.base_url}/images/edits", json=body, headers=headers)
+        assert response.status_code == 400, body
+        assert response.json()["error"]["param"] == param, response.json()
+
+
+def test_other_bodies_are_refused(sandbox: SandboxServer) -> None:
     import httpx2
 
     response = httpx2.post(
         f"{sandbox.base_url}/images/edits",
-        json={"prompt": "p", "images": [{"image_url": "https://example.com/a.png"}]},
-        headers={"Authorization": "Bearer sk-test"},
+        content=b"prompt=p",
+        headers={"Authorization": "Bearer sk-test", "content-type": "text/plain"},
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "unsupported_content_type"
