@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
-from pipeline.sandbox.config import FIELD_NAMES, SandboxConfig, coerce_field, field_kind
+from pipeline.sandbox.config import (
+    FIELD_NAMES,
+    SandboxConfig,
+    coerce_field,
+    dict_value_type,
+    field_kind,
+)
 from pipeline.sandbox.server import serve
 
 HELP = {
@@ -25,6 +32,12 @@ HELP = {
     "api_keys": "accept only these bearer keys (default: any non-empty key)",
     "seed": "seed of the fault and latency draws",
     "billing_log": "append one JSON line per billed request to this file",
+    "azure_deployments": "Azure deployments, as NAME=MODEL pairs",
+    "azure_api_versions": "api-version values the Azure deployment paths accept",
+    "azure_api_keys": "accept only these Azure api-key values (default: any non-empty key)",
+    "azure_ad_tokens": "accept only these Entra ID bearer tokens (default: any non-empty token)",
+    "azure_deployment_rpm": "requests per minute per Azure deployment, as NAME=N pairs",
+    "azure_content_filter_rate": "fraction of Azure edits answered 400 contentFilter",
 }
 ALIASES = {"rate_limit_per_minute": ["--rate-limit"]}
 
@@ -42,17 +55,41 @@ def build_parser() -> argparse.ArgumentParser:
         flags = ["--" + name.replace("_", "-"), *ALIASES.get(name, [])]
         default = getattr(defaults, name)
         help_text = f"{HELP[name]} (default: {default})"
-        if base is list:
+        if base is list or base is dict:
             parser.add_argument(*flags, dest=name, nargs="+", default=None, help=help_text)
         else:
             parser.add_argument(*flags, dest=name, type=base, default=default, help=help_text)
     return parser
 
 
+def _pairs(name: str, items: list[str]) -> dict[str, Any]:
+    """`NAME=VALUE` arguments of a dict field, values converted to the field's value type."""
+    value_type = dict_value_type(name)
+    pairs: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--{name.replace('_', '-')} expects NAME=VALUE pairs, got {item!r}")
+        try:
+            pairs[key] = value_type(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}[{key!r}] must be an integer, got {value!r}") from exc
+    return pairs
+
+
 def config_from_args(args: argparse.Namespace) -> SandboxConfig:
     config = SandboxConfig()
+    values: dict[str, Any] = {}
     try:
-        config.update({name: coerce_field(name, getattr(args, name)) for name in FIELD_NAMES})
+        for name in FIELD_NAMES:
+            value = getattr(args, name)
+            base, optional = field_kind(name)
+            if value is None and not optional:
+                continue  # a list or dict flag not given: keep the config's default
+            if base is dict:
+                value = _pairs(name, value)
+            values[name] = coerce_field(name, value)
+        config.update(values)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     return config

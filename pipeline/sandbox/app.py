@@ -4,6 +4,8 @@ Order of decisions for an edit: read the form -> auth (401) -> validation (400/4
 syntax (400) -> quota (429 insufficient_quota) -> fault choice (directive, else seeded draw) ->
 immediate rejections (429/400/401/403 faults) -> rate limit (429) -> latency -> 500/timeout/reset
 faults -> render -> 200 (whole, truncated, or with bad base64) -> billing log.
+The Azure paths (azure.py) replace auth and validation with Azure's checks (`_admit`) and the
+rate limit with the deployments' own.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ from pipeline.sandbox.faults import (
     random_fault,
 )
 from pipeline.sandbox.images import EditJob, render
-from pipeline.sandbox.ratelimit import SlidingWindow
+from pipeline.sandbox.ratelimit import KeyedWindows, SlidingWindow
+from pipeline.sandbox.requestlog import RequestLog, call_of, key_hint
 from pipeline.sandbox.stats import Stats
 from pipeline.sandbox.validation import EditRequest, validate
 
@@ -78,14 +81,21 @@ class Sandbox:
         self.directives = DirectiveCounter()
         self.dice = FaultDice(config.seed)
         self.billing = BillingLog()
+        self.requests = RequestLog()
+        self.deployment_windows = KeyedWindows()
+        self.content_filter_dice = FaultDice(config.seed)
 
     def reset(self) -> None:
-        """Clear stats, directive counters and rate windows, and restart the fault sequence."""
+        """Clear stats, the request log, directive counters and rate windows, and restart the
+        seeded sequences."""
         self.stats.clear()
+        self.requests.clear()
         self.image_window.clear()
         self.token_window.clear()
+        self.deployment_windows.clear()
         self.directives.clear()
         self.dice.reseed(self.config.seed)
+        self.content_filter_dice.reseed(self.config.seed)
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,7 @@ class EditsEndpoint:
             reply = await self._reply(scope, receive, request_id)
         finally:
             self.sandbox.stats.end(reply.outcome)
+            self.sandbox.requests.record(scope, reply.outcome)
         await self._transmit(scope, send, reply, request_id, started)
 
     # -- deciding -------------------------------------------------------------------------
@@ -230,10 +241,7 @@ class EditsEndpoint:
     ) -> Reply:
         config = self.sandbox.config
         try:
-            key = _bearer_key(request)
-            if key is None or (config.api_keys is not None and key not in config.api_keys):
-                raise invalid_api_key(key)
-            edit = await run_in_threadpool(validate, form)
+            edit, key = await self._admit(scope, request, form)
             try:
                 directives = parse_directives(edit.prompt)
             except DirectiveError as exc:
@@ -241,17 +249,34 @@ class EditsEndpoint:
             if not self.sandbox.stats.reserve_quota(config.quota_after):
                 raise insufficient_quota()
         except ApiError as error:
-            return Reply.error(error)
+            return self._error_reply(error)
 
         reply = DISCONNECTED
         try:
             plan = self._plan(edit, directives, config)
             reply = await self._run(scope, receive, edit, plan, key, request_id)
         except ApiError as error:
-            reply = Reply.error(error)
+            reply = self._error_reply(error)
         finally:
             self.sandbox.stats.release_quota(billed=reply.billed, images=edit.n)
         return reply
+
+    async def _admit(
+        self, scope: Scope, request: Request, form: FormData
+    ) -> tuple[EditRequest, str]:
+        """Auth and validation: the checked request and the caller's key, or an ApiError."""
+        config = self.sandbox.config
+        call = call_of(scope)
+        key = _bearer_key(request)
+        call.key = key_hint(key)
+        if key is None or (config.api_keys is not None and key not in config.api_keys):
+            raise invalid_api_key(key)
+        edit = await run_in_threadpool(validate, form)
+        call.model = edit.model
+        return edit, key
+
+    def _error_reply(self, error: ApiError) -> Reply:
+        return Reply.error(error)
 
     def _plan(self, edit: EditRequest, directives: Directives, config: SandboxConfig) -> Plan:
         draw = self.sandbox.dice.draw(config.seed)
@@ -340,7 +365,7 @@ class EditsEndpoint:
         body = await self._success_body(edit, plan, usage, config.seed)
         if plan.fault is Fault.TRUNCATED:
             return Reply(200, body, cut=Cut.TRUNCATE)
-        self._bill(edit, usage, request_id)
+        self._bill(scope, edit, usage, request_id)
         return Reply(200, body, billed=True)
 
     async def _success_body(
@@ -383,8 +408,11 @@ class EditsEndpoint:
         }
         return json.dumps(payload).encode()
 
-    def _bill(self, edit: EditRequest, usage: dict[str, Any], request_id: str) -> None:
+    def _bill(
+        self, scope: Scope, edit: EditRequest, usage: dict[str, Any], request_id: str
+    ) -> None:
         self.sandbox.token_window.add(usage["total_tokens"])
+        call = call_of(scope)
         self.sandbox.billing.append(
             self.sandbox.config.billing_log,
             request_id=request_id,
@@ -394,6 +422,8 @@ class EditsEndpoint:
             n=edit.n,
             usage=usage,
             cost_usd=tokens.cost_usd(edit.model, usage),
+            provider=call.provider,
+            deployment=call.deployment,
         )
 
     # -- answering ------------------------------------------------------------------------
@@ -449,6 +479,9 @@ def _openai_http_error(request: Request, exc: Exception) -> Response:
 
 def create_app(config: SandboxConfig) -> Starlette:
     """The sandbox as an ASGI app; `app.state.sandbox` holds its state and config."""
+    # azure.py builds on EditsEndpoint above, so it can only be imported once this module is.
+    from pipeline.sandbox import azure
+
     sandbox = Sandbox(config)
 
     async def stats(request: Request) -> Response:
@@ -473,10 +506,21 @@ def create_app(config: SandboxConfig) -> Starlette:
         sandbox.reset()
         return JSONResponse({"reset": True})
 
+    async def requests_log(request: Request) -> Response:
+        since = request.query_params.get("since")
+        try:
+            after = float(since) if since is not None else None
+        except ValueError:
+            error = bad_request(f"since must be epoch seconds, got {since!r}", param="since")
+            return JSONResponse(error.body(), status_code=400)
+        return JSONResponse(sandbox.requests.snapshot(after))
+
     app = Starlette(
         routes=[
             Route("/v1/images/edits", EditsEndpoint(sandbox), methods=["POST"]),
+            azure.mount(sandbox),
             Route("/sandbox/stats", stats, methods=["GET"]),
+            Route("/sandbox/requests", requests_log, methods=["GET"]),
             Route("/sandbox/config", get_config, methods=["GET"]),
             Route("/sandbox/config", post_config, methods=["POST"]),
             Route("/sandbox/reset", reset, methods=["POST"]),

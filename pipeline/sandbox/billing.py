@@ -26,10 +26,12 @@ class BillingLog:
         n: int,
         usage: dict[str, Any],
         cost_usd: Decimal,
+        provider: str = "openai",
+        deployment: str | None = None,
     ) -> None:
         if path is None:
             return
-        record = {
+        record: dict[str, Any] = {
             "request_id": request_id,
             "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "model": model,
@@ -38,7 +40,10 @@ class BillingLog:
             "n": n,
             "usage": usage,
             "cost_usd": str(cost_usd),
+            "provider": provider,
         }
+        if deployment is not None:
+            record["deployment"] = deployment
         line = json.dumps(record, separators=(",", ":")) + "\n"
         with self._lock, open(path, "a", encoding="utf-8") as log:
             log.write(line)

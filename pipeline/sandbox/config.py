@@ -6,8 +6,13 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+# api-version values the classic Azure path accepts by default (API-FACTS, 2026-11-30).
+AZURE_API_VERSIONS: tuple[str, ...] = ("2025-04-01-preview",)
+# Fields whose strings must be one of a few values.
+CHOICES: dict[str, tuple[str, ...]] = {}
 
 
 @dataclass
@@ -30,6 +35,13 @@ class SandboxConfig:
     api_keys: list[str] | None = None
     seed: int = 0
     billing_log: str | None = None
+    # Azure OpenAI mode (azure.py): deployment name -> model, and the deployments' limits.
+    azure_deployments: dict[str, str] = field(default_factory=dict)
+    azure_api_versions: list[str] = field(default_factory=lambda: list(AZURE_API_VERSIONS))
+    azure_api_keys: list[str] | None = None
+    azure_ad_tokens: list[str] | None = None
+    azure_deployment_rpm: dict[str, int] = field(default_factory=dict)
+    azure_content_filter_rate: float = 0.0
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set fields from plain values (e.g. JSON); raise ValueError naming a bad field."""
@@ -46,7 +58,8 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SandboxC
 
 
 def field_kind(name: str) -> tuple[type, bool]:
-    """The base type of a config field (float, int, str or list) and whether it may be None."""
+    """The base type of a config field (float, int, str, list or dict) and whether it may be
+    None."""
     hint = _HINTS[name]
     optional = False
     if isinstance(hint, types.UnionType):
@@ -80,9 +93,35 @@ def coerce_field(name: str, value: Any) -> Any:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
         return value
     if base is str and isinstance(value, str):
+        allowed = CHOICES.get(name)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         return value
+    if base is dict and isinstance(value, dict):
+        return _coerce_mapping(name, value)
     if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
     raise ValueError(
         f"{name} expects {base.__name__}{' or null' if optional else ''}, got {value!r}"
     )
+
+
+def dict_value_type(name: str) -> type:
+    """The value type of a dict field (str or int); keys are always strings."""
+    value_type: type = typing.get_args(_HINTS[name])[1]
+    return value_type
+
+
+def _coerce_mapping(name: str, value: dict[Any, Any]) -> dict[str, Any]:
+    value_type = dict_value_type(name)
+    checked: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{name} keys must be non-empty strings, got {key!r}")
+        if value_type is int:
+            if not isinstance(item, int) or isinstance(item, bool) or item < 0:
+                raise ValueError(f"{name}[{key!r}] must be an integer >= 0, got {item!r}")
+        elif not isinstance(item, str) or not item:
+            raise ValueError(f"{name}[{key!r}] must be a non-empty string, got {item!r}")
+        checked[key] = item
+    return checked

@@ -121,6 +121,20 @@ def test_every_config_field_has_a_command_line_flag() -> None:
             "sk-b",
             "--seed=3",
             "--billing-log=/tmp/b.jsonl",
+            "--azure-deployments",
+            "edits-a=gpt-image-1.5",
+            "edits-b=gpt-image-2",
+            "--azure-api-versions",
+            "2025-04-01-preview",
+            "2026-01-01-preview",
+            "--azure-api-keys",
+            "az-1",
+            "--azure-ad-tokens",
+            "tok-1",
+            "--azure-deployment-rpm",
+            "edits-a=9",
+            "edits-b=12",
+            "--azure-content-filter-rate=0.1",
         ]
     )
     config = config_from_args(args)
@@ -141,9 +155,15 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         api_keys=["sk-a", "sk-b"],
         seed=3,
         billing_log="/tmp/b.jsonl",
+        azure_deployments={"edits-a": "gpt-image-1.5", "edits-b": "gpt-image-2"},
+        azure_api_versions=["2025-04-01-preview", "2026-01-01-preview"],
+        azure_api_keys=["az-1"],
+        azure_ad_tokens=["tok-1"],
+        azure_deployment_rpm={"edits-a": 9, "edits-b": 12},
+        azure_content_filter_rate=0.1,
     )
     assert args.port == 9
-    assert len(FIELD_NAMES) == 16
+    assert len(FIELD_NAMES) == 22
     assert config_from_args(build_parser().parse_args([])) == SandboxConfig()
 
 
