@@ -38,6 +38,7 @@ HELP = {
     "azure_ad_tokens": "accept only these Entra ID bearer tokens (default: any non-empty token)",
     "azure_deployment_rpm": "requests per minute per Azure deployment, as NAME=N pairs",
     "azure_content_filter_rate": "fraction of Azure edits answered 400 contentFilter",
+    "admin_keys": "admin keys for /v1/organization/* (default: any key starting sk-admin-)",
 }
 ALIASES = {"rate_limit_per_minute": ["--rate-limit"]}
 

@@ -5,7 +5,7 @@ syntax (400) -> quota (429 insufficient_quota) -> fault choice (directive, else 
 immediate rejections (429/400/401/403 faults) -> rate limit (429) -> latency -> 500/timeout/reset
 faults -> render -> 200 (whole, truncated, or with bad base64) -> billing log.
 The Azure paths (azure.py) replace auth and validation with Azure's checks (`_admit`) and the
-rate limit with the deployments' own.
+rate limit with the deployments' own; the usage and costs endpoints are in usage.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from pipeline.sandbox import connections, tokens
+from pipeline.sandbox import connections, tokens, usage
 from pipeline.sandbox.billing import BillingLog
 from pipeline.sandbox.config import SandboxConfig
 from pipeline.sandbox.errors import (
@@ -518,6 +518,7 @@ def create_app(config: SandboxConfig) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/images/edits", EditsEndpoint(sandbox), methods=["POST"]),
+            *usage.routes(sandbox),
             azure.mount(sandbox),
             Route("/sandbox/stats", stats, methods=["GET"]),
             Route("/sandbox/requests", requests_log, methods=["GET"]),

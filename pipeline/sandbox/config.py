@@ -42,6 +42,8 @@ class SandboxConfig:
     azure_ad_tokens: list[str] | None = None
     azure_deployment_rpm: dict[str, int] = field(default_factory=dict)
     azure_content_filter_rate: float = 0.0
+    # `GET /v1/organization/usage/images` and `/costs` (usage.py).
+    admin_keys: list[str] | None = None
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set fields from plain values (e.g. JSON); raise ValueError naming a bad field."""

@@ -1,5 +1,5 @@
-"""A tiny JSON Schema checker for the contract's subset (type, properties, required, enum,
-items, $ref, anyOf), so the contract test needs no extra dependency."""
+"""A tiny JSON Schema checker for the contracts' subset (type, properties, required, enum,
+items, $ref, anyOf, oneOf), so the contract tests need no extra dependency."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from typing import Any
 # runs where the shared folder is absent; test_contract checks the copy is current when present.
 CONTRACT = Path(__file__).parent / "contract" / "openapi-images-edits.json"
 SHARED_CONTRACT = Path(__file__).resolve().parents[3] / "shared/contract/openapi-images-edits.json"
+# The same for the organization usage and costs endpoints.
+USAGE_CONTRACT = Path(__file__).parent / "contract" / "openapi-usage-costs.json"
+SHARED_USAGE_CONTRACT = (
+    Path(__file__).resolve().parents[3] / "shared/contract/openapi-usage-costs.json"
+)
 _TYPES: dict[str, tuple[type, ...]] = {
     "object": (dict,),
     "array": (list,),
@@ -22,8 +27,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def load_contract() -> dict[str, Any]:
-    return dict(json.loads(CONTRACT.read_text()))
+def load_contract(path: Path = CONTRACT) -> dict[str, Any]:
+    return dict(json.loads(path.read_text()))
 
 
 def errors(value: Any, schema: dict[str, Any], root: dict[str, Any], at: str = "$") -> list[str]:
@@ -37,6 +42,9 @@ def errors(value: Any, schema: dict[str, Any], root: dict[str, Any], at: str = "
         if any(not errors(value, option, root, at) for option in schema["anyOf"]):
             return []
         return [f"{at}: matches none of anyOf"]
+    if "oneOf" in schema:
+        matching = sum(not errors(value, option, root, at) for option in schema["oneOf"])
+        return [] if matching == 1 else [f"{at}: matches {matching} of oneOf, not exactly 1"]
     found: list[str] = []
     kind = schema.get("type")
     if kind is not None:
@@ -58,6 +66,6 @@ def errors(value: Any, schema: dict[str, Any], root: dict[str, Any], at: str = "
     return found
 
 
-def check(value: Any, schema_name: str) -> list[str]:
-    contract = load_contract()
+def check(value: Any, schema_name: str, path: Path = CONTRACT) -> list[str]:
+    contract = load_contract(path)
     return errors(value, {"$ref": f"#/components/schemas/{schema_name}"}, contract)

@@ -135,6 +135,8 @@ def test_every_config_field_has_a_command_line_flag() -> None:
             "edits-a=9",
             "edits-b=12",
             "--azure-content-filter-rate=0.1",
+            "--admin-keys",
+            "sk-admin-1",
         ]
     )
     config = config_from_args(args)
@@ -161,9 +163,10 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         azure_ad_tokens=["tok-1"],
         azure_deployment_rpm={"edits-a": 9, "edits-b": 12},
         azure_content_filter_rate=0.1,
+        admin_keys=["sk-admin-1"],
     )
     assert args.port == 9
-    assert len(FIELD_NAMES) == 22
+    assert len(FIELD_NAMES) == 23
     assert config_from_args(build_parser().parse_args([])) == SandboxConfig()
 
 
