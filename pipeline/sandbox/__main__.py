@@ -39,6 +39,8 @@ HELP = {
     "azure_deployment_rpm": "requests per minute per Azure deployment, as NAME=N pairs",
     "azure_content_filter_rate": "fraction of Azure edits answered 400 contentFilter",
     "admin_keys": "admin keys for /v1/organization/* (default: any key starting sk-admin-)",
+    "outage": "none, unreachable (connections cut) or 503, for every API request",
+    "outage_until": "epoch seconds at which the outage ends by itself",
 }
 ALIASES = {"rate_limit_per_minute": ["--rate-limit"]}
 

@@ -4,8 +4,9 @@ Order of decisions for an edit: read the form -> auth (401) -> validation (400/4
 syntax (400) -> quota (429 insufficient_quota) -> fault choice (directive, else seeded draw) ->
 immediate rejections (429/400/401/403 faults) -> rate limit (429) -> latency -> 500/timeout/reset
 faults -> render -> 200 (whole, truncated, or with bad base64) -> billing log.
-The Azure paths (azure.py) replace auth and validation with Azure's checks (`_admit`) and the
-rate limit with the deployments' own; the usage and costs endpoints are in usage.py.
+Before all of it, an outage (outage.py) may answer 503 or cut the connection. The Azure paths
+(azure.py) replace auth and validation with Azure's checks (`_admit`) and the rate limit with the
+deployments' own; the usage and costs endpoints are in usage.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -58,6 +60,7 @@ from pipeline.sandbox.faults import (
     random_fault,
 )
 from pipeline.sandbox.images import EditJob, render
+from pipeline.sandbox.outage import OutageMiddleware
 from pipeline.sandbox.ratelimit import KeyedWindows, SlidingWindow
 from pipeline.sandbox.requestlog import RequestLog, call_of, key_hint
 from pipeline.sandbox.stats import Stats
@@ -526,6 +529,7 @@ def create_app(config: SandboxConfig) -> Starlette:
             Route("/sandbox/config", post_config, methods=["POST"]),
             Route("/sandbox/reset", reset, methods=["POST"]),
         ],
+        middleware=[Middleware(OutageMiddleware, sandbox=sandbox)],
         exception_handlers={404: _openai_http_error, 405: _openai_http_error},
     )
     app.state.sandbox = sandbox

@@ -11,8 +11,9 @@ from typing import Any
 
 # api-version values the classic Azure path accepts by default (API-FACTS, 2026-11-30).
 AZURE_API_VERSIONS: tuple[str, ...] = ("2025-04-01-preview",)
+OUTAGES: tuple[str, ...] = ("none", "unreachable", "503")
 # Fields whose strings must be one of a few values.
-CHOICES: dict[str, tuple[str, ...]] = {}
+CHOICES: dict[str, tuple[str, ...]] = {"outage": OUTAGES}
 
 
 @dataclass
@@ -44,6 +45,9 @@ class SandboxConfig:
     azure_content_filter_rate: float = 0.0
     # `GET /v1/organization/usage/images` and `/costs` (usage.py).
     admin_keys: list[str] | None = None
+    # An outage of the whole API (outage.py); `outage_until` is epoch seconds.
+    outage: str = "none"
+    outage_until: float | None = None
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set fields from plain values (e.g. JSON); raise ValueError naming a bad field."""

@@ -137,6 +137,8 @@ def test_every_config_field_has_a_command_line_flag() -> None:
             "--azure-content-filter-rate=0.1",
             "--admin-keys",
             "sk-admin-1",
+            "--outage=503",
+            "--outage-until=1800000000",
         ]
     )
     config = config_from_args(args)
@@ -164,9 +166,11 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         azure_deployment_rpm={"edits-a": 9, "edits-b": 12},
         azure_content_filter_rate=0.1,
         admin_keys=["sk-admin-1"],
+        outage="503",
+        outage_until=1_800_000_000,
     )
     assert args.port == 9
-    assert len(FIELD_NAMES) == 23
+    assert len(FIELD_NAMES) == 25
     assert config_from_args(build_parser().parse_args([])) == SandboxConfig()
 
 
