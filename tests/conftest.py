@@ -14,11 +14,20 @@ from pipeline.sandbox import SandboxConfig, SandboxServer
 from pipeline.settings import Settings
 
 FAKE_KEY = "sk-test-editbatch-0000000000000000"
+# Tests run on a fixed date, in this process and in every process they start (EDITBATCH_TODAY),
+# and the sandboxes they start use it too: which models are available does not depend on the
+# day CI runs. Tests of model life cycles move the date themselves.
+TEST_TODAY = "2026-11-30"
+
+
+@pytest.fixture(autouse=True)
+def pinned_today(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDITBATCH_TODAY", TEST_TODAY)
 
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
-    config = SandboxConfig(billing_log=str(tmp_path / "billing.jsonl"))
+    config = SandboxConfig(billing_log=str(tmp_path / "billing.jsonl"), today=TEST_TODAY)
     with SandboxServer(config) as server:
         yield server
 

@@ -79,6 +79,14 @@ class ManifestOptions:
     allow_unknown_model: Annotated[
         bool, typer.Option("--allow-unknown-model", help="Accept models not in the catalogue.")
     ] = False
+    model_map: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-map",
+            help="OLD=NEW: rows of model OLD run on NEW instead (repeatable), e.g. "
+            "gpt-image-1.5=gpt-image-2.5-sunburst.",
+        ),
+    ] = None
 
     def intake(self, settings: Settings) -> Intake:
         """How the manifest's rows are read and checked, for `pipeline.batch.submit.prepare`."""
@@ -106,6 +114,7 @@ class ManifestOptions:
         return Defaults(
             model=self.model or settings.default_model,
             values={k: v for k, v in values.items() if v is not None},
+            model_map=parse_model_map(self.model_map),
         )
 
 
@@ -138,6 +147,21 @@ def output_uri(output: str | None) -> str:
     """The output location as stored: a URL as given, a folder as an absolute path."""
     target = output or "outputs"
     return target if "://" in target else str(Path(target).resolve())
+
+
+def parse_model_map(items: list[str] | None) -> dict[str, str]:
+    """`--model-map OLD=NEW` options as a mapping; ConfigError naming a malformed one."""
+    mapping: dict[str, str] = {}
+    for item in items or ():
+        old, sep, new = (part.strip() for part in item.partition("="))
+        if not sep or not old or not new:
+            raise ConfigError(
+                f"--model-map {item!r}: give OLD=NEW, e.g. gpt-image-1.5=gpt-image-2.5-sunburst"
+            )
+        if old in mapping and mapping[old] != new:
+            raise ConfigError(f"--model-map maps {old} twice ({mapping[old]} and {new})")
+        mapping[old] = new
+    return mapping
 
 
 def parse_budget(value: str | None, option: str = "--budget") -> Decimal | None:

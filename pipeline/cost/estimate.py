@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from pipeline.cost.pricing import PriceTable, Usage
+from pipeline.cost.pricing import ModelPrice, PriceTable, Usage
 from pipeline.intake.catalog import parse_size
 from pipeline.spec import EditSpec
 
@@ -35,6 +35,7 @@ __all__ = [
     "fallback_usage",
     "input_image_tokens",
     "output_image_tokens",
+    "output_price",
     "resolve_size",
     "text_tokens",
 ]
@@ -117,6 +118,11 @@ def output_image_tokens(size: str, quality: str) -> int:
     width, height = parsed
     square = OUTPUT_IMAGE_TOKENS["1024x1024"][base] * factor
     return _round_half_up_div(square * width * height, SQUARE_AREA)
+
+
+def output_price(price: ModelPrice, size: str, quality: str) -> Decimal:
+    """USD of one output image at `size` and `quality` (output tokens only), to the micro-dollar."""
+    return price.cost(Usage(image_output=output_image_tokens(size, quality)))
 
 
 def resolve_size(size: str, pixels: Sequence[tuple[int, int]]) -> str:

@@ -53,12 +53,17 @@ IMAGE_SEPARATOR = "|"
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 
 
+DEFAULT_MODEL = "gpt-image-2.5-sunburst"
+
+
 @dataclass(frozen=True)
 class Defaults:
-    """Batch-wide values for fields a row leaves empty (from CLI options)."""
+    """Batch-wide values for fields a row leaves empty (from CLI options), and models to
+    replace (`--model-map OLD=NEW`: a row naming OLD, or taking it as the default, gets NEW)."""
 
-    model: str = "gpt-image-1.5"
+    model: str = DEFAULT_MODEL
     values: Mapping[str, Any] = field(default_factory=dict)
+    model_map: Mapping[str, str] = field(default_factory=dict)
 
 
 def detect_format(path: Path) -> str:
@@ -280,12 +285,13 @@ def parse_row(
 
     mask = _text(merged.get("mask"))
     markup = _text(merged.get("markup"))
+    model = _text(merged.get("model")) or defaults.model
     return EditSpec(
         row=row,
         key=key,
         images=tuple(local(p) for p in images),
         prompt=prompt_text,
-        model=_text(merged.get("model")) or defaults.model,
+        model=defaults.model_map.get(model, model),
         mask=local(mask) if mask else None,
         markup=local(markup) if markup else None,
         size=(_text(merged.get("size")) or "auto").lower(),

@@ -36,9 +36,10 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline import clock
 from pipeline.errors import ConfigError, RowError
 from pipeline.files import write_atomic
-from pipeline.intake.catalog import Catalog, ModelInfo, parse_size
+from pipeline.intake.catalog import Catalog, Lifecycle, ModelInfo, parse_size
 from pipeline.spec import EditSpec
 
 __all__ = [
@@ -181,6 +182,7 @@ class Preflight:
             raise ConfigError("preflight needs at least one allowed folder (allowed_roots)")
         self.options = options
         self.catalog = options.catalog
+        self.today = clock.today()  # one date for the whole batch: which models are gone
         self.stats = PreflightStats()
         real_roots = (os.path.realpath(r) for r in options.allowed_roots)
         self._roots = tuple((r, r.rstrip(os.sep) + os.sep) for r in real_roots)  # (root, prefix)
@@ -258,7 +260,7 @@ class Preflight:
                     "only generic checks were made"
                 )
             else:
-                usable = self.catalog.usable()
+                usable = self.catalog.usable(self.today)
                 close = difflib.get_close_matches(name, usable, n=1)
                 hint = f"did you mean {close[0]}? " if close else ""
                 err(
@@ -267,13 +269,10 @@ class Preflight:
                     "(add it with a catalogue file, or pass --allow-unknown-model)",
                 )
             return None
-        if info.retired:
-            instead = f": use {info.replacement} instead" if info.replacement else ""
-            err("model", f"model {name} was retired on {info.retired_on}{instead}")
+        if info.state_on(self.today) == Lifecycle.GONE:
+            err("model", info.gone_reason())
             return None  # its own rules no longer matter; generic ones still find other problems
-        if info.deprecated:
-            instead = f"; plan a move to {info.replacement}" if info.replacement else ""
-            notes.append(f"model {name} is deprecated{instead}")
+        # A shutdown ahead is said once per batch (catalog.shutdown_notices), not per row.
         return info
 
     def _check_params(
@@ -386,6 +385,18 @@ class Preflight:
             err("markup", f"{spec.model} does not take markup (models that do: {takers})")
         if spec.mask_mode == "strict" and spec.mask is None:
             err("mask_mode", "mask_mode strict needs a mask: add one, or use mask_mode guide")
+
+    def check_model_rules(self, spec: EditSpec) -> list[RowError]:
+        """The model's rules alone (no file is read): for a job moved to another model
+        (`resume --model-map`), whose files were checked when it was submitted."""
+        errors: list[RowError] = []
+
+        def err(field_name: str, reason: str) -> None:
+            errors.append(RowError(spec.row, field_name, reason, spec.key))
+
+        info = self._check_model(spec, err, [])
+        self._check_params(spec, info, err, [])
+        return errors
 
     # --- files ------------------------------------------------------------------------------
 

@@ -37,11 +37,12 @@ from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
 from pipeline.db.session import Database
 from pipeline.errors import EditbatchError, PermitTimeout, StorageError
+from pipeline.intake.catalog import Catalog, load_catalog
 from pipeline.observe import metrics
 from pipeline.output import collector, spool
 from pipeline.run.gateway import CallOutcome, Gateway
 from pipeline.run.ratelimit import Limiter
-from pipeline.run.retry import RetryPolicy, persist
+from pipeline.run.retry import RetryPolicy, hold_code, persist
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
 from pipeline.states import AttemptOutcome, HoldCode, JobState
@@ -61,6 +62,7 @@ class Deps:
     settings: Settings
     prices: PriceTable
     limiter: Limiter
+    catalog: Catalog = field(default_factory=load_catalog)
     sleep: Callable[[float], None] = time.sleep
     on_batch_finished: Callable[[int], None] | None = None
     storages: collector.StorageCache = field(default_factory=collector.StorageCache)
@@ -461,8 +463,10 @@ def _settle(deps: Deps, job: _Claimed, outcome: CallOutcome) -> JobResult:
     message = outcome.error_message or outcome.error_code or "unknown error"
     code = outcome.error_code or outcome.error_type
     if outcome.kind == AttemptOutcome.HOLD:
+        hold = hold_code(outcome.http_status, outcome.error_code, outcome.error_param)
         reason = f"{outcome.http_status} {code}: {message}"
-        hold = HoldCode.QUOTA if outcome.http_status == 429 else HoldCode.AUTH
+        if hold == HoldCode.MODEL_UNAVAILABLE:
+            reason = _model_gone_reason(deps, job, reason)
         with deps.db.session() as session:
             jobs.hold_batch(session, job.batch_id, hold, reason)
             jobs.set_state(
@@ -485,6 +489,25 @@ def _settle(deps: Deps, job: _Claimed, outcome: CallOutcome) -> JobResult:
         session.commit()
     finish_if_done(deps, job.batch_id)
     return JobResult(job.job_id, JobState.FAILED, message)
+
+
+def _model_gone_reason(deps: Deps, job: _Claimed, answer: str) -> str:
+    """The hold reason for a model the API no longer serves: the model, the catalogue's
+    replacement and the command that moves the batch to it."""
+    model = job.spec.model
+    info = deps.catalog.get(model)
+    replacement = info.replacement if info is not None else None
+    text = f"model {model} is not available (the API answered {answer})"
+    if replacement:
+        return (
+            f"{text}; the catalogue's replacement is {replacement}: move the unfinished jobs "
+            f"with `editbatch resume {job.batch_id} --model-map {model}={replacement}`"
+        )
+    return (
+        f"{text}; move the unfinished jobs to another model with "
+        f"`editbatch resume {job.batch_id} --model-map {model}=NEW_MODEL` (`editbatch models` "
+        "lists them)"
+    )
 
 
 def _succeed(deps: Deps, job: _Claimed, outcome: CallOutcome) -> JobResult:

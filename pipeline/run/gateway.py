@@ -41,6 +41,7 @@ class CallOutcome:
     request_id: str | None = None
     error_type: str | None = None
     error_code: str | None = None
+    error_param: str | None = None
     error_message: str | None = None
     retry_after: float | None = None
     usage: Usage | None = None
@@ -175,13 +176,15 @@ class Gateway:
                 error.get("code") if isinstance(error, dict) else None
             )
             message = error.get("message") if isinstance(error, dict) else None
+            param = error.get("param") if isinstance(error, dict) else None
             return CallOutcome(
-                kind=classify(exc.status_code, error_type, code),
+                kind=classify(exc.status_code, error_type, code, param),
                 latency_ms=elapsed(),
                 http_status=exc.status_code,
                 request_id=exc.request_id,
                 error_type=error_type or type(exc).__name__,
                 error_code=str(code) if code else None,
+                error_param=str(param) if param else None,
                 error_message=self._redact(str(message or exc.message))[:2000],
                 retry_after=parse_retry_after(exc.response.headers),
             )

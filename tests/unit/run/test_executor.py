@@ -223,7 +223,7 @@ def test_unreadable_image_data_is_retried_and_cost_recorded(
     assert status.cost_per_output_usd == job.cost_usd
     assert status.breakdown == [
         {
-            "model": "gpt-image-1.5",
+            "model": "gpt-image-2.5-sunburst",
             "quality": "low",
             "state": "succeeded",
             "jobs": 1,
