@@ -53,7 +53,7 @@ class ManifestOptions:
         int | None, typer.Option("--n", help="Images per row, for rows that give none.")
     ] = None
     output_format: Annotated[
-        str | None, typer.Option(help="png | webp | jpeg, for rows that give none.")
+        str | None, typer.Option(help="png | webp | jpeg | gif | svg, for rows that give none.")
     ] = None
     input_fidelity: Annotated[
         str | None, typer.Option(help="input_fidelity for rows that give none.")
@@ -67,6 +67,23 @@ class ManifestOptions:
     ] = None
     mask_mode: Annotated[
         str | None, typer.Option(help="guide | strict, for rows that give none.")
+    ] = None
+    complexity: Annotated[
+        str | None,
+        typer.Option(help="low | medium | high (planning effort), for rows that give none."),
+    ] = None
+    frame_count: Annotated[
+        int | None, typer.Option(help="GIF frames (2..16), for GIF rows that give none.")
+    ] = None
+    frame_duration_ms: Annotated[
+        int | None, typer.Option(help="Milliseconds per GIF frame, for GIF rows that give none.")
+    ] = None
+    svg_model: Annotated[
+        str | None, typer.Option(help="SVG author model (svg.model), for SVG rows that give none.")
+    ] = None
+    svg_effort: Annotated[
+        str | None,
+        typer.Option(help="SVG author's reasoning effort, for SVG rows that give none."),
     ] = None
     allow_root: Annotated[
         list[Path] | None,
@@ -110,6 +127,11 @@ class ManifestOptions:
             "background": self.background,
             "output": self.name_template,
             "mask_mode": self.mask_mode,
+            "complexity": self.complexity,
+            "frame_count": self.frame_count,
+            "frame_duration_ms": self.frame_duration_ms,
+            "svg_model": self.svg_model,
+            "svg_effort": self.svg_effort,
         }
         return Defaults(
             model=self.model or settings.default_model,

@@ -24,12 +24,15 @@ from typing import Any
 
 from pipeline import clock
 from pipeline.errors import ConfigError
+from pipeline.spec import COMPLEXITIES
 
 __all__ = [
+    "COMPLEXITIES",
     "TRANSPARENCY",
     "Catalog",
     "Lifecycle",
     "ModelInfo",
+    "SdkReview",
     "ShutdownNotice",
     "SizeRule",
     "build_catalog",
@@ -127,6 +130,12 @@ class ModelInfo:
     mask: bool
     markup: bool
     source: str
+    # The parameters added by openai 3.57. None: the catalogue does not know whether the model
+    # takes it (preflight says so and passes the value through); () / False: it does not.
+    complexity: tuple[str, ...] | None = None
+    gif: bool | None = None
+    svg: bool | None = None
+    params_source: str | None = None  # where the three facts above come from
 
     def state_on(self, day: dt.date) -> Lifecycle:
         """Current, deprecated or gone on `day`."""
@@ -179,6 +188,19 @@ class ModelInfo:
         return None
 
 
+@dataclass(frozen=True)
+class SdkReview:
+    """What the catalogue was last checked against: the openai SDK version, and the SDK's edit
+    parameters and models the project leaves out on purpose (name -> why).
+
+    `tests/unit/intake/test_sdk_drift.py` holds the installed SDK against it.
+    """
+
+    version: str
+    ignored_params: Mapping[str, str]
+    ignored_models: Mapping[str, str]
+
+
 @dataclass(frozen=True, eq=False)
 class Catalog:
     """All known models. `as_of` is the date the facts were checked."""
@@ -186,6 +208,7 @@ class Catalog:
     as_of: str
     models: Mapping[str, ModelInfo]
     source: str = ""
+    sdk: SdkReview | None = None
 
     def get(self, name: str) -> ModelInfo | None:
         return self.models.get(name)
@@ -206,6 +229,10 @@ class Catalog:
 
     def with_markup(self) -> tuple[str, ...]:
         return tuple(n for n in self.usable() if self.models[n].markup)
+
+    def known_to_take(self, param: str) -> tuple[str, ...]:
+        """Usable models the catalogue knows to take `param` ("complexity", "gif", "svg")."""
+        return tuple(n for n in self.usable() if getattr(self.models[n], param))
 
     def __contains__(self, name: object) -> bool:
         return name in self.models
@@ -235,9 +262,14 @@ _MODEL_KEYS = {
     "mask",
     "markup",
     "source",
+    "complexity",
+    "gif",
+    "svg",
+    "params_source",
 }
 _RULE_KEYS = {"multiple", "max_aspect", "max_long_side", "max_short_side", "experimental_above"}
-_TOP_KEYS = {"as_of", "source", "defaults", "models"}
+_TOP_KEYS = {"as_of", "source", "defaults", "models", "sdk"}
+_SDK_KEYS = {"version", "ignored_params", "ignored_models"}
 
 
 class _Reader:
@@ -280,6 +312,19 @@ class _Reader:
         if value not in choices:
             raise self.fail(key, "one of " + ", ".join(choices))
         return str(value)
+
+    def optional_flag(self, key: str) -> bool | None:
+        """None when the key is left out (unknown), else true or false."""
+        return None if key not in self.data else self.flag(key)
+
+    def optional_choices(self, key: str, choices: tuple[str, ...]) -> tuple[str, ...] | None:
+        """None when the key is left out (unknown); else a list drawn from `choices`."""
+        if key not in self.data:
+            return None
+        values = self.strings(key)
+        if not set(values) <= set(choices):
+            raise self.fail(key, "a list drawn from " + ", ".join(choices) + " ([] for none)")
+        return values
 
     def optional_text(self, key: str) -> str | None:
         value = self.data.get(key)
@@ -360,6 +405,9 @@ def _model(name: str, data: Mapping[str, Any], origin: str) -> ModelInfo:
     for size in sizes:
         if size != "auto" and parse_size(size) is None:
             raise r.fail("sizes", "sizes such as '1024x1024' or 'auto'")
+    for special in ("gif", "svg"):
+        if special in r.strings("output_formats"):
+            raise r.fail("output_formats", f"png, webp, jpeg (say {special} = true instead)")
     return ModelInfo(
         name=name,
         deprecated_on=deprecated_on,
@@ -377,6 +425,42 @@ def _model(name: str, data: Mapping[str, Any], origin: str) -> ModelInfo:
         mask=r.flag("mask"),
         markup=r.flag("markup"),
         source=r.optional_text("source") or origin,
+        complexity=r.optional_choices("complexity", COMPLEXITIES),
+        gif=r.optional_flag("gif"),
+        svg=r.optional_flag("svg"),
+        params_source=r.optional_text("params_source"),
+    )
+
+
+def _reasons(table: Any, key: str) -> dict[str, str]:
+    origin = "built-in catalogue: [sdk]"
+    if table is None:
+        return {}
+    if not isinstance(table, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in table.items()
+    ):
+        raise ConfigError(f"{origin}: {key} must map each name to the reason (a string)")
+    return dict(table)
+
+
+def _sdk(data: Any) -> SdkReview | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError("built-in catalogue: [sdk] must be a table")
+    unknown = set(data) - _SDK_KEYS
+    if unknown:
+        raise ConfigError(
+            f"built-in catalogue: [sdk]: unknown key(s) {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(sorted(_SDK_KEYS))})"
+        )
+    version = data.get("version")
+    if not isinstance(version, str) or not version:
+        raise ConfigError('built-in catalogue: [sdk] needs version = "X.Y.Z" (a string)')
+    return SdkReview(
+        version=version,
+        ignored_params=_reasons(data.get("ignored_params"), "ignored_params"),
+        ignored_models=_reasons(data.get("ignored_models"), "ignored_models"),
     )
 
 
@@ -438,6 +522,11 @@ def build_catalog(
     source = str(builtin.get("source", "built-in catalogue"))
     if override is not None:
         o_defaults, o_models = _tables(override, override_origin)
+        if "sdk" in override:
+            raise ConfigError(
+                f"{override_origin}: [sdk] is only read from the built-in catalogue (it records "
+                "what the project checked against the installed openai SDK)"
+            )
         if o_defaults:
             raise ConfigError(
                 f"{override_origin}: [defaults] is only read from the built-in catalogue; "
@@ -450,7 +539,7 @@ def build_catalog(
             as_of = f"{override['as_of']} (overrides) / {as_of}"
         source = f"{override.get('source', override_origin)}; {source}"
     infos = {name: _model(name, entry, origins[name]) for name, entry in raw.items()}
-    return Catalog(as_of=as_of, models=infos, source=source)
+    return Catalog(as_of=as_of, models=infos, source=source, sdk=_sdk(builtin.get("sdk")))
 
 
 @lru_cache(maxsize=1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any
 
 import httpx2
 import openai
-from PIL import Image
 
 from pipeline.cost.pricing import Usage
+from pipeline.output.formats import unreadable
 from pipeline.run.retry import classify, parse_retry_after
 from pipeline.spec import EditSpec
 from pipeline.states import AttemptOutcome
@@ -47,6 +46,10 @@ class CallOutcome:
     usage: Usage | None = None
     images: tuple[bytes, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
+    # SVG output: the author model's own tokens, which the API reports apart from `usage`
+    # (`svg_usage`) and bills at that model's rates. Not in the ledger yet (docs/cost.md).
+    svg_usage: Usage | None = None
+    svg_author: str | None = None
 
 
 def usage_from_response(usage: Any) -> Usage | None:
@@ -77,8 +80,25 @@ def usage_from_response(usage: Any) -> Usage | None:
     )
 
 
+def svg_usage_from_response(svg_usage: Any) -> tuple[Usage | None, str | None]:
+    """The SVG author's tokens (as text in / text out, reasoning counted as output) and model,
+    from the SDK's `ImagesResponse.svg_usage`; (None, None) when the API sent none."""
+    if svg_usage is None:
+        return None, None
+    output = int(getattr(svg_usage, "output_tokens", 0) or 0)
+    reasoning = int(getattr(svg_usage, "reasoning_tokens", 0) or 0)
+    # Reasoning tokens are usually counted inside output_tokens (as in the Responses API);
+    # only a larger figure is taken, so they are never counted twice.
+    usage = Usage(
+        text_input=int(getattr(svg_usage, "input_tokens", 0) or 0),
+        text_output=max(output, reasoning),
+    )
+    model = getattr(svg_usage, "model", None)
+    return usage, str(model) if model else None
+
+
 def decode_images(data: list[Any]) -> tuple[bytes, ...] | str:
-    """The decoded image bytes, or a reason why the response's images are unusable."""
+    """The decoded outputs (raster images, or SVG documents), or why they are unusable."""
     images: list[bytes] = []
     for i, item in enumerate(data or [], start=1):
         b64 = getattr(item, "b64_json", None)
@@ -88,11 +108,9 @@ def decode_images(data: list[Any]) -> tuple[bytes, ...] | str:
             raw = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
             return f"image {i}: invalid base64"
-        try:
-            with Image.open(io.BytesIO(raw)) as img:
-                img.verify()
-        except Exception as exc:  # Pillow raises many types for bad data
-            return f"image {i}: not a readable image ({type(exc).__name__})"
+        problem = unreadable(raw)
+        if problem is not None:
+            return f"image {i}: {problem}"
         images.append(raw)
     if not images:
         return "the response contained no images"
@@ -229,6 +247,7 @@ class Gateway:
                 usage=usage,
                 headers=headers,
             )
+        svg_usage, svg_author = svg_usage_from_response(getattr(response, "svg_usage", None))
         return CallOutcome(
             kind=AttemptOutcome.OK,
             latency_ms=elapsed(),
@@ -237,4 +256,6 @@ class Gateway:
             usage=usage,
             images=decoded,
             headers=headers,
+            svg_usage=svg_usage,
+            svg_author=svg_author,
         )

@@ -677,7 +677,7 @@ def test_unknown_background(pf: Preflight, image: Path) -> None:
 
 
 def test_output_format_not_offered(pf: Preflight, image: Path) -> None:
-    only_error(pf.check(spec(image, output_format="gif")), "output_format", "png, webp, jpeg")
+    only_error(pf.check(spec(image, output_format="avif")), "output_format", "png, webp, jpeg")
 
 
 def test_compression_with_png(pf: Preflight, image: Path) -> None:
