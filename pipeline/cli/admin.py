@@ -162,6 +162,10 @@ def models(as_json: JsonOpt = False) -> None:
                 "mask": info.mask,
                 "markup": info.markup,
                 "output_formats": list(info.output_formats),
+                # None: the catalogue does not know (check passes the value on, with a note)
+                "complexity": None if info.complexity is None else list(info.complexity),
+                "gif": info.gif,
+                "svg": info.svg,
                 "source": info.source,
             }
         )
@@ -189,6 +193,15 @@ def models(as_json: JsonOpt = False) -> None:
     accepts = Table(title="What each model accepts", title_justify="left")
     for col in ("model", "sizes", "quality", "input_fidelity", "mask", "markup", "formats"):
         accepts.add_column(col, overflow="fold")
+    accepts.add_column("complexity / gif / svg", overflow="fold")
+
+    def known(value: object) -> str:
+        if value is None:
+            return "unknown"
+        if isinstance(value, list):
+            return ", ".join(value) or "no"
+        return "yes" if value else "no"
+
     for r in rows:
         rule = r["size_rule"]
         sizes = ", ".join(r["sizes"])
@@ -205,6 +218,7 @@ def models(as_json: JsonOpt = False) -> None:
             "yes" if r["mask"] else "no",
             "yes" if r["markup"] else "no",
             ", ".join(r["output_formats"]),
+            f"{known(r['complexity'])} / {known(r['gif'])} / {known(r['svg'])}",
         )
     console.print(accepts)
 

@@ -415,6 +415,11 @@ def _record(
         usage = fallback_usage(spec, len(outcome.images) or spec.n, job.pixels)
         estimated = True
     cost = deps.prices.cost(spec.model, usage) if usage is not None else None
+    if cost is not None and outcome.svg_usage is not None:
+        # SVG output: the author model's tokens are billed at its own rates; with no price for
+        # it the attempt's cost is unknown (flagged unpriced), never silently short.
+        author = deps.prices.cost(outcome.svg_author or "", outcome.svg_usage)
+        cost = None if author is None else cost + author
     metrics.observe_attempt(
         spec.model, outcome.kind, outcome.http_status, outcome.latency_ms / 1000.0, cost
     )
@@ -440,7 +445,7 @@ def _record(
             attempt.text_output_tokens = usage.text_output
         attempt.cost_usd = cost if cost is not None else Decimal(0)
         attempt.cost_estimated = estimated
-        attempt.priced = usage is None or cost is not None
+        attempt.priced = (usage is None and outcome.svg_usage is None) or cost is not None
         jobs.add_cost(session, job.job_id, attempt.cost_usd)
         if reservation.active:
             if cost is not None:

@@ -47,7 +47,8 @@ class CallOutcome:
     images: tuple[bytes, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
     # SVG output: the author model's own tokens, which the API reports apart from `usage`
-    # (`svg_usage`) and bills at that model's rates. Not in the ledger yet (docs/cost.md).
+    # (`svg_usage`) and bills at that model's rates (priced by the executor when the price
+    # table has that model; otherwise the attempt is flagged unpriced).
     svg_usage: Usage | None = None
     svg_author: str | None = None
 
