@@ -32,17 +32,23 @@ def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
         yield server
 
 
-@pytest.fixture
-def settings(tmp_path: Path, sandbox: SandboxServer) -> Settings:
+def make_settings(tmp_path: Path, base_url: str) -> Settings:
+    """Settings of a test: a SQLite file and a home in `tmp_path`, the API at `base_url`, short
+    backoffs."""
     return Settings(
         home=tmp_path / "home",
         database_url=f"sqlite:///{tmp_path / 'editbatch.db'}",
-        openai_base_url=sandbox.base_url,
+        openai_base_url=base_url,
         openai_api_key=FAKE_KEY,
         backoff_base_seconds=0.01,
         backoff_max_seconds=0.05,
         request_timeout_seconds=10,
     )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, sandbox: SandboxServer) -> Settings:
+    return make_settings(tmp_path, sandbox.base_url)
 
 
 @pytest.fixture

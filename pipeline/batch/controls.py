@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 
-from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -23,7 +22,7 @@ from pipeline.cost.pricing import PriceTable
 from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
 from pipeline.errors import EditbatchError, NotFoundError, RowError
-from pipeline.files import file_sha256
+from pipeline.files import file_sha256, image_sizes
 from pipeline.intake.catalog import Catalog
 from pipeline.intake.preflight import Preflight, PreflightOptions
 from pipeline.spec import EditSpec
@@ -131,7 +130,7 @@ def remap_models(
                 },
             )
             continue
-        estimate = estimate_cost(spec, _pixels(spec), prices)
+        estimate = estimate_cost(spec, image_sizes(spec.images), prices)
         estimates.append((estimate, spec.n))
         job.spec = spec.to_json()
         job.model = spec.model
@@ -141,17 +140,6 @@ def remap_models(
     session.flush()
     report.estimate = estimate_batch(estimates)
     return report
-
-
-def _pixels(spec: EditSpec) -> tuple[tuple[int, int], ...]:
-    sizes = []
-    for path in spec.images:
-        try:
-            with Image.open(path) as img:
-                sizes.append(img.size)
-        except OSError:
-            sizes.append((0, 0))
-    return tuple(sizes)
 
 
 def _fingerprint(spec: EditSpec, digests: dict[str, str | None]) -> str | None:

@@ -32,7 +32,7 @@ from pipeline.cli.ui import (
 from pipeline.db.session import Database
 from pipeline.errors import ConfigError
 from pipeline.settings import get_settings
-from pipeline.states import BatchState
+from pipeline.states import BatchState, JobState
 
 if TYPE_CHECKING:
     from pipeline.batch.controls import Remap
@@ -167,7 +167,7 @@ def _print_remap(report: Remap, mapping: dict[str, str], dry_run: bool = False) 
     console.print(f"{would} {report.moved} jobs ({pairs})")
     if report.unfit:
         print_row_errors(report.unfit, "the new model's rules")
-        fate = "would fail" if dry_run else "failed"
+        fate = "would fail" if dry_run else f"{JobState.FAILED}"
         rows = len({e.row for e in report.unfit})
         err.print(f"{rows} rows do not fit their new model and {fate} without being sent")
     if report.estimate is not None and report.estimate.calls:

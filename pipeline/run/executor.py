@@ -26,7 +26,6 @@ from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 
-from PIL import Image
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 
@@ -37,6 +36,7 @@ from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
 from pipeline.db.session import Database
 from pipeline.errors import EditbatchError, PermitTimeout, StorageError
+from pipeline.files import image_sizes
 from pipeline.intake.catalog import Catalog, load_catalog
 from pipeline.observe import metrics
 from pipeline.output import collector, spool
@@ -167,7 +167,7 @@ def _load(deps: Deps, job_id: int, token: str) -> _Claimed:
         batch = session.get(Batch, row.batch_id)
         assert batch is not None
         spec = EditSpec.from_json(row.spec)
-        pixels = _input_pixels(spec)
+        pixels = image_sizes(spec.images)
         return _Claimed(
             job_id=job_id,
             token=token,
@@ -388,18 +388,6 @@ def _start_attempt(deps: Deps, job_id: int) -> int:
         jobs.count_attempt(session, job_id, deps.settings.lease_seconds)
         session.commit()
         return attempt.id
-
-
-def _input_pixels(spec: EditSpec) -> tuple[tuple[int, int], ...]:
-    """Each input image's size, from its header (for estimates); (0, 0) if unreadable."""
-    sizes = []
-    for path in spec.images:
-        try:
-            with Image.open(path) as img:
-                sizes.append(img.size)
-        except OSError:
-            sizes.append((0, 0))
-    return tuple(sizes)
 
 
 def _record(

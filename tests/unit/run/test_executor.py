@@ -20,7 +20,7 @@ from pipeline.run.executor import Deps, process_job
 from pipeline.run.ratelimit import LocalLimiter
 from pipeline.sandbox import SandboxConfig
 from pipeline.settings import Settings
-from tests.conftest import FAKE_KEY, billed_total
+from tests.conftest import billed_total, make_settings
 from tests.factories import product_rows, write_manifest
 from tests.fakes import InProcessAPI
 from tests.unit.helpers import new_batch
@@ -34,15 +34,7 @@ def api(tmp_path: Path) -> Iterator[InProcessAPI]:
 
 @pytest.fixture
 def settings(tmp_path: Path, api: InProcessAPI) -> Settings:
-    return Settings(
-        home=tmp_path / "home",
-        database_url=f"sqlite:///{tmp_path / 'editbatch.db'}",
-        openai_base_url=api.base_url,
-        openai_api_key=FAKE_KEY,
-        backoff_base_seconds=0.01,
-        backoff_max_seconds=0.05,
-        request_timeout_seconds=10,
-    )
+    return make_settings(tmp_path, api.base_url)
 
 
 def _deps(settings: Settings, db: Database, api: InProcessAPI) -> Deps:
