@@ -469,3 +469,61 @@ def test_review_posts_save_and_the_gallery_filters(filled: Filled) -> None:
     assert "2 approved" in c.get(f"/batches/{b}/gallery").text
     rerun = c.get(f"/batches/{b}/rerun").text
     assert "halo" in rerun and 'name="prompt_' in rerun
+
+
+def test_gif_and_svg_outputs_are_shown_safely(
+    tmp_path: Path, db: Database, settings: Settings
+) -> None:
+    """A GIF output gets a WebP thumbnail of its first frame and is served whole as image/gif;
+    an SVG output is served as it is (no Pillow), with a CSP that runs no script in it."""
+    folder = tmp_path / "in"
+    make_image(folder / "shoe.png", (512, 512))
+    rows = [
+        {"id": "anim", "image": "shoe.png", "prompt": "make it spin", "output_format": "gif",
+         "frame_count": "3", "size": "1024x1024", "quality": "low"},
+        {"id": "logo", "image": "shoe.png", "prompt": "as a flat vector logo",
+         "output_format": "svg", "size": "1024x1024", "quality": "medium"},
+    ]  # fmt: skip
+    batch_id = new_batch(db, write_manifest(folder / "m.csv", rows), str(tmp_path / "out")).batch_id
+    _run(db, settings, batch_id)
+    gif, svg = outputs(db, batch_id)
+    assert (gif.format, svg.format) == ("gif", "svg")
+    c = TestClient(create_app(Dashboard(db, settings)), base_url=LOCAL)
+    thumb = c.get(f"/batches/{batch_id}/outputs/{gif.id}/image")
+    assert thumb.status_code == 200 and thumb.content[8:12] == b"WEBP"
+    full = c.get(f"/batches/{batch_id}/outputs/{gif.id}/image?size=full")
+    assert full.headers["content-type"] == "image/gif"
+    assert full.content == Path(str(gif.uri)).read_bytes()
+    for size in ("thumb", "full"):
+        shown = c.get(f"/batches/{batch_id}/outputs/{svg.id}/image?size={size}")
+        assert shown.status_code == 200, shown.text
+        assert shown.headers["content-type"].startswith("image/svg+xml")
+        assert shown.content == Path(str(svg.uri)).read_bytes()
+        csp = shown.headers["content-security-policy"]
+        assert "sandbox" in csp and "default-src 'none'" in csp and "script-src" not in csp
+    gallery = c.get(f"/batches/{batch_id}/gallery").text
+    assert f'data-output="{gif.id}"' in gallery and f'data-output="{svg.id}"' in gallery
+
+
+def test_actions_send_queued_jobs_through_the_function_they_were_given(filled: Filled) -> None:
+    """Resume and retry send the batch's queued jobs with the dashboard's `send` (what
+    `editbatch serve` gives: the CLI's dispatch to the workers) and say how many went."""
+    sent: list[int] = []
+
+    def send(batch_id: int) -> int:
+        sent.append(batch_id)
+        return 7
+
+    c = client(filled, send=send)
+    b = filled.batch
+    token = csrf_of(c)
+    retried = c.post(f"/batches/{b}/actions/retry", data={"csrf_token": token})
+    assert retried.status_code == 200 and sent == [b]
+    assert "Retrying 2 failed jobs: 7 queued jobs sent to the workers" in retried.text
+    c.post(f"/batches/{b}/actions/pause", data={"csrf_token": token})
+    assert batch_state(filled.db, b) == "paused"
+    resumed = c.post(f"/batches/{b}/actions/resume", data={"csrf_token": token, "budget": "9"})
+    assert "Resumed: 7 queued jobs sent" in resumed.text and sent == [b, b]
+    assert batch_state(filled.db, b) == "running"
+    unsent = client(filled).post(f"/batches/{b}/actions/retry", data={"csrf_token": token})
+    assert unsent.status_code == 403  # a fresh client has no CSRF cookie: nothing happens
