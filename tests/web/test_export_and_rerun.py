@@ -25,7 +25,7 @@ from pipeline.run.executor import process_job
 from pipeline.run.ratelimit import LocalLimiter
 from pipeline.sandbox import SandboxServer
 from pipeline.settings import Settings
-from tests.conftest import FAKE_KEY
+from tests.conftest import make_settings
 from tests.factories import product_rows, write_manifest
 from tests.integration.conftest import database_url  # noqa: F401
 from tests.integration.status_reference import reference_status
@@ -133,16 +133,8 @@ def test_export_from_and_to_s3(
 
 @pytest.fixture
 def any_db(database_url: str, sandbox: SandboxServer, tmp_path: Path) -> tuple[Database, Settings]:  # noqa: F811
-    settings = Settings(
-        home=tmp_path / "home",
-        database_url=database_url,
-        openai_base_url=sandbox.base_url,
-        openai_api_key=FAKE_KEY,
-        backoff_base_seconds=0.01,
-        backoff_max_seconds=0.05,
-        request_timeout_seconds=10,
-    )
-    return Database(database_url), settings
+    settings = make_settings(tmp_path, sandbox.base_url)
+    return Database(database_url), settings.model_copy(update={"database_url": database_url})
 
 
 def test_rerun_keeps_the_counters_right(tmp_path: Path, any_db: tuple[Database, Settings]) -> None:
