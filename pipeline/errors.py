@@ -13,6 +13,8 @@
     ├── StorageError               the output location cannot be written
     ├── NotFoundError              a batch or job id that does not exist
     ├── PermitTimeout              no rate permit in time: the job is handed back, not failed
+    ├── ProviderError              the Files or Batches API refused or could not be reached
+    │                              (the batch route); carries the status and the class of it
     └── InvalidTransition          code asked for a state change pipeline.states does not allow
 
 Two modules keep a private subclass for control flow that never leaves them
@@ -72,6 +74,27 @@ class NotFoundError(EditbatchError):
 
 class PermitTimeout(EditbatchError):
     """Raised when no rate permit came within `max_wait`: hand the job back instead of blocking."""
+
+
+class ProviderError(EditbatchError):
+    """Raised when a Files or Batches API call of the batch route fails.
+
+    `kind` is the retry policy's class of the answer (an `AttemptOutcome` value: transient,
+    hold or failed), so the caller can wait, hold the batch, or give up on one provider batch.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.code = code
 
 
 class InvalidTransition(EditbatchError):
