@@ -15,6 +15,7 @@
     ├── PermitTimeout              no rate permit in time: the job is handed back, not failed
     ├── ProviderError              the Files or Batches API refused or could not be reached
     │                              (the batch route); carries the status and the class of it
+    ├── LeaseLost                  another process took over a provider batch (lease lapsed)
     └── InvalidTransition          code asked for a state change pipeline.states does not allow
 
 Two modules keep a private subclass for control flow that never leaves them
@@ -95,6 +96,11 @@ class ProviderError(EditbatchError):
         self.kind = kind
         self.status = status
         self.code = code
+
+
+class LeaseLost(EditbatchError):
+    """Raised when this process's lease on a provider batch lapsed and another process took the
+    provider batch over: stop touching it, the other process finishes the step."""
 
 
 class InvalidTransition(EditbatchError):

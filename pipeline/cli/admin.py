@@ -42,7 +42,12 @@ def nightly(
 
             finished = build_deps(settings, LocalLimiter(None, None), db).on_batch_finished
             batch_id = nights.run_nightly(
-                settings, now, dispatch.celery_enqueue(), db=db, on_finished=finished
+                settings,
+                now,
+                dispatch.celery_enqueue(),
+                db=db,
+                on_finished=finished,
+                dispatch_batch=dispatch.celery_dispatch_batch(),
             )
             info = {**nights.preview(settings, now, db), "batch_id": batch_id}
     if as_json:

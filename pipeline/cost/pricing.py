@@ -155,11 +155,13 @@ def _batch(data: dict[str, Any], origin: str) -> BatchDiscount | None:
     if table is None:
         return None
     if not isinstance(table, dict) or "factor" not in table:
-        raise ConfigError(f"{origin}: [batch] needs factor = \"0.5\" (and as_of, source)")
+        raise ConfigError(f'{origin}: [batch] needs factor = "0.5" (and as_of, source)')
     factor = _decimal("[batch]", "factor", table["factor"], origin)
     if not 0 < factor <= 1:
         raise ConfigError(f"{origin}: [batch] factor must be above 0 and at most 1")
-    return BatchDiscount(factor, str(table.get("as_of", "unknown")), str(table.get("source", origin)))
+    return BatchDiscount(
+        factor, str(table.get("as_of", "unknown")), str(table.get("source", origin))
+    )
 
 
 def _parse(data: dict[str, Any], origin: str) -> tuple[str, str, dict[str, ModelPrice]]:

@@ -174,9 +174,7 @@ class ProviderBatch(Base):
     __tablename__ = "provider_batches"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    batch_id: Mapped[int] = mapped_column(
-        ForeignKey("batches.id", ondelete="CASCADE"), index=True
-    )
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
     token: Mapped[str] = mapped_column(String(32), unique=True)
     model: Mapped[str] = mapped_column(String(100))
     state: Mapped[str] = mapped_column(String(16), default=ProviderBatchState.PREPARING, index=True)

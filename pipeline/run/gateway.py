@@ -145,6 +145,10 @@ class Gateway:
             text = text.replace(self._secret, "sk-****")
         return text
 
+    def redact(self, text: str) -> str:
+        """Remove the API key from text (the batch route's API calls share the client)."""
+        return self._redact(text)
+
     def close(self) -> None:
         self.client.close()
 
