@@ -100,12 +100,12 @@ def dispatch(ctx: RouteContext, batch_id: int) -> list[int]:
         while True:
             cut, after, more = _cut(ctx, batch_id, model, after, reuse)
             if cut:
-                fitted, held = _fit_budget(ctx, batch_id, cut)
+                fitted, short = _fit_budget(ctx, batch_id, cut)
                 pb_id = _intent(ctx, batch_id, model, fitted) if fitted else None
                 if pb_id is not None:
                     prepare(ctx, pb_id)
                     created.append(pb_id)
-                if held:
+                if short is not None and _held_for(ctx, batch_id, short):
                     return created
             if not more:
                 break
@@ -218,9 +218,11 @@ def _cut(
     return cut, last, len(rows) == settings.batch_max_lines
 
 
-def _fit_budget(ctx: RouteContext, batch_id: int, cut: list[_Line]) -> tuple[list[_Line], bool]:
-    """The lines the budget holds, their reservation made: (lines, whether the batch is now
-    held). Without a batch budget or a daily cap nothing is reserved."""
+def _fit_budget(
+    ctx: RouteContext, batch_id: int, cut: list[_Line]
+) -> tuple[list[_Line], Decimal | None]:
+    """The lines the budget holds, their reservation made, and what the first line left out
+    needs (None when all fit). Without a batch budget or a daily cap nothing is reserved."""
     cap = ctx.deps.settings.daily_budget_usd
     today = utcnow().date()
     with ctx.deps.db.session() as session:
@@ -228,12 +230,12 @@ def _fit_budget(ctx: RouteContext, batch_id: int, cut: list[_Line]) -> tuple[lis
             select(Batch.budget_usd, Batch.reserved_usd).where(Batch.id == batch_id)
         ).one()
         if limit is None and cap is None:
-            return [_Line(x.job_id, x.spec, Decimal(0)) for x in cut], False
+            return [_Line(x.job_id, x.spec, Decimal(0)) for x in cut], None
         if any(x.high < 0 for x in cut):  # a model with no price: no budget can be enforced
             unpriced = next(x for x in cut if x.high < 0)
             est = estimate_cost(unpriced.spec, (), ctx.prices)
-            budget.reserve_call(session, batch_id, est, cap, today)
-            return [], True
+            budget.reserve_call(session, batch_id, est, cap, today)  # refused: held
+            return [], None
         room = None if limit is None else Decimal(limit) - Decimal(reserved or 0)
         if cap is not None:
             day_room = Decimal(cap) - budget.daily_spent(session, today)
@@ -246,16 +248,21 @@ def _fit_budget(ctx: RouteContext, batch_id: int, cut: list[_Line]) -> tuple[lis
             fitted.append(line)
             total += line.high
         if fitted and budget.reserve(session, batch_id, total, cap, today) is not None:
-            return [], True  # refused after all (another process spent the room): held
-        if len(fitted) < len(cut):
-            # Holds the batch with the reason a person reads (the amount the next line needs).
-            nxt = cut[len(fitted)].high
-            if budget.reserve(session, batch_id, nxt, cap, today) is None:
-                budget.settle(session, batch_id, nxt, Decimal(0), today)  # the room came back
-                session.commit()
-                return fitted, False
-            return fitted, True
-    return fitted, False
+            return [], None  # refused after all (another process spent the room): held
+    return fitted, (cut[len(fitted)].high if len(fitted) < len(cut) else None)
+
+
+def _held_for(ctx: RouteContext, batch_id: int, amount: Decimal) -> bool:
+    """Hold the batch for the budget, with the reason a person reads (what the next line
+    needs), unless the room came back meanwhile; True if held."""
+    cap = ctx.deps.settings.daily_budget_usd
+    today = utcnow().date()
+    with ctx.deps.db.session() as session:
+        if budget.reserve(session, batch_id, amount, cap, today) is not None:
+            return True
+        budget.settle(session, batch_id, amount, Decimal(0), today)
+        session.commit()
+    return False
 
 
 # -- the intent -----------------------------------------------------------------------------
