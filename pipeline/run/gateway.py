@@ -98,6 +98,11 @@ def decode_images(data: list[Any]) -> tuple[bytes, ...] | str:
     return tuple(images)
 
 
+def answer_cut_off(cause: BaseException | None) -> bool:
+    """The connection closed after the answer's headers, in its body: the answer was made."""
+    return isinstance(cause, httpx2.RemoteProtocolError) and "complete message body" in str(cause)
+
+
 def _files(spec: EditSpec) -> dict[str, Any]:
     def file_tuple(path: str) -> tuple[str, bytes, str]:
         p = Path(path)
@@ -200,6 +205,18 @@ class Gateway:
         except openai.APIConnectionError as exc:
             cause = exc.__cause__
             detail = f": {type(cause).__name__}" if cause is not None else ""
+            if answer_cut_off(cause):
+                # The answer was being sent when the connection closed: the API made it and
+                # bills it. A 200 with no usage is booked at its estimated cost (executor).
+                return CallOutcome(
+                    kind=AttemptOutcome.TRANSIENT,
+                    latency_ms=elapsed(),
+                    http_status=200,
+                    error_type="connection",
+                    error_code="truncated_response",
+                    error_message="the answer was cut off mid-body; the API bills it: booked "
+                    "at its estimated cost",
+                )
             return CallOutcome(
                 kind=AttemptOutcome.TRANSIENT,
                 latency_ms=elapsed(),

@@ -10,8 +10,9 @@
                             file offset past the line and the lease renewed. Only an attempt
                             still `in_flight` is booked, so a line read twice counts once.
       not run               attempts no file answered (a cancelled or failed provider batch)
-      close                 `collected`; the provider's files deleted (unless kept); jobs
-                            moved to the sync route sent there; the batch finished if done
+      close                 `collected`; its JSONL, output and error files deleted (unless
+                            kept); jobs moved to the sync route sent there; the batch finished
+                            if done (and then the inputs it uploaded deleted)
 
 Where a line's job goes, by the class of its answer (as on the sync route):
 
@@ -143,7 +144,8 @@ def collect(ctx: RouteContext, pb_id: int) -> Collected | None:
         uploads.clean_up(ctx, pb)
     if done.to_sync and ctx.send_sync is not None:
         ctx.send_sync(done.to_sync)
-    executor.finish_if_done(ctx.deps, pb.batch_id)
+    if executor.finish_if_done(ctx.deps, pb.batch_id) and not batch.keep_files:
+        uploads.clean_inputs(ctx, pb.batch_id)
     return done
 
 

@@ -12,7 +12,8 @@ runs in a loop. Every step is safe to run twice, in two processes at once.
                Celery task each)
     dispatch   running batch-route batches with queued jobs (new, or lines sent back)
     sync       queued jobs moved to the sync route (`--fallback sync`) are handed on
-    finish     a batch with nothing left to run is finished (collected, reported)
+    finish     a batch with nothing left to run is finished (collected, reported); a closed
+               batch's uploaded inputs are deleted (unless it keeps its provider files)
 """
 
 from __future__ import annotations
@@ -25,10 +26,17 @@ from datetime import timedelta
 
 from sqlalchemy import ColumnElement, and_, exists, or_, select, update
 
-from pipeline.db.models import Batch, Job, ProviderBatch, utcnow
+from pipeline.db.models import (
+    Batch,
+    Job,
+    ProviderBatch,
+    ProviderBatchFile,
+    ProviderFile,
+    utcnow,
+)
 from pipeline.errors import ProviderError
 from pipeline.run import executor
-from pipeline.run.batchroute import collect, dispatch
+from pipeline.run.batchroute import collect, dispatch, uploads
 from pipeline.run.batchroute.context import RouteContext, remote_values, take_lease
 from pipeline.states import (
     BATCH_OPEN,
@@ -81,6 +89,8 @@ def tick(ctx: RouteContext, batch_ids: Collection[int] | None = None) -> Tick:
     for batch_id in _finishable(ctx, batch_ids):
         if executor.finish_if_done(ctx.deps, batch_id):
             done.finished.append(batch_id)
+    for batch_id in _with_inputs_left(ctx, batch_ids):
+        uploads.clean_inputs(ctx, batch_id)
     return done
 
 
@@ -251,6 +261,34 @@ def _finishable(ctx: RouteContext, batch_ids: Collection[int] | None) -> list[in
                 )
             )
         )
+
+
+def _with_inputs_left(ctx: RouteContext, batch_ids: Collection[int] | None) -> list[int]:
+    """Closed batch-route batches (finished or cancelled) with no provider batch open that
+    still have uploaded inputs at the provider (their provider files not kept)."""
+    open_pb = exists().where(
+        ProviderBatch.batch_id == Batch.id,
+        ProviderBatch.state.in_([P.PREPARING, P.OPEN, P.COLLECTING]),
+    )
+    live = exists().where(
+        ProviderBatch.batch_id == Batch.id,
+        ProviderBatchFile.provider_batch_id == ProviderBatch.id,
+        ProviderFile.id == ProviderBatchFile.provider_file_id,
+        ProviderFile.deleted_at.is_(None),
+    )
+    with ctx.deps.db.session() as session:
+        return [
+            batch_id
+            for batch_id, settings in session.execute(
+                select(Batch.id, Batch.settings).where(
+                    Batch.state.in_([BatchState.FINISHED, BatchState.CANCELLED]),
+                    ~open_pb,
+                    live,
+                    *_batch_route(batch_ids),
+                )
+            )
+            if not (settings or {}).get("keep_provider_files")
+        ]
 
 
 def open_provider_batches(ctx: RouteContext, batch_id: int) -> int:

@@ -4,11 +4,13 @@ Each distinct input image, mask or markup is uploaded once (purpose `user_data`)
 sha256 of its bytes in `provider_files`, and reused by every line that sends those bytes, in
 any batch, while the provider still has the file (checked against the provider's listing
 before it is reused). Which provider batches use which files is kept in
-`provider_batch_files`: after a provider batch is collected, its input file, output and error
-files are deleted, and so is every uploaded input no open provider batch still uses (unless
-the batch keeps its provider files; the provider itself deletes batch output files after 30
-days). A file deleted under a line anyway comes back as an `input_file_gone` answer: the file
-is forgotten, uploaded again, and the line sent again.
+`provider_batch_files`: after a provider batch is collected, its JSONL input, output and error
+files are deleted; when its batch is finished (or cancelled and collected), every input it
+uploaded that no open provider batch still uses is deleted too (a line sent again in a later
+provider batch of the same batch still finds its input). Unless the batch keeps its provider
+files; the provider itself deletes batch output files after 30 days. A file deleted under a
+line anyway comes back as an `input_file_gone` answer: the file is forgotten, uploaded again,
+and the line sent again.
 """
 
 from __future__ import annotations
@@ -144,18 +146,21 @@ def delete_quietly(ctx: RouteContext, file_id: str | None) -> None:
         log.warning("could not delete provider file %s: %s", file_id, exc)
 
 
-def clean_up(ctx: RouteContext, pb: ProviderBatch) -> int:
-    """Delete a collected provider batch's input, output and error files, and the uploaded
-    inputs no open provider batch uses any more; how many inputs were deleted."""
+def clean_up(ctx: RouteContext, pb: ProviderBatch) -> None:
+    """Delete a collected provider batch's JSONL input, output and error files."""
     for file_id in (pb.input_file_id, pb.output_file_id, pb.error_file_id):
         delete_quietly(ctx, file_id)
+
+
+def clean_inputs(ctx: RouteContext, batch_id: int) -> int:
+    """Delete the inputs a finished (or cancelled and collected) batch uploaded that no open
+    provider batch uses any more; how many were deleted."""
     other = aliased(ProviderBatchFile)
     open_use = (
         select(other.provider_file_id)
         .join(ProviderBatch, ProviderBatch.id == other.provider_batch_id)
         .where(
             other.provider_file_id == ProviderFile.id,
-            ProviderBatch.id != pb.id,
             ProviderBatch.state.in_(list(PROVIDER_OPEN)),
         )
     )
@@ -165,10 +170,9 @@ def clean_up(ctx: RouteContext, pb: ProviderBatch) -> int:
             session.execute(
                 select(ProviderFile.id, ProviderFile.file_id)
                 .join(ProviderBatchFile, ProviderBatchFile.provider_file_id == ProviderFile.id)
-                .where(
-                    ProviderBatchFile.provider_batch_id == pb.id,
-                    ProviderFile.deleted_at.is_(None),
-                )
+                .join(ProviderBatch, ProviderBatch.id == ProviderBatchFile.provider_batch_id)
+                .where(ProviderBatch.batch_id == batch_id, ProviderFile.deleted_at.is_(None))
+                .distinct()
             )
         )
     for row_id, file_id in candidates:
