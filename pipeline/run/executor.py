@@ -434,8 +434,9 @@ def _record(
     spec = job.spec
     usage = outcome.usage
     estimated = False
-    if usage is None and outcome.http_status == 200:
-        # Billed, but the API said nothing about tokens: estimate from the published tables.
+    if usage is None and (outcome.http_status == 200 or outcome.maybe_billed):
+        # Billed, but the API said nothing about tokens (or we never got the answer: a timeout,
+        # a body cut off): estimate from the published tables.
         usage = fallback_usage(spec, len(outcome.images) or spec.n, job.pixels)
         estimated = True
     cost = deps.prices.cost(spec.model, usage) if usage is not None else None

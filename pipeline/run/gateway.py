@@ -46,6 +46,9 @@ class CallOutcome:
     usage: Usage | None = None
     images: tuple[bytes, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
+    # No answer came back, but the API may have made one and billed it (we timed out, or the
+    # body was cut off): booked at its estimated cost.
+    maybe_billed: bool = False
 
 
 def usage_from_response(usage: Any) -> Usage | None:
@@ -200,22 +203,24 @@ class Gateway:
                 latency_ms=elapsed(),
                 error_type="timeout",
                 error_code="timeout",
-                error_message="the request timed out",
+                error_message="the request timed out (the API may still make and bill the "
+                "answer: booked at its estimated cost)",
+                maybe_billed=True,
             )
         except openai.APIConnectionError as exc:
             cause = exc.__cause__
             detail = f": {type(cause).__name__}" if cause is not None else ""
             if answer_cut_off(cause):
                 # The answer was being sent when the connection closed: the API made it and
-                # bills it. A 200 with no usage is booked at its estimated cost (executor).
+                # bills it.
                 return CallOutcome(
                     kind=AttemptOutcome.TRANSIENT,
                     latency_ms=elapsed(),
-                    http_status=200,
                     error_type="connection",
                     error_code="truncated_response",
-                    error_message="the answer was cut off mid-body; the API bills it: booked "
-                    "at its estimated cost",
+                    error_message="the answer was cut off mid-body (billed by the API: booked "
+                    "at its estimated cost)",
+                    maybe_billed=True,
                 )
             return CallOutcome(
                 kind=AttemptOutcome.TRANSIENT,
