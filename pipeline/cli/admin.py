@@ -92,8 +92,13 @@ def prices(as_json: JsonOpt = False) -> None:
         }
         for p in table_data.models.values()
     ]
+    batch = {
+        "factor": str(table_data.batch.factor),
+        "as_of": table_data.batch.as_of,
+        "source": table_data.batch.source,
+    }
     if as_json:
-        print(json.dumps({"as_of": table_data.as_of, "models": rows}))
+        print(json.dumps({"as_of": table_data.as_of, "models": rows, "batch": batch}))
         return
     table = Table(
         title=f"Prices, USD per 1M tokens (as of {table_data.as_of})", title_justify="left"
@@ -103,6 +108,10 @@ def prices(as_json: JsonOpt = False) -> None:
     for r in rows:
         table.add_row(r["model"], r["text_input"], r["image_input"], r["image_output"], r["source"])
     console.print(table)
+    console.print(
+        f"batch route (--route batch): x{batch['factor']} of these, as of {batch['as_of']} "
+        f"({batch['source']})"
+    )
 
 
 @app.command()

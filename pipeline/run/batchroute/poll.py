@@ -304,6 +304,20 @@ def open_provider_batches(ctx: RouteContext, batch_id: int) -> int:
         )
 
 
+def release_leases(ctx: RouteContext, batch_id: int) -> int:
+    """Drop every lease on the batch's provider batches: a single-machine run continuing after
+    it was killed (no other process can hold them; `resume --local`, `run` again)."""
+    with ctx.deps.db.session() as session:
+        result = session.execute(
+            update(ProviderBatch)
+            .where(ProviderBatch.batch_id == batch_id, ProviderBatch.lease_until.is_not(None))
+            .values(lease_until=None, lease_token=None)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def run_local(
     ctx: RouteContext,
     batch_id: int,
@@ -312,7 +326,9 @@ def run_local(
     sleep: Callable[[float], object] = time.sleep,
 ) -> None:
     """`editbatch run --route batch`: tick this batch until nothing is left to do for it (or
-    `stop`). Provider batches left open by a stop are found again by the next run."""
+    `stop`). Provider batches left open by a stop are found again by the next run, which
+    first takes back what a killed run held (`release_leases`)."""
+    release_leases(ctx, batch_id)
     while not stop():
         tick(ctx, [batch_id])
         with ctx.deps.db.session() as session:
@@ -336,6 +352,7 @@ __all__ = [
     "open_provider_batches",
     "recover",
     "refresh",
+    "release_leases",
     "run_local",
     "tick",
 ]
