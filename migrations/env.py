@@ -7,7 +7,6 @@ database is EDITBATCH_DATABASE_URL when it is set, else the ini's scratch SQLite
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from alembic import context

@@ -558,3 +558,65 @@ def test_a_message_for_a_batch_route_job_does_not_buy_it_on_the_sync_route(
     assert result.state == "queued"
     assert api.requests == 0
     assert jobs_by_state(db, batch_id) == {"queued": 1}
+
+
+def test_an_auth_error_on_a_line_holds_the_batch_and_resume_sends_it_again(
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
+) -> None:
+    """A 403 line (organization not verified) holds the batch with the API's reason; nothing
+    more is sent; after `resume` the held job goes out in a new provider batch."""
+    manifest_rows = rows(tmp_path / "in", 3)
+    manifest_rows[0]["prompt"] = "needs verification #sandbox:403x1"
+    batch_id = submit(tmp_path, db, manifest_rows)
+    ctx = route(settings, db, api)
+    run_until_done(ctx, batch_id)
+    with db.session() as s:
+        batch = s.get(Batch, batch_id)
+        assert batch is not None and batch.state == "held" and batch.hold_code == "auth"
+        assert (batch.hold_reason or "").startswith("403")
+    assert jobs_by_state(db, batch_id) == {"succeeded": 2, "held": 1}
+    with db.session() as s:
+        controls.resume(s, batch_id)
+    run_until_done(ctx, batch_id)
+    assert jobs_by_state(db, batch_id) == {"succeeded": 3}
+    total, _ = bill(api)
+    assert ledger(db, batch_id) == total
+
+
+def test_retry_failed_sends_the_failed_jobs_in_a_new_provider_batch(
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
+) -> None:
+    """`retry --failed --prompt P` on the batch route: the failed job goes out again with the
+    new prompt, its earlier attempt stays in the ledger, successes are kept."""
+    manifest_rows = rows(tmp_path / "in", 2)
+    manifest_rows[1]["prompt"] = "blocked #sandbox:moderation"
+    batch_id = submit(tmp_path, db, manifest_rows)
+    ctx = route(settings, db, api)
+    run_until_done(ctx, batch_id)
+    assert jobs_by_state(db, batch_id) == {"succeeded": 1, "failed": 1}
+    with db.session() as s:
+        assert controls.retry_failed(s, batch_id, prompt="a kinder prompt") == 1
+    run_until_done(ctx, batch_id)
+    assert jobs_by_state(db, batch_id) == {"succeeded": 2}
+    with db.session() as s:
+        job = s.scalars(select(Job).where(Job.batch_id == batch_id, Job.row_number == 2)).one()
+        outcomes = s.scalars(
+            select(Attempt.outcome).where(Attempt.job_id == job.id).order_by(Attempt.number)
+        ).all()
+        assert list(outcomes) == ["failed", "ok"] and job.attempt_base == 1
+        assert s.scalar(select(func.count()).select_from(ProviderBatch)) == 2
+
+
+def test_route_options_are_checked_with_the_option_named() -> None:
+    from pipeline.batch.submit import BatchOptions
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--route 'night'"):
+        BatchOptions(output_uri="o", route="night")
+    with pytest.raises(ConfigError, match="--fallback"):
+        BatchOptions(output_uri="o", route="batch", fallback="email")
+    with pytest.raises(ConfigError, match="add --route batch"):
+        BatchOptions(output_uri="o", fallback="sync")
+    with pytest.raises(ValueError, match="EDITBATCH_NIGHTLY_ROUTE"):
+        Settings(nightly_route="tonight")
+    assert Settings(nightly_route="Batch").nightly_route == "batch"
