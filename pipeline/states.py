@@ -139,6 +139,7 @@ class HoldCode(StrEnum):
     AUTH = "auth"  # 401 / 403
     MODEL_UNAVAILABLE = "model_unavailable"  # the API says the model does not exist (any more)
     PROVIDER_REFUSED = "provider_refused"  # the Batch API refused a whole provider batch
+    INPUT_UNREADABLE = "input_unreadable"  # an input file went missing after preflight
 
 
 class Route(StrEnum):

@@ -129,6 +129,8 @@ def collect(ctx: RouteContext, pb_id: int) -> Collected | None:
         # The download broke (or the files are not readable yet): the offsets keep what was
         # booked; the next tick reads on from there.
         log.warning("provider batch %s: collection stopped: %s", pb_id, exc)
+        if exc.status == 404:
+            _gone(ctx, pb, str(exc))
         release_lease(ctx, pb_id)
         return None
     if not closed:
@@ -147,6 +149,25 @@ def collect(ctx: RouteContext, pb_id: int) -> Collected | None:
     if executor.finish_if_done(ctx.deps, pb.batch_id) and not batch.keep_files:
         uploads.clean_inputs(ctx, pb.batch_id)
     return done
+
+
+def _gone(ctx: RouteContext, pb: ProviderBatch, error: str) -> None:
+    """The provider no longer has a file of this provider batch (deleted 30 days after the
+    batch, or by hand): its answers were billed and cannot be read. Hold the batch and say so;
+    the lines stay submitted until a person decides (nothing is guessed)."""
+    reason = (
+        f"provider batch {pb.provider_id}: a file of its answers is gone at the provider "
+        f"({error}); the lines it holds were billed and cannot be collected"
+    )
+    with ctx.deps.db.session() as session:
+        session.execute(
+            update(ProviderBatch)
+            .where(ProviderBatch.id == pb.id)
+            .values(error=reason[:4000])
+            .execution_options(synchronize_session=False)
+        )
+        jobs.hold_batch(session, pb.batch_id, HoldCode.PROVIDER_REFUSED, reason)
+        session.commit()
 
 
 def _batch(ctx: RouteContext, batch_id: int) -> _Batch:

@@ -367,6 +367,9 @@ def prepare(ctx: RouteContext, pb_id: int) -> None:
         _create(ctx, pb)
     except LeaseLost:
         log.info("provider batch %s: taken over by another process", pb.id)
+    except OSError as exc:  # an input deleted or moved since preflight
+        reason = f"an input file cannot be read ({exc}): restore it, then editbatch resume"
+        _abandon(ctx, pb, f"{reason} {pb.batch_id}", hold=HoldCode.INPUT_UNREADABLE)
     except ProviderError as exc:
         if exc.kind == AttemptOutcome.TRANSIENT:
             log.warning("provider batch %s: %s; trying again on the next tick", pb.id, exc)

@@ -620,3 +620,42 @@ def test_route_options_are_checked_with_the_option_named() -> None:
     with pytest.raises(ValueError, match="EDITBATCH_NIGHTLY_ROUTE"):
         Settings(nightly_route="tonight")
     assert Settings(nightly_route="Batch").nightly_route == "batch"
+
+
+def test_an_input_gone_since_preflight_holds_the_batch_and_sends_nothing(
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
+) -> None:
+    manifest_rows = rows(tmp_path / "in", 2)
+    batch_id = submit(tmp_path, db, manifest_rows)
+    (tmp_path / "in" / manifest_rows[1]["image"]).unlink()
+    run_until_done(route(settings, db, api), batch_id)
+    with db.session() as s:
+        batch = s.get(Batch, batch_id)
+        assert batch is not None and batch.hold_code == "input_unreadable"
+        assert f"editbatch resume {batch_id}" in (batch.hold_reason or "")
+        pb = s.scalars(select(ProviderBatch)).one()
+        assert pb.state == "abandoned"
+        assert s.scalar(select(func.count()).select_from(Attempt)) == 0  # nothing was sent
+    assert jobs_by_state(db, batch_id) == {"queued": 2}
+    assert _remote_batches(api) == []
+
+
+def test_an_output_file_gone_at_the_provider_holds_the_batch_and_says_why(
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
+) -> None:
+    """The provider deleted the output file before it was read (its 30-day retention): the
+    answers were billed and cannot be collected. Nothing is guessed: the batch is held, the
+    reason says so, the lines stay submitted."""
+    batch_id = submit(tmp_path, db, rows(tmp_path / "in", 2))
+    ctx = route(settings, db, api)
+    dispatch.dispatch(ctx, batch_id)
+    _wait_provider_final(ctx, batch_id)
+    with db.session() as s:
+        pb = s.scalars(select(ProviderBatch)).one()
+    assert pb.output_file_id and ctx.api.delete_file(pb.output_file_id)
+    assert collect.collect(ctx, pb.id) is None
+    with db.session() as s:
+        batch = s.get(Batch, batch_id)
+        assert batch is not None and batch.state == "held"
+        assert batch.hold_code == "provider_refused" and "gone" in (batch.hold_reason or "")
+    assert jobs_by_state(db, batch_id) == {"submitted": 2}
