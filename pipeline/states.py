@@ -17,20 +17,21 @@ Job states:
     held       its batch stopped (budget, quota, auth, pause, a model gone); resume queues it
     cancelled  (terminal)
 
-    queued    -> running, submitted, held, cancelled
+    queued    -> running, submitted, failed, held, cancelled
     running   -> queued, running, retrying, succeeded, failed, held, cancelled
     retrying  -> queued, running, held, cancelled
     submitted -> queued, succeeded, failed, held, cancelled
     failed    -> queued
-    held      -> queued, cancelled
+    held      -> queued, failed, cancelled
 
     running -> running is a claim taken over after the lease ran out (its worker is gone);
     running|retrying -> queued hands a job back without spending (no permit in time, an
     identical job in flight, a database error, an expired lease); running -> held|cancelled
     parks a claimed job whose batch stopped before its call; failed -> queued is
-    `retry --failed` (and `resume --model-map`). queued -> submitted puts a job's request in a
-    provider batch; its line decides where it goes next (a 5xx or an expired line: queued
-    again; a line never run in a cancelled batch: cancelled).
+    `retry --failed`; queued|held -> failed is `resume --model-map` for a job whose parameters
+    do not fit its new model (it fails without a call, naming the field). queued -> submitted
+    puts a job's request in a provider batch; its line decides where it goes next (a 5xx or
+    an expired line: queued again; a line never run in a cancelled batch: cancelled).
 
 Batch states:
 
@@ -168,13 +169,13 @@ J = JobState
 B = BatchState
 
 JOB_MOVES: Mapping[JobState, frozenset[JobState]] = {
-    J.QUEUED: frozenset({J.RUNNING, J.SUBMITTED, J.HELD, J.CANCELLED}),
+    J.QUEUED: frozenset({J.RUNNING, J.SUBMITTED, J.HELD, J.FAILED, J.CANCELLED}),
     J.RUNNING: frozenset(
         {J.RUNNING, J.RETRYING, J.SUCCEEDED, J.FAILED, J.QUEUED, J.HELD, J.CANCELLED}
     ),
     J.RETRYING: frozenset({J.RUNNING, J.QUEUED, J.HELD, J.CANCELLED}),
     J.SUBMITTED: frozenset({J.QUEUED, J.SUCCEEDED, J.FAILED, J.HELD, J.CANCELLED}),
-    J.HELD: frozenset({J.QUEUED, J.CANCELLED}),
+    J.HELD: frozenset({J.QUEUED, J.FAILED, J.CANCELLED}),
     J.FAILED: frozenset({J.QUEUED}),
     J.SUCCEEDED: frozenset(),
     J.REJECTED: frozenset(),

@@ -52,6 +52,7 @@ class BatchStatus:
     drift_mean: float | None = None
     drift_max: float | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    hold_code: str | None = None
     route: str = "sync"
     provider_batches: list[dict[str, Any]] = field(default_factory=list)
     lost_answers: int = 0  # attempts interrupted mid-call: answers billed but never received
@@ -73,6 +74,7 @@ class BatchStatus:
             "batch_id": self.batch_id,
             "name": self.name,
             "state": self.state,
+            "hold_code": self.hold_code,
             "hold_reason": self.hold_reason,
             "counts": self.counts,
             "jobs_total": self.jobs_total,
@@ -225,6 +227,7 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         name=batch.name,
         state=batch.state,
         hold_reason=batch.hold_reason,
+        hold_code=batch.hold_code,
         created_at=batch.created_at,
         finished_at=batch.finished_at,
         output_uri=batch.output_uri,

@@ -11,7 +11,14 @@ from rich.table import Table
 
 from pipeline.cli.app import app
 from pipeline.cli.options import JsonOpt, ManifestArg, ManifestOptions, RouteOpt, shared
-from pipeline.cli.ui import console, duration, friendly_errors, print_estimate, print_row_errors
+from pipeline.cli.ui import (
+    console,
+    duration,
+    friendly_errors,
+    print_estimate,
+    print_row_errors,
+    print_shutdown_notices,
+)
 from pipeline.errors import ConfigError, RowError
 from pipeline.settings import get_settings
 from pipeline.states import JobState
@@ -26,7 +33,7 @@ BATCH_WINDOW_S = 24 * 3600  # the Batch API's completion window: the most a batc
 @shared(ManifestOptions)
 def check(manifest: ManifestArg, opts: ManifestOptions, as_json: JsonOpt = False) -> None:
     """Validate every row (files, formats, masks, model rules) without spending anything."""
-    from pipeline.batch.submit import prepare
+    from pipeline.batch.submit import prepare, shutdown_notices_for
 
     with friendly_errors():
         settings = get_settings()
@@ -35,12 +42,16 @@ def check(manifest: ManifestArg, opts: ManifestOptions, as_json: JsonOpt = False
         errors: list[RowError] = []
         notes: list[str] = []
         bad_rows = 0
+        rows_by_model: dict[str, int] = {}
         for r in prepared.rows():
             rows += 1
             if r.errors:
                 bad_rows += 1
                 errors.extend(r.errors)
+            elif r.spec is not None:
+                rows_by_model[r.spec.model] = rows_by_model.get(r.spec.model, 0) + 1
             notes.extend(f"row {r.row}: {note}" for note in r.notes)
+        notices = shutdown_notices_for(settings, rows_by_model)
     if as_json:
         print(
             json.dumps(
@@ -50,10 +61,12 @@ def check(manifest: ManifestArg, opts: ManifestOptions, as_json: JsonOpt = False
                     JobState.REJECTED: bad_rows,
                     "errors": [e.__dict__ for e in errors],
                     "notes": notes,
+                    "shutdowns": [n.text() for n in notices],
                 }
             )
         )
     else:
+        print_shutdown_notices(notices)
         print_row_errors(errors, manifest)
         for note in notes[:50]:
             console.print(f"note: {note}")
@@ -73,7 +86,7 @@ def estimate(
 ) -> None:
     """What a manifest will cost (per row and in total, low-high) and how long it will take,
     on the sync route and the batch route side by side (rows at the prices of `--route`)."""
-    from pipeline.batch.submit import prepare
+    from pipeline.batch.submit import prepare, shutdown_notices_for
     from pipeline.cost.estimate import (
         estimate_batch,
         estimate_cost,
@@ -110,6 +123,8 @@ def estimate(
             settings.max_in_flight or settings.concurrency,
             typical_latency(models),
         )
+        rows_by_model = {m: sum(1 for _, e in per_row if e.model == m) for m in models}
+        notices = shutdown_notices_for(settings, rows_by_model, total)
 
     def money(value: Decimal | None) -> str | None:
         return None if value is None else str(value)
@@ -140,6 +155,7 @@ def estimate(
                         "unpriced_models": list(total.unpriced_models),
                     },
                     "rejected_rows": rejected,
+                    "shutdowns": [n.text() for n in notices],
                     "route": route,
                     "duration_s": sync_seconds if route == "sync" else BATCH_WINDOW_S,
                     "routes": {
@@ -181,6 +197,7 @@ def estimate(
     if rejected:
         console.print(f"{rejected} rows rejected by preflight (see: editbatch check)")
     print_estimate(total, settings, models, None, route=route)
+    print_shutdown_notices(notices)
     side = Table(title="Both routes", title_justify="left")
     for col in ("route", "expected $", "low-high $", "duration"):
         side.add_column(col, justify="right" if "$" in col else "left")

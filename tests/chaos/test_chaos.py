@@ -62,6 +62,9 @@ def _chaos_config() -> SandboxConfig:
         bad_b64_rate=0.02,
         burst_429_rate=0.02,
         seed=20261121,
+        # The sandbox bills an answer once it is made, as the API does, even when the client
+        # is gone or the body is cut off (bill_undelivered, its default): the ledger books
+        # those lost answers at their estimate, and the line names them.
     )
 
 

@@ -39,6 +39,7 @@ from pipeline.cost.estimate import fallback_usage
 from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, Output, ProviderBatch, utcnow
 from pipeline.errors import LeaseLost, ProviderError
+from pipeline.files import image_sizes
 from pipeline.output import collector, spool
 from pipeline.run import executor
 from pipeline.run.batchroute import lines, uploads
@@ -286,7 +287,7 @@ def _cost(ctx: RouteContext, spec: EditSpec, answer: lines.Answer) -> tuple[Any,
     estimated = False
     if usage is None and answer.status == 200:
         # Billed, but the answer carries no token counts: estimate from the published tables.
-        usage = fallback_usage(spec, len(answer.images) or spec.n, executor.input_pixels(spec))
+        usage = fallback_usage(spec, len(answer.images) or spec.n, image_sizes(spec.images))
         estimated = True
     if usage is None:
         return None, Decimal(0), False

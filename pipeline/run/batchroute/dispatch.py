@@ -39,6 +39,7 @@ from pipeline.cost.estimate import estimate_cost
 from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, ProviderBatch, utcnow
 from pipeline.errors import LeaseLost, ProviderError
+from pipeline.files import image_sizes
 from pipeline.run import executor
 from pipeline.run.batchroute import lines, uploads
 from pipeline.run.batchroute.api import BATCH_PURPOSE, RemoteBatch
@@ -212,7 +213,7 @@ def _cut(
         if cut and size + bound > settings.batch_max_bytes:
             return cut, last, True
         size += bound
-        est = estimate_cost(spec, executor.input_pixels(spec), prices)
+        est = estimate_cost(spec, image_sizes(spec.images), prices)
         cut.append(_Line(row.id, spec, est.high if est.high is not None else Decimal(-1)))
         last = row.id
     return cut, last, len(rows) == settings.batch_max_lines
