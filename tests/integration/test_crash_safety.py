@@ -252,6 +252,7 @@ class Audit:
     unrecorded_usd: Decimal = Decimal(0)  # what the unrecorded bills cost
     estimated_usd: Decimal = Decimal(0)  # attempts booked at an estimate (answers not received)
     estimated_calls: int = 0
+    temporaries: list[str] = field(default_factory=list)  # left by a kill mid-write
 
     @property
     def mismatch(self) -> Decimal:
@@ -268,6 +269,7 @@ class Audit:
         return (
             f"jobs {self.jobs}, succeeded {self.succeeded}, failed {self.failed}, "
             f"lost {len(self.lost)}, duplicate outputs {len(self.duplicates)}, "
+            f"temporary files left by a kill {len(self.temporaries)}, "
             f"ledger ${self.ledger_usd:.6f} vs bill ${self.billed_usd:.6f}: "
             f"mismatch ${self.mismatch:.6f} ({share:.4%}); answers lost in flight: "
             f"{self.estimated_calls} booked at ${self.estimated_usd:.6f} estimated, "
@@ -324,11 +326,14 @@ def audit(db: Database, batch_id: int, out_dir: Path, billing_log: Path) -> Audi
             if good != set(range(1, expected + 1)):
                 lost.append(job.id)
     recorded = {str(Path(o.uri).resolve()) for o in outputs if o.uri}
+    litter: list[str] = []
     if out_dir.is_dir():
         for path in sorted(out_dir.rglob("*")):
             report = path.name.startswith("report-")
             if path.is_file() and not report and str(path.resolve()) not in recorded:
-                duplicates.append(str(path))
+                # A process killed inside an atomic write leaves its temporary file: not an
+                # output (the final name is written once, by whoever collects it next).
+                (litter if path.name.startswith(".tmp-") else duplicates).append(str(path))
     billed, per_request = billed_total(billing_log)
     paid_ids = {a.request_id for a in attempts if a.cost_usd and a.request_id}
     unrecorded = set(per_request) - paid_ids
@@ -348,6 +353,7 @@ def audit(db: Database, batch_id: int, out_dir: Path, billing_log: Path) -> Audi
             j.id for j in jobs if j.state == "failed" and not (j.last_error_message or "").strip()
         ],
         attempts=attempts,
+        temporaries=litter,
         unrecorded_usd=sum((per_request[r] for r in unrecorded), start=Decimal(0)),
         estimated_usd=sum((a.cost_usd for a in guessed), start=Decimal(0)),
         estimated_calls=len(guessed),
