@@ -22,7 +22,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
 from pipeline.batch.status import batch_status
-from pipeline.db.models import Batch, Job, Output, Review
+from pipeline.db.jobs import ANSWER_LOST
+from pipeline.db.models import Attempt, Batch, Job, Output, Review
 from pipeline.db.session import Database
 from pipeline.output.collector import StorageCache
 
@@ -134,6 +135,27 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
         last_id = ids[-1]
 
 
+def lost_answers(db: Database, batch_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+    """Calls a dead worker left unanswered, booked at their estimated cost (the API bills an
+    answer once it is made): row, id, attempt, what was booked."""
+    with db.session() as session:
+        return [
+            {
+                "row": row,
+                "id": key,
+                "attempt": number,
+                "estimated_usd": str(Decimal(str(cost)).quantize(Decimal("0.000001"))),
+            }
+            for row, key, number, cost in session.execute(
+                select(Job.row_number, Job.external_key, Attempt.number, Attempt.cost_usd)
+                .join(Job, Job.id == Attempt.job_id)
+                .where(Job.batch_id == batch_id, Attempt.error_code == ANSWER_LOST)
+                .order_by(Job.row_number, Attempt.number)
+                .limit(limit)
+            )
+        ]
+
+
 def write_report(db: Database, batch_id: int, storages: StorageCache) -> tuple[str, str]:
     """Write report-<batch>.csv and .json at the output root; returns their URIs."""
     with db.session() as session:
@@ -150,6 +172,7 @@ def write_report(db: Database, batch_id: int, storages: StorageCache) -> tuple[s
             [safe_cell("|".join(row[c]) if isinstance(row[c], list) else row[c]) for c in COLUMNS]
         )
     summary = status.to_json()
+    summary["lost_answers"]["list"] = lost_answers(db, batch_id)
     storage = storages.get(output_uri)
     csv_uri = storage.write(f"report-{batch_id}.csv", text.getvalue().encode("utf-8"))
     body = json.dumps({"summary": summary, "jobs": rows}, indent=2, default=str)

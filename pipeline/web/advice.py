@@ -78,4 +78,14 @@ def hold_advice(code: str | None, reason: str | None, state: str) -> str | None:
             "command line (`editbatch resume BATCH --model-map OLD=NEW`, as the reason says); "
             "Resume alone would be held again."
         )
+    if code == HoldCode.PROVIDER_REFUSED:
+        return (
+            "The Batch API refused a whole provider batch (the reason gives its error): fix "
+            "that, or send the rest on the synchronous route, then Resume."
+        )
+    if code == HoldCode.INPUT_UNREADABLE:
+        return (
+            "An input file went missing after preflight: put it back where the manifest says "
+            "(or cancel and resubmit without it), then Resume."
+        )
     return "Fix the cause named in the reason, then Resume."
