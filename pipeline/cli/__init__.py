@@ -16,7 +16,8 @@ import sys
 
 from pipeline.cli import admin, batches, control, intake  # noqa: F401  (register the commands)
 from pipeline.cli.app import app
-from pipeline.cli.ui import err
+from pipeline.cli.ui import err, print_error
+from pipeline.errors import ConfigError, EditbatchError
 from pipeline.observe.logs import setup_logging
 from pipeline.settings import get_settings
 
@@ -36,11 +37,14 @@ def main() -> None:
     try:
         settings = get_settings()
         json_logs, level = settings.log_json, settings.log_level or "WARNING"
-    except ValueError:  # an invalid setting: the command reports it when it reads the settings
+    except ConfigError:  # an invalid setting: the command reports it when it reads the settings
         json_logs, level = False, "WARNING"
     setup_logging(json=json_logs, level=level)
     try:
         app()
+    except EditbatchError as exc:  # raised outside a command's own `friendly_errors`
+        print_error(exc)
+        sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to continue")
         sys.exit(130)

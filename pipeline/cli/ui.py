@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.batch.status import BatchStatus
 from pipeline.errors import EditbatchError, RowError
@@ -152,12 +153,19 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def print_error(exc: EditbatchError) -> None:
+    """`error: <message>`, each line of the message unwrapped (a script can grep it), no markup
+    read from the message (it may hold brackets)."""
+    for line in str(exc).splitlines() or [""]:
+        err.print(Text.assemble(("error: ", "red"), line), soft_wrap=True)
+
+
 @contextmanager
 def friendly_errors() -> Iterator[None]:
     try:
         yield
     except EditbatchError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         raise typer.Exit(2) from None
 
 
