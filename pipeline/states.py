@@ -13,7 +13,8 @@ Job states:
     retrying   claimed, waiting for its next attempt after a transient error
     succeeded  outputs recorded (terminal; collection is a separate, re-runnable step)
     failed     permanent error or attempts used up (terminal until `editbatch retry --failed`)
-    held       its batch stopped (budget, quota, auth, pause, a model gone); resume queues it
+    held       its batch stopped (budget, quota, auth, pause, a model gone, an API outage);
+               resume queues it
     cancelled  (terminal)
 
     queued    -> running, held, cancelled
@@ -110,6 +111,8 @@ class HoldCode(StrEnum):
     QUOTA = "quota"  # 429 insufficient_quota and friends
     AUTH = "auth"  # 401 / 403
     MODEL_UNAVAILABLE = "model_unavailable"  # the API says the model does not exist (any more)
+    API_UNREACHABLE = "api_unreachable"  # the outage breaker tripped: probing, resumes by itself
+    OUTAGE = "outage"  # the outage outlasted EDITBATCH_BREAKER_GIVE_UP_SECONDS: a person resumes
 
 
 S = TypeVar("S", bound=StrEnum)

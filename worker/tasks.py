@@ -1,9 +1,18 @@
-"""Celery tasks: thin wrappers that pass a job id to `pipeline.run.executor.process_job`."""
+"""Celery tasks: thin wrappers around plain functions of `pipeline`.
+
+editbatch.edit    one job: `pipeline.run.executor.process_job`
+editbatch.reap    (beat, every minute) expired leases, lost messages, missed finishes, and a
+                  probe chain for batches held for an outage when none is alive
+editbatch.probe   one probe of an unreachable API (`pipeline.run.breaker.probe`); sends the
+                  jobs of the batches it resumed, or schedules the next probe
+editbatch.nightly tonight's dated manifest, once
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,15 +22,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from pipeline.batch.nightly import run_nightly
-from pipeline.batch.submit import Enqueue
+from pipeline.batch.submit import Enqueue, send
 from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
+from pipeline.run import breaker
 from pipeline.run.deps import build_deps
 from pipeline.run.executor import Deps, Handback, finish_if_done, process_job
 from pipeline.run.retry import redeliver_after
 from pipeline.settings import get_settings
-from pipeline.states import BatchState, JobState
+from pipeline.states import BatchState, HoldCode, JobState
 from worker.app import app
+from worker.breaker import build_breaker
 from worker.constants import QUEUE
 from worker.limits import build_limiter
 
@@ -33,6 +44,9 @@ _lock = threading.Lock()
 # A queued job whose message may have been lost (Redis flushed or restarted) is sent again by
 # the reaper once it has waited this long and the broker queue is empty.
 STALE_QUEUED_SECONDS = 120
+# A probe chain holds its lease this long past its next probe; a chain whose message was lost
+# lets go after that, and the reaper starts another.
+PROBE_LEASE_MARGIN = 30.0
 
 
 def deps() -> Deps:
@@ -41,7 +55,12 @@ def deps() -> Deps:
     with _lock:
         if _deps is None:
             settings = get_settings()
-            _deps = build_deps(settings, build_limiter(settings))
+            _deps = build_deps(
+                settings,
+                build_limiter(settings),
+                breaker=build_breaker(settings),
+                on_outage=start_probing,
+            )
         return _deps
 
 
@@ -74,7 +93,48 @@ def reap() -> int:
     # with nothing to do: finish it (collect what it spooled, write the report).
     for batch_id in jobs.idle_running_batches(d.db):
         finish_if_done(d, batch_id)
+    if d.breaker.open() is not None or held_for_outage(d):
+        probe.delay()  # does nothing while another probe chain holds the lease
     return len(ids)
+
+
+def start_probing(batch_id: int) -> None:
+    """This worker held `batch_id` for an outage: probe the API after the first wait."""
+    d = deps()
+    log.info("batch %s held for an outage; probing the API", batch_id)
+    probe.apply_async(countdown=d.breaker.policy.probe_first)
+
+
+@app.task(name="editbatch.probe")  # type: ignore[untyped-decorator]
+def probe(token: str | None = None) -> str:
+    """One probe of the API for the batches held for an outage. One chain probes at a time (a
+    lease in Redis); it sends the jobs of the batches it resumed or schedules its next probe."""
+    d = deps()
+    b = d.breaker
+    token = token or uuid.uuid4().hex
+    first_wait = b.policy.probe_first + PROBE_LEASE_MARGIN
+    if not b.store.lease_probe(b.scope, token, first_wait):
+        return "another probe chain is running"
+    result = breaker.probe(b, d.db, lambda: d.gateway.probe(d.settings.default_model))
+    for batch_id in result.resumed:
+        send(d.db, batch_id, celery_enqueue, d.on_batch_finished)
+    if result.retry_in is None:
+        b.store.release_probe(b.scope, token)
+        return f"resumed {result.resumed}, gave up {result.gave_up}"
+    b.store.lease_probe(b.scope, token, result.retry_in + PROBE_LEASE_MARGIN)
+    probe.apply_async((token,), countdown=result.retry_in)
+    return f"no answer; next probe in {result.retry_in:.0f} s"
+
+
+def held_for_outage(d: Deps) -> bool:
+    """Any batch held for an outage (api_unreachable)?"""
+    with d.db.session() as session:
+        found = session.scalar(
+            select(Batch.id)
+            .where(Batch.state == BatchState.HELD, Batch.hold_code == HoldCode.API_UNREACHABLE)
+            .limit(1)
+        )
+    return found is not None
 
 
 @app.task(name="editbatch.nightly")  # type: ignore[untyped-decorator]

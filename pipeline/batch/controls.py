@@ -15,11 +15,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.cost import budget
-from pipeline.db import jobs
+from pipeline.db import events, jobs
+from pipeline.db.events import EventKind
 from pipeline.db.models import Batch, Job
 from pipeline.errors import EditbatchError, NotFoundError
 from pipeline.spec import EditSpec
-from pipeline.states import BATCH_CLOSED, BATCH_STOPPED, BatchState, JobState
+from pipeline.states import BATCH_CLOSED, BATCH_STOPPED, BatchState, HoldCode, JobState
 
 
 def _batch(session: Session, batch_id: int) -> Batch:
@@ -48,14 +49,19 @@ def cancel(session: Session, batch_id: int) -> int:
 
 
 def resume(
-    session: Session, batch_id: int, budget_usd: Decimal | None = None, orphans: bool = False
+    session: Session,
+    batch_id: int,
+    budget_usd: Decimal | None = None,
+    orphans: bool = False,
+    note: str | None = None,
 ) -> None:
     """Make a held or paused batch run again (a running one is tidied the same way).
 
     Held jobs and jobs of dead workers are queued, and the reservations those workers left are
     dropped, so the budget counts only what was spent. `orphans`: every claimed job of the
     batch belongs to a dead process whatever its lease says (a single-machine `run` continuing
-    after it was killed: no other process can hold them).
+    after it was killed: no other process can hold them). A batch held for an API outage gets
+    an event saying it resumed (`note`, or "resumed by a person").
     """
     batch = _batch(session, batch_id)
     if batch.state in BATCH_CLOSED:
@@ -64,6 +70,10 @@ def resume(
             f"(to run failed jobs again: editbatch retry {batch_id} --failed)"
         )
     if batch.state in BATCH_STOPPED:
+        if batch.hold_code in (HoldCode.API_UNREACHABLE, HoldCode.OUTAGE):
+            events.record(
+                session, batch_id, EventKind.OUTAGE_RESUMED, note or "resumed by a person"
+            )
         jobs.reopen_batch(session, batch_id)
     if budget_usd is not None:
         batch.budget_usd = budget_usd

@@ -148,6 +148,22 @@ class Gateway:
     def close(self) -> None:
         self.client.close()
 
+    def probe(self, model: str, timeout: float = 10.0) -> str | None:
+        """Ask the API something that costs nothing (retrieve `model`): None when it answers
+        (any status below 500: the API is there), else why not."""
+        try:
+            self.client.with_options(timeout=timeout).models.retrieve(model)
+        except openai.APIStatusError as exc:
+            if exc.status_code < 500:
+                return None
+            return f"{exc.status_code} {self._redact(str(exc.message))[:200]}"
+        except openai.APITimeoutError:
+            return f"no answer within {timeout:g} s"
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__
+            return "connection failed" + (f": {type(cause).__name__}" if cause else "")
+        return None
+
     def edit(self, spec: EditSpec) -> CallOutcome:
         """Make exactly one edit call for `spec` and classify what came back."""
         files = _files(spec)
