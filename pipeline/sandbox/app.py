@@ -1,11 +1,16 @@
 """The sandbox ASGI app: OpenAI's `POST /v1/images/edits`, `/v1/models`, `/v1/files`,
-`/v1/batches`, plus `/sandbox/*` admin endpoints.
+`/v1/batches`, `/v1/organization/usage/images` and `/costs`, Azure OpenAI's edit paths under
+`/openai/`, plus `/sandbox/*` admin endpoints.
 
 Order of decisions for an edit: read the form (or JSON body) -> auth (401) -> validation
 (400/404/403) -> directive syntax (400) -> quota (429 insufficient_quota) -> fault choice
 (directive, else seeded draw) -> immediate rejections (429/400/401/403 faults) -> rate limit
 (429) -> latency (the work goes on if the client leaves) -> 500/timeout/reset faults -> render
 -> billing log (delivered or not) -> 200 (whole, truncated, or with bad base64).
+Before all of it, an outage (outage.py) may answer 503 or cut the connection. The Azure paths
+(azure.py) replace auth and validation with Azure's checks (`_admit`) and the rate limit with the
+deployments' own; the usage and costs endpoints are in usage.py. Every API request is recorded in
+the request log (requestlog.py, `GET /sandbox/requests`).
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ from python_multipart.exceptions import MultipartParseError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.sandbox import connections
+from pipeline.sandbox import connections, usage
 from pipeline.sandbox.batch_runner import BatchContext, BatchRunner
 from pipeline.sandbox.batches import Batch, BatchStore, batch_routes
 from pipeline.sandbox.billing import BillingLog
@@ -61,8 +67,10 @@ from pipeline.sandbox.faults import (
 )
 from pipeline.sandbox.files import FileStore, file_routes
 from pipeline.sandbox.models import Access, model_list, model_object, retrieve
+from pipeline.sandbox.outage import OutageMiddleware
 from pipeline.sandbox.params import FormParams, JsonParams, Params
-from pipeline.sandbox.ratelimit import SlidingWindow
+from pipeline.sandbox.ratelimit import KeyedWindows, SlidingWindow
+from pipeline.sandbox.requestlog import RequestLog, call_of, key_hint
 from pipeline.sandbox.response import cost_for, images_response, usage_for
 from pipeline.sandbox.stats import Stats
 from pipeline.sandbox.validation import EditRequest, Policy, validate
@@ -85,6 +93,9 @@ class Sandbox:
         self.directives = DirectiveCounter()
         self.dice = FaultDice(config.seed)
         self.billing = BillingLog()
+        self.requests = RequestLog()
+        self.deployment_windows = KeyedWindows()
+        self.content_filter_dice = FaultDice(config.seed)
         self.files = FileStore()
         self.batches = BatchStore()
         self.batch_dice = FaultDice(config.seed)
@@ -98,13 +109,17 @@ class Sandbox:
         )
 
     def reset(self) -> None:
-        """Clear stats, directive counters and rate windows, restart the fault sequences, stop
-        every batch, and forget every batch and file (deleting the files from disk)."""
+        """Clear stats, the request log, directive counters and rate windows (the deployments'
+        too), restart the seeded sequences (faults, content filter), stop every batch, and forget
+        every batch and file (deleting the files from disk)."""
         self.stats.clear()
+        self.requests.clear()
         self.image_window.clear()
         self.token_window.clear()
+        self.deployment_windows.clear()
         self.directives.clear()
         self.dice.reseed(self.config.seed)
+        self.content_filter_dice.reseed(self.config.seed)
         self.batch_dice.reseed(self.config.seed)
         for batch in self.batches.clear():
             if batch.task is not None:  # may be called from another thread than the loop's
@@ -254,6 +269,7 @@ class EditsEndpoint:
             reply = await self._reply(scope, receive, request_id)
         finally:
             self.sandbox.stats.end(reply.outcome)
+            self.sandbox.requests.record(scope, reply.outcome)
         await self._transmit(scope, send, reply, request_id, started)
 
     # -- deciding -------------------------------------------------------------------------
@@ -271,16 +287,18 @@ class EditsEndpoint:
             try:
                 body = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                return Reply.error(bad_request(f"Invalid JSON body: {exc}", param=None, code=None))
+                return self._error_reply(
+                    bad_request(f"Invalid JSON body: {exc}", param=None, code=None)
+                )
             if not isinstance(body, dict):
-                return Reply.error(
+                return self._error_reply(
                     bad_request("The JSON body must be an object.", param=None, code=None)
                 )
             with JsonParams(body, self.sandbox.files.path_of) as json_params:
                 return await self._reply_to(scope, request, receive, json_params, request_id)
         if not content_type.startswith(FORM_CONTENT_TYPES):
             await request.body()
-            return Reply.error(
+            return self._error_reply(
                 bad_request(
                     "Send the edit as multipart/form-data or as a JSON body.",
                     param=None,
@@ -290,7 +308,7 @@ class EditsEndpoint:
         try:
             form = await request.form(max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS)
         except (HTTPException, MultipartParseError) as exc:
-            return Reply.error(
+            return self._error_reply(
                 bad_request(f"Could not parse the multipart body: {exc}", param=None, code=None)
             )
         try:
@@ -303,8 +321,7 @@ class EditsEndpoint:
     ) -> Reply:
         config = self.sandbox.config
         try:
-            key = authorize(request, config)
-            edit = await run_in_threadpool(validate, params, Policy.of(config, key))
+            edit, key = await self._admit(scope, request, params)
             try:
                 directives = parse_directives(edit.prompt)
             except DirectiveError as exc:
@@ -312,7 +329,7 @@ class EditsEndpoint:
             if not self.sandbox.stats.reserve_quota(config.quota_after):
                 raise insufficient_quota()
         except ApiError as error:
-            return Reply.error(error)
+            return self._error_reply(error)
 
         reply = DISCONNECTED
         watch = DisconnectWatch(receive)
@@ -320,13 +337,29 @@ class EditsEndpoint:
             plan = self._plan(edit, directives, config)
             reply = await self._run(scope, watch, edit, plan, key, request_id)
         except ApiError as error:
-            reply = DISCONNECTED if watch.gone.is_set() else Reply.error(error)
+            reply = DISCONNECTED if watch.gone.is_set() else self._error_reply(error)
         finally:
             watch.stop()
             self.sandbox.stats.release_quota(
                 billed=reply.billed, images=edit.n, delivered=reply.delivered
             )
         return reply
+
+    async def _admit(
+        self, scope: Scope, request: Request, params: Params
+    ) -> tuple[EditRequest, str]:
+        """Auth and validation: the checked request and the caller's key, or an ApiError."""
+        config = self.sandbox.config
+        call = call_of(scope)
+        call.key = key_hint(_bearer_key(request))
+        key = authorize(request, config)
+        edit = await run_in_threadpool(validate, params, Policy.of(config, key))
+        call.model = edit.model
+        return edit, key
+
+    def _error_reply(self, error: ApiError) -> Reply:
+        """The reply to an ApiError (the Azure paths answer some in Azure's shape)."""
+        return Reply.error(error)
 
     def _plan(self, edit: EditRequest, directives: Directives, config: SandboxConfig) -> Plan:
         draw = self.sandbox.dice.draw(config.seed)
@@ -421,9 +454,9 @@ class EditsEndpoint:
                 return DISCONNECTED
             if cut_off:
                 return Reply(200, body, cut=Cut.TRUNCATE)
-            self._bill(edit, usage, request_id, delivered=True)
+            self._bill(scope, edit, usage, request_id, delivered=True)
             return Reply(200, body, billed=True)
-        self._bill(edit, usage, request_id, delivered=not (gone or cut_off))
+        self._bill(scope, edit, usage, request_id, delivered=not (gone or cut_off))
         if gone:
             return Reply(cut=Cut.NOTHING, billed=True, delivered=False)
         if cut_off:
@@ -431,10 +464,17 @@ class EditsEndpoint:
         return Reply(200, body, billed=True)
 
     def _bill(
-        self, edit: EditRequest, usage: dict[str, Any] | None, request_id: str, *, delivered: bool
+        self,
+        scope: Scope,
+        edit: EditRequest,
+        usage: dict[str, Any] | None,
+        request_id: str,
+        *,
+        delivered: bool,
     ) -> None:
         if usage is not None:
             self.sandbox.token_window.add(usage["total_tokens"])
+        call = call_of(scope)
         self.sandbox.billing.append(
             self.sandbox.config.billing_log,
             request_id=request_id,
@@ -446,6 +486,8 @@ class EditsEndpoint:
             cost_usd=cost_for(edit, usage),
             route="sync",
             delivered=delivered,
+            provider=call.provider,
+            deployment=call.deployment,
         )
 
     # -- answering ------------------------------------------------------------------------
@@ -496,6 +538,44 @@ def error_response(error: ApiError) -> Response:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
+class RequestLogged:
+    """Wraps a plain API endpoint (models, files, batches) so that its answers go into the
+    request log, like the edits' and usage endpoints' do: recorded as the response starts, so a
+    client that has its answer finds it logged."""
+
+    def __init__(self, app: ASGIApp, log: RequestLog) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        call_of(scope).key = key_hint(_bearer_key(Request(scope)))
+        recorded = False
+
+        async def send_logged(message: Message) -> None:
+            nonlocal recorded
+            if message["type"] == "http.response.start" and not recorded:
+                recorded = True
+                self.log.record(scope, str(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        except Exception:
+            if not recorded:  # answered 500 by Starlette's error middleware, further out
+                self.log.record(scope, "500")
+            raise
+        if not recorded:  # the client left before an answer
+            self.log.record(scope, "disconnected")
+
+
+def _logged(routes: list[BaseRoute], log: RequestLog) -> list[BaseRoute]:
+    """`routes`, their API endpoints wrapped in RequestLogged (admin `/sandbox/*` ones are not)."""
+    for route in routes:
+        if isinstance(route, Route) and not route.path.startswith("/sandbox/"):
+            route.app = RequestLogged(route.app, log)
+    return routes
+
+
 def _openai_http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     message = f"Invalid URL ({request.method} {request.url.path})"
@@ -507,6 +587,9 @@ def _openai_http_error(request: Request, exc: Exception) -> Response:
 
 def create_app(config: SandboxConfig) -> Starlette:
     """The sandbox as an ASGI app; `app.state.sandbox` holds its state and config."""
+    # azure.py builds on EditsEndpoint above, so it can only be imported once this module is.
+    from pipeline.sandbox import azure
+
     sandbox = Sandbox(config)
 
     @contextlib.asynccontextmanager
@@ -538,6 +621,15 @@ def create_app(config: SandboxConfig) -> Starlette:
         sandbox.reset()
         return JSONResponse({"reset": True})
 
+    async def requests_log(request: Request) -> Response:
+        since = request.query_params.get("since")
+        try:
+            after = float(since) if since is not None else None
+        except ValueError:
+            error = bad_request(f"since must be epoch seconds, got {since!r}", param="since")
+            return JSONResponse(error.body(), status_code=400)
+        return JSONResponse(sandbox.requests.snapshot(after))
+
     async def list_models(request: Request) -> Response:
         try:
             key = authorize(request, sandbox.config)
@@ -554,25 +646,34 @@ def create_app(config: SandboxConfig) -> Starlette:
             return error_response(error)
         return JSONResponse(model_object(model, access))
 
+    plain_routes: list[BaseRoute] = [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        *file_routes(sandbox.files, lambda: sandbox.config, authorize, error_response),
+        *batch_routes(
+            sandbox.batches,
+            sandbox.files,
+            lambda: sandbox.config,
+            authorize,
+            error_response,
+            sandbox.start_batch,
+        ),
+    ]
     app = Starlette(
         routes=[
+            # The edits and usage endpoints record their own answers in the request log.
             Route("/v1/images/edits", EditsEndpoint(sandbox), methods=["POST"]),
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-            *file_routes(sandbox.files, lambda: sandbox.config, authorize, error_response),
-            *batch_routes(
-                sandbox.batches,
-                sandbox.files,
-                lambda: sandbox.config,
-                authorize,
-                error_response,
-                sandbox.start_batch,
-            ),
+            *usage.routes(sandbox),
+            azure.mount(sandbox),
+            *_logged(plain_routes, sandbox.requests),
             Route("/sandbox/stats", stats, methods=["GET"]),
+            Route("/sandbox/requests", requests_log, methods=["GET"]),
             Route("/sandbox/config", get_config, methods=["GET"]),
             Route("/sandbox/config", post_config, methods=["POST"]),
             Route("/sandbox/reset", reset, methods=["POST"]),
         ],
+        # Outermost: an outage answers every path but /sandbox/* (files, batches, models too).
+        middleware=[Middleware(OutageMiddleware, sandbox=sandbox)],
         exception_handlers={404: _openai_http_error, 405: _openai_http_error},
         lifespan=lifespan,
     )

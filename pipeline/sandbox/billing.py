@@ -31,9 +31,11 @@ class BillingLog:
         delivered: bool,
         batch_id: str | None = None,
         custom_id: str | None = None,
+        provider: str = "openai",
+        deployment: str | None = None,
     ) -> None:
         """`route`: "sync" or "batch"; `delivered`: the answer reached the client (sync) or the
-        output file (batch)."""
+        output file (batch); `provider`: "openai" or "azure" (with the Azure `deployment`)."""
         if path is None:
             return
         record: dict[str, Any] = {
@@ -47,10 +49,13 @@ class BillingLog:
             "usage": usage,
             "cost_usd": str(cost_usd),
             "delivered": delivered,
+            "provider": provider,
         }
         if batch_id is not None:
             record["batch_id"] = batch_id
             record["custom_id"] = custom_id
+        if deployment is not None:
+            record["deployment"] = deployment
         line = json.dumps(record, separators=(",", ":")) + "\n"
         with self._lock, open(path, "a", encoding="utf-8") as log:
             log.write(line)

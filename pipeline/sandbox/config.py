@@ -12,7 +12,15 @@ from typing import Any
 
 from pipeline.sandbox.models import DEFAULT_GIF_MODELS, DEFAULT_SVG_MODELS
 
-UNAVAILABLE_STYLES = ("404", "400")
+UNAVAILABLE_STYLES: tuple[str, ...] = ("404", "400")
+# api-version values the classic Azure path accepts by default (API-FACTS, 2026-11-30).
+AZURE_API_VERSIONS: tuple[str, ...] = ("2025-04-01-preview",)
+OUTAGES: tuple[str, ...] = ("none", "unreachable", "503")
+# Fields whose strings must be one of a few values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "unavailable_style": UNAVAILABLE_STYLES,
+    "outage": OUTAGES,
+}
 
 
 @dataclass
@@ -43,7 +51,6 @@ class SandboxConfig:
     unavailable_models: list[str] = field(default_factory=list)
     org_verified: bool = True
     key_models: dict[str, list[str]] | None = None
-    # Models with access to the GIF preview and to SVG output.
     # Files API storage (None: a temporary folder, deleted when the server stops).
     files_dir: str | None = None
     # The Batch API: pace (times time_scale), per-line faults, expiry and input limits.
@@ -55,8 +62,21 @@ class SandboxConfig:
     batch_expire_after_seconds: float | None = None
     batch_max_requests: int = 50_000
     batch_max_file_bytes: int = 200 * 1024 * 1024
+    # Models with access to the GIF preview and to SVG output.
     gif_models: list[str] = field(default_factory=lambda: list(DEFAULT_GIF_MODELS))
     svg_models: list[str] = field(default_factory=lambda: list(DEFAULT_SVG_MODELS))
+    # Azure OpenAI mode (azure.py): deployment name -> model, and the deployments' limits.
+    azure_deployments: dict[str, str] = field(default_factory=dict)
+    azure_api_versions: list[str] = field(default_factory=lambda: list(AZURE_API_VERSIONS))
+    azure_api_keys: list[str] | None = None
+    azure_ad_tokens: list[str] | None = None
+    azure_deployment_rpm: dict[str, int] = field(default_factory=dict)
+    azure_content_filter_rate: float = 0.0
+    # `GET /v1/organization/usage/images` and `/costs` (usage.py).
+    admin_keys: list[str] | None = None
+    # An outage of the whole API (outage.py); `outage_until` is epoch seconds.
+    outage: str = "none"
+    outage_until: float | None = None
 
     def current_date(self) -> date:
         """`today` as a date, or the real UTC date when it is None."""
@@ -121,15 +141,8 @@ def coerce_field(name: str, value: Any) -> Any:
         return _checked_text(name, value)
     if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
-    if (
-        base is dict
-        and isinstance(value, dict)
-        and all(
-            isinstance(k, str) and isinstance(v, list) and all(isinstance(m, str) for m in v)
-            for k, v in value.items()
-        )
-    ):
-        return {k: list(v) for k, v in value.items()}
+    if base is dict and isinstance(value, dict):
+        return _coerce_mapping(name, value)
     raise ValueError(
         f"{name} expects {base.__name__}{' or null' if optional else ''}, got {value!r}"
     )
@@ -141,6 +154,38 @@ def _checked_text(name: str, value: str) -> str:
             date.fromisoformat(value)
         except ValueError:
             raise ValueError(f"today must be an ISO date (YYYY-MM-DD), got {value!r}") from None
-    if name == "unavailable_style" and value not in UNAVAILABLE_STYLES:
-        raise ValueError(f"unavailable_style must be one of {UNAVAILABLE_STYLES}, got {value!r}")
+    allowed = CHOICES.get(name)
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
     return value
+
+
+def dict_value_type(name: str) -> type:
+    """The value type of a dict field: str, int or list (of str); keys are always strings."""
+    hint = _HINTS[name]
+    if isinstance(hint, types.UnionType):  # `dict[...] | None`
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    value_hint = typing.get_args(hint)[1]
+    value_type: type = typing.get_origin(value_hint) or value_hint
+    return value_type
+
+
+def _coerce_mapping(name: str, value: dict[Any, Any]) -> dict[str, Any]:
+    value_type = dict_value_type(name)
+    checked: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{name} keys must be non-empty strings, got {key!r}")
+        if value_type is int:
+            if not isinstance(item, int) or isinstance(item, bool) or item < 0:
+                raise ValueError(f"{name}[{key!r}] must be an integer >= 0, got {item!r}")
+        elif value_type is list:
+            if not isinstance(item, list) or not all(isinstance(v, str) and v for v in item):
+                raise ValueError(
+                    f"{name}[{key!r}] must be a list of non-empty strings, got {item!r}"
+                )
+            item = list(item)
+        elif not isinstance(item, str) or not item:
+            raise ValueError(f"{name}[{key!r}] must be a non-empty string, got {item!r}")
+        checked[key] = item
+    return checked

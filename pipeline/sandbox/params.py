@@ -13,7 +13,7 @@ import binascii
 import io
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -125,6 +125,15 @@ class Params(ABC):
         self._opened.clear()
 
     @abstractmethod
+    def overridden(self, values: Mapping[str, str]) -> Params:
+        """These fields with some scalar fields set to `values`; files the copy opens are closed
+        with these (e.g. an Azure deployment's model in place of the request's `model`)."""
+
+    def _share_files(self, copy: Params) -> Params:
+        copy._opened = self._opened
+        return copy
+
+    @abstractmethod
     def check_names(self) -> None:
         """Raise unknown_parameter for the first field the endpoint does not take."""
 
@@ -183,6 +192,13 @@ class FormParams(Params):
     def __init__(self, form: FormData) -> None:
         super().__init__()
         self.form = form
+
+    def overridden(self, values: Mapping[str, str]) -> Params:
+        items: list[tuple[str, str | UploadFile]] = [
+            (name, value) for name, value in self.form.multi_items() if name not in values
+        ]
+        items.extend(values.items())
+        return self._share_files(FormParams(FormData(items)))
 
     def check_names(self) -> None:
         for name in self.form:
@@ -254,6 +270,9 @@ class JsonParams(Params):
         super().__init__()
         self.body = {k: v for k, v in body.items() if v is not None}
         self.files = files
+
+    def overridden(self, values: Mapping[str, str]) -> Params:
+        return self._share_files(JsonParams({**self.body, **values}, self.files))
 
     def check_names(self) -> None:
         for name in self.body:

@@ -65,3 +65,23 @@ class SlidingWindow:
         with self._lock:
             self._events.clear()
             self._used = 0
+
+
+class KeyedWindows:
+    """One SlidingWindow per key (e.g. per Azure deployment), made on first use."""
+
+    def __init__(self, window: float = WINDOW_SECONDS) -> None:
+        self._window_seconds = window
+        self._lock = threading.Lock()
+        self._windows: dict[str, SlidingWindow] = {}
+
+    def get(self, key: str) -> SlidingWindow:
+        with self._lock:
+            window = self._windows.get(key)
+            if window is None:
+                window = self._windows[key] = SlidingWindow(self._window_seconds)
+            return window
+
+    def clear(self) -> None:
+        with self._lock:
+            self._windows.clear()

@@ -1,5 +1,5 @@
-"""A tiny JSON Schema checker for the contract's subset (type, properties, required, enum,
-items, $ref, anyOf), so the contract test needs no extra dependency."""
+"""A tiny JSON Schema checker for the contracts' subset (type, properties, required, enum,
+items, $ref, anyOf, oneOf), so the contract tests need no extra dependency."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ CONTRACT_DIR = Path(__file__).parent / "contract"
 SHARED_CONTRACT_DIR = Path(__file__).resolve().parents[3] / "shared/contract"
 EDITS = "openapi-images-edits.json"
 FILES_BATCHES = "openapi-files-batches.json"
+USAGE_COSTS = "openapi-usage-costs.json"
 CONTRACT = CONTRACT_DIR / EDITS
 SHARED_CONTRACT = SHARED_CONTRACT_DIR / EDITS
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -52,6 +53,9 @@ def errors(
         if any(not errors(value, o, root, at, null_when_unset) for o in schema["anyOf"]):
             return []
         return [f"{at}: matches none of anyOf"]
+    if "oneOf" in schema:
+        matching = sum(not errors(value, o, root, at, null_when_unset) for o in schema["oneOf"])
+        return [] if matching == 1 else [f"{at}: matches {matching} of oneOf, not exactly 1"]
     found: list[str] = []
     kind = schema.get("type")
     if kind is not None:

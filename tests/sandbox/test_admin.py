@@ -78,6 +78,11 @@ def test_config_endpoint_updates_the_running_server(
         {"key_models": {"sk": "gpt-image-2"}},
         {"batch_lines_per_second": 0},
         {"batch_line_error_rate": 1.5},
+        {"key_models": {"sk": [""]}},
+        {"azure_deployments": {"edits-a": 1}},
+        {"azure_deployment_rpm": {"edits-a": -1}},
+        {"azure_deployment_rpm": {"edits-a": "9"}},
+        {"outage": "down"},
     ],
 )
 def test_config_endpoint_refuses_bad_values(sandbox: SandboxServer, body: object) -> None:
@@ -159,6 +164,24 @@ def test_every_config_field_has_a_command_line_flag() -> None:
             "--svg-models",
             "gpt-image-2",
             "gpt-image-2.6-flare",
+            "--azure-deployments",
+            "edits-a=gpt-image-1.5",
+            "edits-b=gpt-image-2",
+            "--azure-api-versions",
+            "2025-04-01-preview",
+            "2026-01-01-preview",
+            "--azure-api-keys",
+            "az-1",
+            "--azure-ad-tokens",
+            "tok-1",
+            "--azure-deployment-rpm",
+            "edits-a=9",
+            "edits-b=12",
+            "--azure-content-filter-rate=0.1",
+            "--admin-keys",
+            "sk-admin-1",
+            "--outage=503",
+            "--outage-until=1800000000",
         ]
     )
     config = config_from_args(args)
@@ -196,14 +219,66 @@ def test_every_config_field_has_a_command_line_flag() -> None:
         batch_max_file_bytes=1_000_000,
         gif_models=["gpt-image-2"],
         svg_models=["gpt-image-2", "gpt-image-2.6-flare"],
+        azure_deployments={"edits-a": "gpt-image-1.5", "edits-b": "gpt-image-2"},
+        azure_api_versions=["2025-04-01-preview", "2026-01-01-preview"],
+        azure_api_keys=["az-1"],
+        azure_ad_tokens=["tok-1"],
+        azure_deployment_rpm={"edits-a": 9, "edits-b": 12},
+        azure_content_filter_rate=0.1,
+        admin_keys=["sk-admin-1"],
+        outage="503",
+        outage_until=1_800_000_000,
     )
     assert args.port == 9
-    assert len(FIELD_NAMES) == 33
+    assert len(FIELD_NAMES) == 42
     assert config_from_args(build_parser().parse_args([])) == SandboxConfig()
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--org-verified", "maybe"), ("--key-models", "[1]"), ("--today", "soon")]
+    ("args", "expected"),
+    [
+        (
+            ["--key-models", "sk-a=gpt-image-2,gpt-image-2.5-flare", "sk-b="],
+            {"key_models": {"sk-a": ["gpt-image-2", "gpt-image-2.5-flare"], "sk-b": []}},
+        ),
+        (
+            ["--key-models", '{"sk-a": ["gpt-image-2"]}'],
+            {"key_models": {"sk-a": ["gpt-image-2"]}},
+        ),
+        (
+            [
+                "--azure-deployment-rpm",
+                '{"edits-a": 9}',
+                "--azure-deployments",
+                "edits-a=gpt-image-2",
+            ],
+            {
+                "azure_deployment_rpm": {"edits-a": 9},
+                "azure_deployments": {"edits-a": "gpt-image-2"},
+            },
+        ),
+    ],
+)
+def test_dict_flags_take_pairs_or_one_json_object(
+    args: list[str], expected: dict[str, object]
+) -> None:
+    """A dict field is given as NAME=VALUE pairs (a list value comma-separated) or as one JSON
+    object; the fields not given keep their defaults."""
+    config = config_from_args(build_parser().parse_args(args))
+    assert config == SandboxConfig(**expected)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--org-verified", "maybe"),
+        ("--key-models", "[1]"),
+        ("--key-models", "{not json"),
+        ("--today", "soon"),
+        ("--azure-deployment-rpm", "edits-a=many"),
+        ("--azure-deployments", "edits-a"),
+        ("--outage", "down"),
+    ],
 )
 def test_bad_command_line_values_name_the_flag(
     flag: str, value: str, capsys: pytest.CaptureFixture[str]

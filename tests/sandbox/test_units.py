@@ -1,4 +1,5 @@
-"""Pure pieces: token arithmetic, cost rounding, the sliding window, directive parsing."""
+"""Pure pieces: token arithmetic, cost rounding, the sliding windows, directive parsing, edit
+params, config coercion."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from starlette.datastructures import FormData
 
 from pipeline.sandbox import tokens
 from pipeline.sandbox.app import _duration
 from pipeline.sandbox.batch_runner import parse_input
-from pipeline.sandbox.config import SandboxConfig
+from pipeline.sandbox.config import SandboxConfig, coerce_field, dict_value_type
 from pipeline.sandbox.errors import ApiError
 from pipeline.sandbox.faults import (
     DirectiveError,
@@ -26,7 +28,8 @@ from pipeline.sandbox.faults import (
     random_fault,
 )
 from pipeline.sandbox.models import MODELS, Access, resolve
-from pipeline.sandbox.ratelimit import SlidingWindow
+from pipeline.sandbox.params import FormParams, JsonParams
+from pipeline.sandbox.ratelimit import KeyedWindows, SlidingWindow
 from pipeline.sandbox.response import corrupt_b64
 from pipeline.sandbox.validation import frame_duration, nearest_standard_size
 
@@ -230,3 +233,61 @@ def test_model_access_precedence() -> None:
     with pytest.raises(ApiError) as unverified:
         resolve("gpt-image-2", replace(base, org_verified=False))
     assert unverified.value.status == 403
+
+
+def test_overridden_params_set_fields_and_share_opened_files(tmp_path: Path) -> None:
+    """A copy with some fields set (an Azure deployment's model) reads the other fields as they
+    were; a file the copy opens is closed when the original closes."""
+    image = tmp_path / "a.png"
+    image.write_bytes(b"png")
+    body = {"model": "edits-a", "prompt": "p", "images": [{"file_id": "file-1"}]}
+    with JsonParams(body, lambda file_id: image if file_id == "file-1" else None) as params:
+        copy = params.overridden({"model": "gpt-image-2", "quality": "high"})
+        assert isinstance(copy, JsonParams)
+        assert (copy.text("model"), copy.text("quality"), copy.text("prompt")) == (
+            "gpt-image-2",
+            "high",
+            "p",
+        )
+        assert params.text("model") == "edits-a"
+        sources = copy.images()
+        assert sources is not None
+        opened = sources[0].opener()
+        assert not opened.closed
+    assert opened.closed
+    form = FormParams(FormData([("model", "edits-a"), ("model", "x"), ("prompt", "p")]))
+    replaced = form.overridden({"model": "gpt-image-2"})
+    assert isinstance(replaced, FormParams)
+    assert replaced.form.getlist("model") == ["gpt-image-2"]
+    assert replaced.text("prompt") == "p"
+
+
+def test_keyed_windows_are_independent() -> None:
+    """Each key (Azure deployment) has its own window; clear forgets them all."""
+    windows = KeyedWindows()
+    assert windows.get("a").try_take(1, 1) == 0
+    assert windows.get("a").try_take(1, 1) > 0
+    assert windows.get("b").try_take(1, 1) == 0
+    windows.clear()
+    assert windows.get("a").try_take(1, 1) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "value_type"),
+    [
+        ("key_models", {"sk-a": ["gpt-image-2"], "sk-b": []}, list),
+        ("azure_deployments", {"edits-a": "gpt-image-2"}, str),
+        ("azure_deployment_rpm", {"edits-a": 9}, int),
+    ],
+)
+def test_dict_fields_are_checked_by_their_value_type(
+    name: str, value: dict[str, object], value_type: type
+) -> None:
+    """The dict fields, optional or not, coerce by their declared value type and refuse another."""
+    assert dict_value_type(name) is value_type
+    assert coerce_field(name, value) == value
+    wrong = {"k": 1} if value_type is not int else {"k": "9"}
+    with pytest.raises(ValueError, match=name):
+        coerce_field(name, wrong)
+    with pytest.raises(ValueError, match="keys must be non-empty"):
+        coerce_field(name, {"": next(iter(value.values()))})
