@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, aliased
 
+from pipeline.db import events
+from pipeline.db.events import Event
 from pipeline.db.models import Batch, Job
 from pipeline.errors import NotFoundError
 from pipeline.states import JOB_PENDING, JOB_TERMINAL, JobState
@@ -46,6 +48,7 @@ class BatchStatus:
     drift_mean: float | None = None
     drift_max: float | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)  # outages: held, resumed, gave up
 
     @property
     def cost_per_output_usd(self) -> Decimal | None:
@@ -91,6 +94,7 @@ class BatchStatus:
                 "max": self.drift_max,
             },
             "failures": self.failures,
+            "events": [event.to_json() for event in self.events],
         }
 
 
@@ -234,6 +238,7 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         reused=int(reused or 0),
         saved_usd=Decimal(str(saved)),
         failures=failures,
+        events=events.recent(session, batch_id),
     )
 
 

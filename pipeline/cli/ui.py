@@ -86,6 +86,14 @@ def print_status(status: BatchStatus) -> None:
     if status.hold_reason and status.state in BATCH_STOPPED:
         console.print(f"[yellow]{status.state}:[/] {status.hold_reason}")
         console.print(f"resume with: editbatch resume {status.batch_id}")
+    if status.events:
+        table = Table(title="Outages", title_justify="left")
+        for col in ("at", "event", "what"):
+            table.add_column(col, overflow="fold")
+        for event in status.events:
+            at = event.at.strftime("%Y-%m-%d %H:%M:%S")
+            table.add_row(at, event.kind.removeprefix("outage_"), event.message)
+        console.print(table)
     if len(status.breakdown) > 1:
         table = Table(title="Cost by model, quality and state", title_justify="left")
         for col in ("model", "quality", "state", "jobs", "cost $"):
