@@ -55,10 +55,13 @@ class RedisServer:
         self.port = free_port()
         self.dir = tmp
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        binary = _binary("redis-server", "apt-get install redis-server")
-        self.proc = subprocess.Popen(
+        self.binary = _binary("redis-server", "apt-get install redis-server")
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
             [
-                binary,
+                self.binary,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -68,12 +71,19 @@ class RedisServer:
                 "--appendonly",
                 "no",
                 "--dir",
-                str(tmp),
+                str(self.dir),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_port(self.port, 10, self.proc)
+        _wait_port(self.port, 10, proc)
+        return proc
+
+    def restart(self) -> None:
+        """Stop the server and start an empty one on the same port (no persistence: every
+        message, key and unacknowledged delivery is gone, as after a crash)."""
+        self.stop()
+        self.proc = self._start()
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -222,6 +232,50 @@ class CeleryWorker:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self.fh.close()
+
+
+class CeleryBeat:
+    """A real `celery -A worker.app beat` process (the reaper every 60 s, nightly runs)."""
+
+    def __init__(self, env: dict[str, str], tmp: Path) -> None:
+        self.log = tmp / "beat.log"
+        self.fh = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "beat",
+                "--loglevel=INFO",
+                "--schedule",
+                str(tmp / "beat-schedule"),
+                "--pidfile=",
+            ],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=self.fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while b"beat: Starting" not in self.log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"celery beat did not start: {self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
         self.fh.close()
 
 

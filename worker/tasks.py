@@ -16,8 +16,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 from kombu.exceptions import ChannelError
+from redis import Redis
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
@@ -35,6 +36,7 @@ from worker.app import app
 from worker.breaker import build_breaker
 from worker.constants import QUEUE
 from worker.limits import build_limiter
+from worker.watch import BrokerWatch
 
 log = logging.getLogger("editbatch.worker")
 
@@ -185,3 +187,51 @@ def celery_enqueue(ids: list[int]) -> None:
 
 
 enqueue: Enqueue = celery_enqueue
+
+
+def worker_stats(timeout: float) -> dict[str, Any]:
+    """Celery's `inspect stats` of every worker that answers within `timeout` (for doctor)."""
+    stats: dict[str, Any] | None = app.control.inspect(timeout=timeout).stats()
+    return stats or {}
+
+
+def resend_queued() -> int:
+    """Send every queued job of every running batch again (Redis lost their messages); how
+    many. A job whose message survived gets two: the second claim does nothing."""
+    d = deps()
+    with d.db.session() as session:
+        running = list(session.scalars(select(Batch.id).where(Batch.state == BatchState.RUNNING)))
+    sent = 0
+    for batch_id in running:
+        for ids in jobs.queued_job_ids(d.db, batch_id):
+            celery_enqueue(ids)
+            sent += len(ids)
+    return sent
+
+
+_watch: BrokerWatch | None = None
+
+
+def start_broker_watch(**_: Any) -> None:
+    """worker_ready: start this worker's broker check (EDITBATCH_BROKER_CHECK_SECONDS; 0: off)."""
+    global _watch
+    settings = get_settings()
+    if not settings.broker_check_seconds or _watch is not None:
+        return
+    try:
+        client = Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    except ValueError as exc:  # a broker URL redis-py cannot open (e.g. sentinel://)
+        log.warning("broker check off: %s", exc)
+        return
+    _watch = BrokerWatch(client, resend_queued, settings.broker_check_seconds)
+    _watch.start()
+
+
+def stop_broker_watch(**_: Any) -> None:
+    if _watch is not None:
+        _watch.stop()
+
+
+# Celery's signal decorators are untyped; connecting by call keeps mypy --strict meaningful.
+signals.worker_ready.connect(start_broker_watch)
+signals.worker_shutdown.connect(stop_broker_watch)
