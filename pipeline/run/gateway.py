@@ -48,6 +48,39 @@ class CallOutcome:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What the API said to a call that costs nothing: the status (None: no answer at all),
+    the error code and message."""
+
+    status: int | None
+    code: str | None = None
+    message: str = ""
+
+    @property
+    def answered(self) -> bool:
+        """The API is there (it answered with anything but a server error)."""
+        return self.status is not None and self.status < 500
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    def describe(self) -> str:
+        head = " ".join(str(p) for p in (self.status, self.code) if p)
+        return f"{head}: {self.message}" if head and self.message else head or self.message
+
+
+def _answer_of(exc: openai.APIStatusError, redact: Any) -> Answer:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    code = getattr(exc, "code", None) or (error.get("code") if isinstance(error, dict) else None)
+    message = error.get("message") if isinstance(error, dict) else None
+    return Answer(
+        exc.status_code, str(code) if code else None, redact(str(message or exc.message))[:500]
+    )
+
+
 def usage_from_response(usage: Any) -> Usage | None:
     """Our Usage from the SDK's `ImagesResponse.usage` (None when the API sent none)."""
     if usage is None:
@@ -148,21 +181,32 @@ class Gateway:
     def close(self) -> None:
         self.client.close()
 
+    def lookup(self, model: str, timeout: float = 10.0) -> Answer:
+        """Retrieve `model` (`GET /models/{model}`, free): whether the API answers, and what."""
+        return self._free(lambda client: client.models.retrieve(model), timeout)
+
+    def list_models(self, timeout: float = 10.0) -> Answer:
+        """List the models (`GET /models`, free): whether the API answers, and what."""
+        return self._free(lambda client: client.models.list(), timeout)
+
+    def _free(self, call: Any, timeout: float) -> Answer:
+        try:
+            call(self.client.with_options(timeout=timeout))
+        except openai.APIStatusError as exc:
+            return _answer_of(exc, self._redact)
+        except openai.APITimeoutError:
+            return Answer(None, "timeout", f"no answer within {timeout:g} s")
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__
+            detail = f": {type(cause).__name__}" if cause is not None else ""
+            return Answer(None, "connection_error", f"connection failed{detail}")
+        return Answer(200)
+
     def probe(self, model: str, timeout: float = 10.0) -> str | None:
         """Ask the API something that costs nothing (retrieve `model`): None when it answers
         (any status below 500: the API is there), else why not."""
-        try:
-            self.client.with_options(timeout=timeout).models.retrieve(model)
-        except openai.APIStatusError as exc:
-            if exc.status_code < 500:
-                return None
-            return f"{exc.status_code} {self._redact(str(exc.message))[:200]}"
-        except openai.APITimeoutError:
-            return f"no answer within {timeout:g} s"
-        except openai.APIConnectionError as exc:
-            cause = exc.__cause__
-            return "connection failed" + (f": {type(cause).__name__}" if cause else "")
-        return None
+        answer = self.lookup(model, timeout)
+        return None if answer.answered else answer.describe()
 
     def edit(self, spec: EditSpec) -> CallOutcome:
         """Make exactly one edit call for `spec` and classify what came back."""
