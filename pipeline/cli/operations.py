@@ -151,7 +151,7 @@ def _agreed(question: str) -> bool:
     """Yes to `question` on the terminal (no answer, or no terminal: no)."""
     try:
         return bool(typer.confirm(question, err=True))
-    except click.exceptions.Abort:
+    except (typer.Abort, click.exceptions.Abort):
         return False
 
 
