@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,13 +23,15 @@ from redis import Redis
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from pipeline.batch.nightly import run_nightly
+from pipeline.batch.nightly import NAME_PREFIX, run_nightly
 from pipeline.batch.submit import Enqueue, send
+from pipeline.cost.reconcile import after_batch
 from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
 from pipeline.run import breaker
 from pipeline.run.deps import build_deps
 from pipeline.run.executor import Deps, Handback, finish_if_done, process_job
+from pipeline.run.gateway import BillingGateway
 from pipeline.run.retry import redeliver_after
 from pipeline.settings import get_settings
 from pipeline.states import BatchState, HoldCode, JobState
@@ -46,6 +49,8 @@ _lock = threading.Lock()
 # A queued job whose message may have been lost (Redis flushed or restarted) is sent again by
 # the reaper once it has waited this long and the broker queue is empty.
 STALE_QUEUED_SECONDS = 120
+# The provider's usage figures lag behind its answers: reconcile a nightly batch this much later.
+RECONCILE_DELAY_SECONDS = 900
 # A probe chain holds its lease this long past its next probe; a chain whose message was lost
 # lets go after that, and the reaper starts another.
 PROBE_LEASE_MARGIN = 30.0
@@ -63,7 +68,33 @@ def deps() -> Deps:
                 breaker=build_breaker(settings),
                 on_outage=start_probing,
             )
+            if settings.openai_admin_key is not None:
+                _deps.on_batch_finished = _then_reconcile(_deps.on_batch_finished)
         return _deps
+
+
+def _then_reconcile(finished: Callable[[int], None] | None) -> Callable[[int], None]:
+    """After a nightly batch's report, reconcile its days with the provider's figures later."""
+
+    def on_finished(batch_id: int) -> None:
+        if finished is not None:
+            finished(batch_id)
+        with deps().db.session() as session:
+            name = session.scalar(select(Batch.name).where(Batch.id == batch_id)) or ""
+        if name.startswith(NAME_PREFIX):
+            reconcile.apply_async((batch_id,), countdown=RECONCILE_DELAY_SECONDS)
+
+    return on_finished
+
+
+@app.task(name="editbatch.reconcile")  # type: ignore[untyped-decorator]
+def reconcile(batch_id: int) -> str:
+    """Reconcile a finished nightly batch's days; `reconcile-<batch>.json` beside its report."""
+    d = deps()
+    with d.db.session() as session:
+        output = session.scalar(select(Batch.output_uri).where(Batch.id == batch_id))
+    billing = BillingGateway.from_settings(d.settings)
+    return after_batch(d.db, billing, int(batch_id), d.storages.get(str(output)))
 
 
 @app.task(  # type: ignore[untyped-decorator]

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
+from rich.table import Table
 from rich.text import Text
 
 from pipeline.cli import dispatch
 from pipeline.cli.app import app
 from pipeline.cli.options import JsonOpt, output_uri
-from pipeline.cli.ui import console, err
+from pipeline.cli.ui import console, err, friendly_errors
 from pipeline.errors import EditbatchError
 from pipeline.observe.doctor import Check, Context, run_checks, temp_png
 from pipeline.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from pipeline.cost.reconcile import Line
 
 PROBE_MODEL_SIZE = "1024x1024"
 
@@ -181,3 +185,65 @@ def rate_limit_check(headers: dict[str, str], configured: int | None, paid: str)
         True,
         f"{paid}; EDITBATCH_IMAGES_PER_MINUTE={configured} within the account's {limit}/min",
     )
+
+
+@app.command()
+def reconcile(
+    date: Annotated[
+        str | None, typer.Option(help="The UTC day to reconcile (YYYY-MM-DD); default today.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The ledger against the provider's own usage and costs, per model, with the difference
+    named (lost answers, calls made outside editbatch, price changes). Needs OPENAI_ADMIN_KEY.
+    Exit status 1 when they differ."""
+    from pipeline.batch.nightly import night_of
+    from pipeline.cost.reconcile import reconcile_day
+    from pipeline.db.session import Database
+    from pipeline.run.gateway import BillingGateway
+
+    with friendly_errors():
+        settings = get_settings()
+        day = night_of(date).date()
+        lines = reconcile_day(
+            Database(settings.effective_database_url), BillingGateway.from_settings(settings), day
+        )
+    differ = [line for line in lines if not line.matches]
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "day": day.isoformat(),
+                    "match": not differ,
+                    "models": [line.to_json() for line in lines],
+                }
+            )
+        )
+    else:
+        print_reconciliation(day, lines)
+    if differ:
+        raise typer.Exit(1)
+
+
+def print_reconciliation(day: object, lines: list[Line]) -> None:
+    table = Table(title=f"Ledger against the provider, {day} (UTC)", title_justify="left")
+    for col in ("model", "", "calls", "images", "tokens in", "tokens out", "USD"):
+        table.add_column(col, justify="left" if col in ("model", "") else "right", no_wrap=True)
+    for line in lines:
+        for side, figures in (("ledger", line.ledger), ("provider", line.provider)):
+            table.add_row(
+                line.model if side == "ledger" else "",
+                side,
+                str(figures.calls),
+                str(figures.images),
+                str(figures.input_tokens),
+                str(figures.output_tokens),
+                f"{figures.usd:.6f}",
+            )
+        table.add_section()
+    console.print(table)
+    if not lines:
+        console.print("no billed calls on either side")
+    for line in lines:
+        mark = Text("✓", "green") if line.matches else Text("✗", "red")
+        console.print(Text.assemble(mark, f" {line.model}: {line.verdict}"), soft_wrap=True)

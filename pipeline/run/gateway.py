@@ -20,7 +20,9 @@ import openai
 from PIL import Image
 
 from pipeline.cost.pricing import Usage
+from pipeline.errors import ConfigError, EditbatchError
 from pipeline.run.retry import classify, parse_retry_after
+from pipeline.settings import Settings
 from pipeline.spec import EditSpec
 from pipeline.states import AttemptOutcome
 
@@ -295,3 +297,90 @@ class Gateway:
             images=decoded,
             headers=headers,
         )
+
+
+class BillingGateway:
+    """The provider's own usage and cost figures (`/organization/usage/images`, `/costs`), read
+    with an admin key, never the job key (`editbatch reconcile`)."""
+
+    def __init__(self, admin_key: str, base_url: str | None, timeout: float = 60.0) -> None:
+        self._secret = admin_key
+        self.client = openai.OpenAI(
+            api_key="not-used-for-admin-calls",
+            admin_api_key=admin_key,
+            base_url=base_url,
+            max_retries=2,
+            timeout=timeout,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BillingGateway:
+        """With OPENAI_ADMIN_KEY, which must be set and must not be the job key."""
+        admin = settings.openai_admin_key.get_secret_value() if settings.openai_admin_key else ""
+        if not admin:
+            raise ConfigError(
+                "reconcile reads the provider's usage with an admin key: set OPENAI_ADMIN_KEY "
+                "(platform.openai.com/settings/organization/admin-keys; not the job key)"
+            )
+        if admin == settings.api_key():
+            raise ConfigError(
+                "OPENAI_ADMIN_KEY is the job key (OPENAI_API_KEY): use an admin key kept apart"
+            )
+        return cls(admin, settings.openai_base_url)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def usage_images(self, start: int, end: int) -> list[dict[str, Any]]:
+        """Image usage by day and model: every result of every bucket, with `start_time`."""
+        return self._pages(
+            lambda page: self.client.admin.organization.usage.images(
+                start_time=start,
+                end_time=end,
+                bucket_width="1d",
+                group_by=["model"],
+                limit=31,
+                **page,
+            )
+        )
+
+    def costs(self, start: int, end: int) -> list[dict[str, Any]]:
+        """Costs by day and line item (`MODEL, input_tokens` ...), with `start_time`."""
+        return self._pages(
+            lambda page: self.client.admin.organization.usage.costs(
+                start_time=start,
+                end_time=end,
+                bucket_width="1d",
+                group_by=["line_item"],
+                limit=180,
+                **page,
+            )
+        )
+
+    def _pages(self, fetch: Any) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        page: dict[str, Any] = {}
+        while True:
+            try:
+                response = fetch(page)
+            except openai.APIStatusError as exc:
+                answer = _answer_of(exc, lambda text: text.replace(self._secret, "sk-admin-****"))
+                raise EditbatchError(
+                    f"the provider refused the usage query: {answer.describe()}"
+                    + (_ADMIN_FIX if exc.status_code in (401, 403) else "")
+                ) from None
+            except openai.APIConnectionError as exc:
+                raise EditbatchError(f"the provider's usage API does not answer: {exc}") from None
+            body = response.model_dump()
+            for bucket in body.get("data") or []:
+                for result in bucket.get("results") or []:
+                    results.append({**result, "start_time": bucket["start_time"]})
+            if not body.get("has_more") or not body.get("next_page"):
+                return results
+            page = {"page": body["next_page"]}
+
+
+_ADMIN_FIX = (
+    " (OPENAI_ADMIN_KEY must be an admin key with the api.usage.read scope: "
+    "platform.openai.com/settings/organization/admin-keys)"
+)
