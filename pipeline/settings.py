@@ -262,6 +262,11 @@ class Settings(BaseSettings):
         cron_fields(value)
         return value
 
+    @field_validator("openai_admin_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
     @field_validator("openai_api_key", "openai_admin_key")
     @classmethod
     def _key(cls, value: SecretStr | None) -> SecretStr | None:
