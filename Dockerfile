@@ -12,12 +12,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/editbatch
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY pipeline/ pipeline/
 COPY worker/ worker/
 COPY migrations/ migrations/
 # postgres: the psycopg driver; s3: s3fs for s3:// outputs (MinIO); monitor: flower.
-RUN /opt/editbatch/bin/pip install ".[postgres,s3,monitor]"
+# constraints.txt pins every version (scripts/lock; docs/dependencies.md), as CI installs them.
+RUN /opt/editbatch/bin/pip install -c constraints.txt ".[postgres,s3,monitor]"
 
 
 FROM python:3.11-slim-bookworm

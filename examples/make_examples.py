@@ -86,7 +86,7 @@ def main() -> None:
                 "image": f"images/{sku}.png",
                 "mask": f"images/{sku}-mask.png" if use_mask else "",
                 "prompt": prompts[i % len(prompts)],
-                "model": "gpt-image-1-mini" if i % 4 == 3 else "gpt-image-1.5",
+                "model": "gpt-image-2.5-flare" if i % 4 == 3 else "gpt-image-2.5-sunburst",
                 "size": "1024x1024",
                 "quality": rng.choice(["low", "medium"]),
                 "output_format": "jpeg" if i % 5 == 4 else "png",

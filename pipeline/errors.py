@@ -15,8 +15,9 @@
     ├── PermitTimeout              no rate permit in time: the job is handed back, not failed
     └── InvalidTransition          code asked for a state change pipeline.states does not allow
 
-Two modules keep a private subclass for control flow that never leaves them
-(`pipeline.run.executor._Stop`, `pipeline.observe.webhook._Retryable`).
+Three modules keep a private subclass for control flow that never leaves them
+(`pipeline.run.executor._Stop`, `pipeline.observe.webhook._Retryable`,
+`pipeline.output.formats._Refused`).
 
 Failures of edit calls are not exceptions: the gateway returns a classified `CallOutcome`
 (ok / transient / hold / failed) that the executor records and acts on. Row-level validation

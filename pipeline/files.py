@@ -1,4 +1,4 @@
-"""Local files: the one atomic write, and sha256 of a file read in chunks.
+"""Local files: the one atomic write, sha256 of a file read in chunks, an image's size.
 
 Every file editbatch writes in place of another (spooled outputs, converted inputs, the remote
 cache, final outputs in a local folder) goes through `write_atomic`, so a reader or a crash
@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
+
+from PIL import Image
 
 
 def write_atomic(target: Path, data: bytes, *, durable: bool = False) -> None:
@@ -43,3 +46,16 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def image_sizes(paths: Iterable[str]) -> tuple[tuple[int, int], ...]:
+    """Each image's (width, height) from its header, (0, 0) when it cannot be read (estimates
+    count an unknown size as 1024x1024)."""
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except OSError:
+            sizes.append((0, 0))
+    return tuple(sizes)

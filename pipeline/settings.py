@@ -63,7 +63,15 @@ class Settings(BaseSettings):
         None, description="Redis for the shared rate limiter; default: the broker URL."
     )
     spool_dir: Path | None = Field(None, description="Raw API outputs before collection.")
-    default_model: str = Field("gpt-image-1.5", description="Model for rows that name none.")
+    default_model: str = Field(
+        "gpt-image-2.5-sunburst", description="Model for rows that name none."
+    )
+    shutdown_warn_days: int = Field(
+        30,
+        ge=0,
+        description="Warn when a model of a batch shuts down within this many days (or before "
+        "the batch's estimated finish).",
+    )
     concurrency: int = Field(8, ge=1, le=1000, description="Calls in flight per `run` process.")
     images_per_minute: int | None = Field(
         None, ge=1, description="Account image rate limit shared by every worker."

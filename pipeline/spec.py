@@ -8,6 +8,34 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 MASK_MODES = ("guide", "strict")
+# Every field of the SDK's `ImageEditParams` the pipeline sends (files included; the nested `svg`
+# object by its dotted fields). tests/unit/intake/test_sdk_drift.py holds the SDK against it.
+API_PARAMS = (
+    "image",
+    "mask",
+    "markup",
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "quality",
+    "input_fidelity",
+    "background",
+    "output_format",
+    "output_compression",
+    "complexity",
+    "frame_count",
+    "frame_duration_ms",
+    "svg",
+    "svg.model",
+    "svg.reasoning",
+    "svg.reasoning.effort",
+)
+# Values of the SDK's Literal types, as the pipeline knows them (the drift test checks them too).
+OUTPUT_FORMATS = ("png", "webp", "jpeg", "gif", "svg")
+RASTER_FORMATS = ("png", "webp", "jpeg", "gif")  # what Pillow reads
+COMPLEXITIES = ("low", "medium", "high")
+SVG_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 DEFAULT_OUTPUT_TEMPLATE = "{id}_{index}.{ext}"
 DEFAULT_OUTPUT_TEMPLATE_NO_ID = "row{row}_{index}.{ext}"
 
@@ -16,9 +44,11 @@ DEFAULT_OUTPUT_TEMPLATE_NO_ID = "row{row}_{index}.{ext}"
 class EditSpec:
     """Everything needed to make one edit call and to name its outputs.
 
-    Paths are absolute (resolved against the manifest's folder). `params` holds only the API
-    parameters the row sets (size, quality, input_fidelity, background, output_format,
-    output_compression, n), so that omitted parameters stay omitted in the request.
+    Paths are absolute (resolved against the manifest's folder). Optional API parameters left
+    None (input_fidelity, background, output_compression, complexity, frame_count,
+    frame_duration_ms, svg_model, svg_effort) stay out of the request, so the API's default
+    applies. `svg_model` / `svg_effort` are the SDK's nested `svg.model` /
+    `svg.reasoning.effort`. New fields have defaults, so specs stored before them still load.
     """
 
     row: int
@@ -39,6 +69,11 @@ class EditSpec:
     mask_mode: str = "guide"
     mask_feather: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    complexity: str | None = None
+    frame_count: int | None = None
+    frame_duration_ms: int | None = None
+    svg_model: str | None = None
+    svg_effort: str | None = None
 
     @property
     def ext(self) -> str:
@@ -54,11 +89,32 @@ class EditSpec:
             "quality": self.quality,
             "output_format": self.output_format,
         }
-        for name in ("input_fidelity", "background", "output_compression"):
+        for name in (
+            "input_fidelity",
+            "background",
+            "output_compression",
+            "complexity",
+            "frame_count",
+            "frame_duration_ms",
+        ):
             value = getattr(self, name)
             if value is not None:
                 params[name] = value
+        svg = self.svg_object()
+        if svg is not None:
+            params["svg"] = svg
         return params
+
+    def svg_object(self) -> dict[str, Any] | None:
+        """The SDK's `svg` parameter ({"model", "reasoning": {"effort"}}), or None to omit it."""
+        if self.svg_model is None and self.svg_effort is None:
+            return None
+        svg: dict[str, Any] = {}
+        if self.svg_model is not None:
+            svg["model"] = self.svg_model
+        if self.svg_effort is not None:
+            svg["reasoning"] = {"effort": self.svg_effort}
+        return svg
 
     def to_json(self) -> str:
         # Not dataclasses.asdict: it deep-copies, which shows at 100,000 rows.

@@ -17,17 +17,18 @@ Job states:
                resume queues it
     cancelled  (terminal)
 
-    queued    -> running, held, cancelled
+    queued    -> running, failed, held, cancelled
     running   -> queued, running, retrying, succeeded, failed, held, cancelled
     retrying  -> queued, running, held, cancelled
     failed    -> queued
-    held      -> queued, cancelled
+    held      -> queued, failed, cancelled
 
     running -> running is a claim taken over after the lease ran out (its worker is gone);
     running|retrying -> queued hands a job back without spending (no permit in time, an
     identical job in flight, a database error, an expired lease); running -> held|cancelled
     parks a claimed job whose batch stopped before its call; failed -> queued is
-    `retry --failed` (and `resume --model-map`).
+    `retry --failed`; queued|held -> failed is `resume --model-map` for a job whose parameters
+    do not fit its new model (it fails without a call, naming the field).
 
 Batch states:
 
@@ -120,12 +121,12 @@ J = JobState
 B = BatchState
 
 JOB_MOVES: Mapping[JobState, frozenset[JobState]] = {
-    J.QUEUED: frozenset({J.RUNNING, J.HELD, J.CANCELLED}),
+    J.QUEUED: frozenset({J.RUNNING, J.HELD, J.FAILED, J.CANCELLED}),
     J.RUNNING: frozenset(
         {J.RUNNING, J.RETRYING, J.SUCCEEDED, J.FAILED, J.QUEUED, J.HELD, J.CANCELLED}
     ),
     J.RETRYING: frozenset({J.RUNNING, J.QUEUED, J.HELD, J.CANCELLED}),
-    J.HELD: frozenset({J.QUEUED, J.CANCELLED}),
+    J.HELD: frozenset({J.QUEUED, J.FAILED, J.CANCELLED}),
     J.FAILED: frozenset({J.QUEUED}),
     J.SUCCEEDED: frozenset(),
     J.REJECTED: frozenset(),

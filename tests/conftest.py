@@ -14,26 +14,41 @@ from pipeline.sandbox import SandboxConfig, SandboxServer
 from pipeline.settings import Settings
 
 FAKE_KEY = "sk-test-editbatch-0000000000000000"
+# Tests run on a fixed date, in this process and in every process they start (EDITBATCH_TODAY),
+# and the sandboxes they start use it too: which models are available does not depend on the
+# day CI runs. Tests of model life cycles move the date themselves.
+TEST_TODAY = "2026-11-30"
+
+
+@pytest.fixture(autouse=True)
+def pinned_today(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDITBATCH_TODAY", TEST_TODAY)
 
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
-    config = SandboxConfig(billing_log=str(tmp_path / "billing.jsonl"))
+    config = SandboxConfig(billing_log=str(tmp_path / "billing.jsonl"), today=TEST_TODAY)
     with SandboxServer(config) as server:
         yield server
 
 
-@pytest.fixture
-def settings(tmp_path: Path, sandbox: SandboxServer) -> Settings:
+def make_settings(tmp_path: Path, base_url: str) -> Settings:
+    """Settings of a test: a SQLite file and a home in `tmp_path`, the API at `base_url`, short
+    backoffs."""
     return Settings(
         home=tmp_path / "home",
         database_url=f"sqlite:///{tmp_path / 'editbatch.db'}",
-        openai_base_url=sandbox.base_url,
+        openai_base_url=base_url,
         openai_api_key=FAKE_KEY,
         backoff_base_seconds=0.01,
         backoff_max_seconds=0.05,
         request_timeout_seconds=10,
     )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, sandbox: SandboxServer) -> Settings:
+    return make_settings(tmp_path, sandbox.base_url)
 
 
 @pytest.fixture

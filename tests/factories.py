@@ -70,7 +70,7 @@ def product_rows(folder: Path, count: int, **overrides: Any) -> list[dict[str, A
             "id": f"SKU{i:04d}",
             "image": img.name,
             "prompt": f"white studio background, variant {i}",
-            "model": "gpt-image-1.5",
+            "model": "gpt-image-2.5-sunburst",
             "size": "1024x1024",
             "quality": "low",
         }

@@ -8,19 +8,33 @@ worker left behind is cleaned up: expired claims, and budget reservations that n
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.cost import budget
+from pipeline.cost.estimate import BatchEstimate, Estimate, estimate_batch, estimate_cost
+from pipeline.cost.pricing import PriceTable
 from pipeline.db import events, jobs
 from pipeline.db.events import EventKind
-from pipeline.db.models import Batch, Job
-from pipeline.errors import EditbatchError, NotFoundError
+from pipeline.db.models import Batch, Job, utcnow
+from pipeline.errors import EditbatchError, NotFoundError, RowError
+from pipeline.files import file_sha256, image_sizes
+from pipeline.intake.catalog import Catalog
+from pipeline.intake.preflight import Preflight, PreflightOptions
 from pipeline.spec import EditSpec
-from pipeline.states import BATCH_CLOSED, BATCH_STOPPED, BatchState, HoldCode, JobState
+from pipeline.states import (
+    BATCH_CLOSED,
+    BATCH_STOPPED,
+    JOB_CLAIMED,
+    BatchState,
+    HoldCode,
+    JobState,
+)
 
 
 def _batch(session: Session, batch_id: int) -> Batch:
@@ -48,20 +62,126 @@ def cancel(session: Session, batch_id: int) -> int:
     return cancelled
 
 
+@dataclass
+class Remap:
+    """What `resume --model-map` did: jobs moved to their new model, jobs whose parameters do
+    not fit it (failed without a call, by row and field), and the estimate of the moved jobs."""
+
+    moved: int = 0
+    unfit: list[RowError] = field(default_factory=list)
+    estimate: BatchEstimate | None = None
+
+
+def remap_models(
+    session: Session,
+    batch_id: int,
+    model_map: Mapping[str, str],
+    catalog: Catalog,
+    prices: PriceTable,
+) -> Remap:
+    """Move the unfinished jobs of each OLD model to NEW (`--model-map OLD=NEW`). Caller commits.
+
+    Each job's parameters are checked again against the new model's rules (sizes, fidelity,
+    qualities differ): a job that no longer fits fails now, naming the field, and is never sent.
+    Fingerprints follow the new model, so no output of the old model is reused for it. Refused
+    while a call to an OLD model is in flight (its answer would hold the batch again).
+    """
+    _batch(session, batch_id)
+    unknown = [new for new in model_map.values() if new not in catalog]
+    if unknown:
+        raise EditbatchError(
+            f"--model-map: {', '.join(sorted(set(unknown)))} is not in the catalogue "
+            "(`editbatch models` lists the models)"
+        )
+    old_models = list(model_map)
+    in_flight = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.batch_id == batch_id,
+            Job.model.in_(old_models),
+            Job.state.in_(list(JOB_CLAIMED)),
+            Job.lease_until >= utcnow(),
+        )
+    )
+    if in_flight:
+        raise EditbatchError(
+            f"batch {batch_id}: {in_flight} calls to {', '.join(old_models)} are still in "
+            "flight; wait for them to end (`editbatch status`), then run this again"
+        )
+    checker = Preflight(PreflightOptions(allowed_roots=(Path.cwd(),), catalog=catalog))
+    report = Remap()
+    estimates: list[tuple[Estimate, int]] = []
+    digests: dict[str, str | None] = {}
+    rows = session.scalars(
+        select(Job).where(
+            Job.batch_id == batch_id,
+            Job.model.in_(old_models),
+            Job.state.in_((JobState.QUEUED, JobState.HELD)),
+        )
+    )
+    for job in rows:
+        old = EditSpec.from_json(job.spec)
+        spec = replace(old, model=model_map[old.model])
+        problems = checker.check_model_rules(spec)
+        if problems:
+            report.unfit.extend(problems)
+            jobs.move_jobs(
+                session,
+                JobState.FAILED,
+                Job.id == job.id,
+                sources=(JobState.QUEUED, JobState.HELD),
+                values={
+                    "last_error_code": f"invalid_{problems[0].field}",
+                    "last_error_message": f"not sent: on {spec.model}, "
+                    + "; ".join(f"{e.field}: {e.reason}" for e in problems),
+                },
+            )
+            continue
+        estimate = estimate_cost(spec, image_sizes(spec.images), prices)
+        estimates.append((estimate, spec.n))
+        job.spec = spec.to_json()
+        job.model = spec.model
+        job.fingerprint = _fingerprint(spec, digests)
+        job.estimated_usd = estimate.expected
+        report.moved += 1
+    session.flush()
+    report.estimate = estimate_batch(estimates)
+    return report
+
+
+def _fingerprint(spec: EditSpec, digests: dict[str, str | None]) -> str | None:
+    """The spec's fingerprint from its files' bytes; None (never reused) if one is gone."""
+    for path in (*spec.images, spec.mask, spec.markup):
+        if path and path not in digests:
+            try:
+                digests[path] = file_sha256(path)
+            except OSError:
+                digests[path] = None
+    known = {p: d for p, d in digests.items() if d is not None}
+    needed = [p for p in (*spec.images, spec.mask, spec.markup) if p]
+    if any(p not in known for p in needed):
+        return None
+    return spec.fingerprint(known)
+
+
 def resume(
     session: Session,
     batch_id: int,
     budget_usd: Decimal | None = None,
     orphans: bool = False,
+    remap: Callable[[], Remap] | None = None,
     note: str | None = None,
-) -> None:
+) -> Remap | None:
     """Make a held or paused batch run again (a running one is tidied the same way).
 
     Held jobs and jobs of dead workers are queued, and the reservations those workers left are
     dropped, so the budget counts only what was spent. `orphans`: every claimed job of the
     batch belongs to a dead process whatever its lease says (a single-machine `run` continuing
-    after it was killed: no other process can hold them). A batch held for an API outage gets
-    an event saying it resumed (`note`, or "resumed by a person").
+    after it was killed: no other process can hold them). `remap` (see `remap_models`) runs
+    while the batch is still stopped, in the same transaction that reopens it, so no worker
+    starts a job on the old model in between. A batch held for an API outage gets an event
+    saying it resumed (`note`, or "resumed by a person").
     """
     batch = _batch(session, batch_id)
     if batch.state in BATCH_CLOSED:
@@ -69,20 +189,22 @@ def resume(
             f"batch {batch_id} is {batch.state}; nothing to resume "
             f"(to run failed jobs again: editbatch retry {batch_id} --failed)"
         )
-    if batch.state in BATCH_STOPPED:
+    stopped = batch.state in BATCH_STOPPED
+    jobs.requeue_expired(session, batch_id, ignore_lease=orphans)  # commits
+    report = remap() if remap is not None else None
+    jobs.release_held_jobs(session, batch_id)
+    # Reservations of calls whose workers died never settled: count only what was spent.
+    budget.reconcile(session, batch_id)
+    if budget_usd is not None:
+        batch.budget_usd = budget_usd
+    if stopped:
         if batch.hold_code in (HoldCode.API_UNREACHABLE, HoldCode.OUTAGE):
             events.record(
                 session, batch_id, EventKind.OUTAGE_RESUMED, note or "resumed by a person"
             )
         jobs.reopen_batch(session, batch_id)
-    if budget_usd is not None:
-        batch.budget_usd = budget_usd
-    jobs.release_held_jobs(session, batch_id)
     session.commit()
-    jobs.requeue_expired(session, batch_id, ignore_lease=orphans)
-    # Reservations of calls whose workers died never settled: count only what was spent.
-    budget.reconcile(session, batch_id)
-    session.commit()
+    return report
 
 
 def retry_failed(

@@ -212,6 +212,8 @@ def _run(
     )
     result = submit.store(db, prepared, options, load_prices(settings.prices_file))
     batch_id = result.batch_id
+    for notice in submit.shutdown_notices_for(settings, result.rows_by_model, result.estimate):
+        log.warning("%s: batch %s: %s", tonight.name, batch_id, notice.text(batch_id))
     first = existing_batch(db, tonight)
     if first != batch_id:
         with db.session() as session:

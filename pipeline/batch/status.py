@@ -48,6 +48,7 @@ class BatchStatus:
     drift_mean: float | None = None
     drift_max: float | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    hold_code: str | None = None
     events: list[Event] = field(default_factory=list)  # outages: held, resumed, gave up
 
     @property
@@ -66,6 +67,7 @@ class BatchStatus:
             "batch_id": self.batch_id,
             "name": self.name,
             "state": self.state,
+            "hold_code": self.hold_code,
             "hold_reason": self.hold_reason,
             "counts": self.counts,
             "jobs_total": self.jobs_total,
@@ -211,6 +213,7 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         name=batch.name,
         state=batch.state,
         hold_reason=batch.hold_reason,
+        hold_code=batch.hold_code,
         created_at=batch.created_at,
         finished_at=batch.finished_at,
         output_uri=batch.output_uri,

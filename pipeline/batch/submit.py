@@ -18,20 +18,29 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select
 
-from pipeline.cost.estimate import BatchEstimate, Estimate, estimate_batch, estimate_cost
+from pipeline import clock
+from pipeline.cost.estimate import (
+    BatchEstimate,
+    Estimate,
+    estimate_batch,
+    estimate_cost,
+    estimate_duration,
+    typical_latency,
+)
 from pipeline.cost.pricing import PriceTable
 from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
 from pipeline.db.session import Database
 from pipeline.errors import OutputNameError, RowError, StrictRefusal
 from pipeline.files import file_sha256
-from pipeline.intake.catalog import load_catalog
+from pipeline.intake.catalog import ShutdownNotice, load_catalog, shutdown_notices
 from pipeline.intake.manifest import Defaults
 from pipeline.intake.naming import render_name
 from pipeline.intake.preflight import Preflight, PreflightOptions
@@ -65,8 +74,12 @@ class SubmitResult:
     errors: list[RowError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     estimate: BatchEstimate | None = None
-    models: set[str] = field(default_factory=set)
+    rows_by_model: dict[str, int] = field(default_factory=dict)
     sent: int = 0
+
+    @property
+    def models(self) -> set[str]:
+        return set(self.rows_by_model)
 
 
 def check_rows(
@@ -203,6 +216,30 @@ class BatchOptions:
     extra: Mapping[str, Any] = field(default_factory=dict)  # more of the settings snapshot
 
 
+def shutdown_notices_for(
+    settings: Settings, rows_by_model: Mapping[str, int], estimate: BatchEstimate | None = None
+) -> list[ShutdownNotice]:
+    """The models of a batch that shut down within EDITBATCH_SHUTDOWN_WARN_DAYS, or before the
+    batch's estimated finish (when its estimate is known): said before anything is spent."""
+    finish = None
+    if estimate is not None and estimate.calls:
+        seconds = estimate_duration(
+            estimate.calls,
+            estimate.images,
+            settings.images_per_minute,
+            settings.max_in_flight or settings.concurrency,
+            typical_latency(rows_by_model),
+        )
+        now = datetime.combine(clock.today(), datetime.now(UTC).time(), UTC)
+        finish = now + timedelta(seconds=seconds)
+    return shutdown_notices(
+        load_catalog(settings.catalog_file),
+        rows_by_model,
+        warn_days=settings.shutdown_warn_days,
+        finish=finish,
+    )
+
+
 def find_resumable(db: Database, manifest_sha: str, output_uri: str) -> int | None:
     """An unfinished batch of the same manifest and output (so `run` can continue it)."""
     with db.session() as session:
@@ -285,7 +322,8 @@ def store(
                     result.accepted += 1
                     est = estimate_cost(r.spec, r.pixels, prices)
                     estimates.append((est, r.spec.n))
-                    result.models.add(r.spec.model)
+                    model = r.spec.model
+                    result.rows_by_model[model] = result.rows_by_model.get(model, 0) + 1
                     row.update(
                         spec=r.spec.to_json(),
                         model=r.spec.model,

@@ -33,7 +33,7 @@ __all__ = ["app", "main"]
 # `editbatch --help` lists the commands in the order a person meets them.
 ORDER = (
     "check", "estimate", "run", "submit", "status", "resume", "pause", "cancel", "retry",
-    "collect", "doctor", "reconcile", "nightly", "prices", "config", "sandbox",
+    "collect", "doctor", "reconcile", "nightly", "models", "prices", "config", "sandbox",
 )  # fmt: skip
 app.registered_commands.sort(
     key=lambda c: ORDER.index(c.name or c.callback.__name__)  # type: ignore[union-attr]

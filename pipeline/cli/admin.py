@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from decimal import Decimal
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -74,15 +75,22 @@ def sandbox(ctx: typer.Context) -> None:
 
 @app.command()
 def prices(as_json: JsonOpt = False) -> None:
-    """Print the price table in use (USD per 1M tokens) with its date and sources."""
+    """Print the price table in use (USD per 1M tokens), each row with its date and source."""
     with friendly_errors():
         table_data = load_prices(get_settings().prices_file)
-    rows = [
+
+    def money(value: Decimal | None) -> str | None:
+        return None if value is None else str(value)
+
+    rows: list[dict[str, Any]] = [
         {
             "model": p.model,
             "text_input": str(p.text_input),
+            "cached_text_input": money(p.cached_text_input),
             "image_input": str(p.image_input),
+            "cached_image_input": money(p.cached_image_input),
             "image_output": str(p.image_output),
+            "checked_on": p.checked_on,
             "source": p.source,
         }
         for p in table_data.models.values()
@@ -91,13 +99,128 @@ def prices(as_json: JsonOpt = False) -> None:
         print(json.dumps({"as_of": table_data.as_of, "models": rows}))
         return
     table = Table(
-        title=f"Prices, USD per 1M tokens (as of {table_data.as_of})", title_justify="left"
+        title=f"Prices, USD per 1M tokens (as of {table_data.as_of}; cached input in brackets)",
+        title_justify="left",
     )
-    for col in ("model", "text in", "image in", "image out", "source"):
-        table.add_column(col)
+    for col in ("model", "text in", "image in", "image out", "checked", "source"):
+        table.add_column(col, justify="right" if col.endswith((" in", " out")) else "left")
+
+    def with_cached(value: str, cached: str | None) -> str:
+        return f"{value} ({cached})" if cached else value
+
     for r in rows:
-        table.add_row(r["model"], r["text_input"], r["image_input"], r["image_output"], r["source"])
+        table.add_row(
+            r["model"],
+            with_cached(r["text_input"], r["cached_text_input"]),
+            with_cached(r["image_input"], r["cached_image_input"]),
+            r["image_output"],
+            r["checked_on"],
+            r["source"],
+        )
     console.print(table)
+
+
+@app.command()
+def models(as_json: JsonOpt = False) -> None:
+    """Every model of the catalogue: its state today, shutdown, replacement, price of a
+    1024x1024 output at each quality, and what it accepts."""
+    from pipeline import clock
+    from pipeline.cost.estimate import output_price
+    from pipeline.intake.catalog import load_catalog
+
+    with friendly_errors():
+        settings = get_settings()
+        catalog = load_catalog(settings.catalog_file)
+        table_data = load_prices(settings.prices_file)
+        today = clock.today()
+    qualities = ("low", "medium", "high")
+    rows: list[dict[str, Any]] = []
+    for info in catalog:
+        price = table_data.get(info.name)
+        rule = info.size_rule
+        rows.append(
+            {
+                "model": info.name,
+                "state": str(info.state_on(today)),
+                "deprecated_on": info.deprecated_on.isoformat() if info.deprecated_on else None,
+                "shutdown_on": info.shutdown_on.isoformat() if info.shutdown_on else None,
+                "replacement": info.replacement,
+                "usd_per_1024x1024_output": {
+                    q: str(output_price(price, "1024x1024", q)) if price else None
+                    for q in qualities
+                },
+                "sizes": list(info.sizes),
+                "size_rule": None
+                if rule is None
+                else {
+                    "multiple": rule.multiple,
+                    "max_aspect": rule.max_aspect,
+                    "max": f"{rule.max_long_side}x{rule.max_short_side}",
+                },
+                "qualities": list(info.qualities),
+                "input_fidelity": list(info.input_fidelity),
+                "mask": info.mask,
+                "markup": info.markup,
+                "output_formats": list(info.output_formats),
+                # None: the catalogue does not know (check passes the value on, with a note)
+                "complexity": None if info.complexity is None else list(info.complexity),
+                "gif": info.gif,
+                "svg": info.svg,
+                "source": info.source,
+            }
+        )
+    if as_json:
+        print(json.dumps({"today": today.isoformat(), "as_of": catalog.as_of, "models": rows}))
+        return
+    life = Table(
+        title=f"Models on {today} (catalogue as of {catalog.as_of}); $ of one 1024x1024 "
+        "output image (output tokens)",
+        title_justify="left",
+    )
+    for col in ("model", "state", "shuts down", "replacement", "low", "medium", "high"):
+        life.add_column(col, justify="right" if col in qualities else "left")
+    colour = {"current": "green", "deprecated": "yellow", "gone": "red"}
+    for r in rows:
+        usd = r["usd_per_1024x1024_output"]
+        life.add_row(
+            r["model"],
+            f"[{colour[r['state']]}]{r['state']}[/]",
+            r["shutdown_on"] or "",
+            r["replacement"] or "",
+            *(f"{Decimal(usd[q]):.4f}" if usd[q] else "unpriced" for q in qualities),
+        )
+    console.print(life)
+    accepts = Table(title="What each model accepts", title_justify="left")
+    for col in ("model", "sizes", "quality", "input_fidelity", "mask", "markup", "formats"):
+        accepts.add_column(col, overflow="fold")
+    accepts.add_column("complexity / gif / svg", overflow="fold")
+
+    def known(value: object) -> str:
+        if value is None:
+            return "unknown"
+        if isinstance(value, list):
+            return ", ".join(value) or "no"
+        return "yes" if value else "no"
+
+    for r in rows:
+        rule = r["size_rule"]
+        sizes = ", ".join(r["sizes"])
+        if rule is not None:
+            sizes = (
+                f"any WxH (both ÷{rule['multiple']}, up to {rule['max']}, aspect "
+                f"1:{rule['max_aspect']:g}..{rule['max_aspect']:g}:1), {sizes}"
+            )
+        accepts.add_row(
+            r["model"],
+            sizes,
+            ", ".join(r["qualities"]),
+            ", ".join(r["input_fidelity"]) or "omit",
+            "yes" if r["mask"] else "no",
+            "yes" if r["markup"] else "no",
+            ", ".join(r["output_formats"]),
+            f"{known(r['complexity'])} / {known(r['gif'])} / {known(r['svg'])}",
+        )
+    console.print(accepts)
 
 
 @app.command()

@@ -18,7 +18,14 @@ from pipeline.cli.options import (
     parse_budget,
     shared,
 )
-from pipeline.cli.ui import console, err, friendly_errors, print_estimate, print_row_errors
+from pipeline.cli.ui import (
+    console,
+    err,
+    friendly_errors,
+    print_estimate,
+    print_row_errors,
+    print_shutdown_notices,
+)
 from pipeline.db.models import Batch
 from pipeline.db.session import Database
 from pipeline.settings import Settings, get_settings
@@ -36,7 +43,7 @@ def _store(
     quiet: bool = False,
 ) -> SubmitResult:
     """Store the batch (nothing sent yet) and print its estimate."""
-    from pipeline.batch.submit import BatchOptions, store
+    from pipeline.batch.submit import BatchOptions, shutdown_notices_for, store
     from pipeline.cost.pricing import load_prices
 
     budget = parse_budget(batch.budget)
@@ -56,6 +63,8 @@ def _store(
         print_estimate(
             result.estimate, settings, result.models, budget, out=err if quiet else console
         )
+    notices = shutdown_notices_for(settings, result.rows_by_model, result.estimate)
+    print_shutdown_notices(notices, result.batch_id)
     return result
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.live import Live
@@ -13,11 +13,29 @@ from rich.table import Table
 from pipeline.batch.status import batch_status, list_batches
 from pipeline.cli import dispatch
 from pipeline.cli.app import app
-from pipeline.cli.options import BatchArg, BudgetOpt, JsonOpt, LocalOpt, parse_budget
-from pipeline.cli.ui import console, err, friendly_errors, print_status, progress_table
+from pipeline.cli.options import (
+    BatchArg,
+    BudgetOpt,
+    JsonOpt,
+    LocalOpt,
+    parse_budget,
+    parse_model_map,
+)
+from pipeline.cli.ui import (
+    console,
+    err,
+    friendly_errors,
+    print_row_errors,
+    print_status,
+    progress_table,
+)
 from pipeline.db.session import Database
+from pipeline.errors import ConfigError
 from pipeline.settings import get_settings
-from pipeline.states import BatchState
+from pipeline.states import BatchState, JobState
+
+if TYPE_CHECKING:
+    from pipeline.batch.controls import Remap
 
 
 @app.command()
@@ -84,21 +102,80 @@ def collect(batch: BatchArg) -> None:
         raise typer.Exit(1)
 
 
+ModelMapOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-map",
+        help="OLD=NEW: move the unfinished jobs of model OLD to NEW (repeatable); their "
+        "parameters are checked against NEW's rules first.",
+    ),
+]
+
+
 @app.command()
-def resume(batch: BatchArg, budget: BudgetOpt = None, local: LocalOpt = False) -> None:
+def resume(
+    batch: BatchArg,
+    budget: BudgetOpt = None,
+    local: LocalOpt = False,
+    model_map: ModelMapOpt = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="With --model-map: show what would move; change nothing."),
+    ] = False,
+) -> None:
     """Continue a held or paused batch, and re-send every unfinished job from the database."""
     from pipeline.batch import controls
+    from pipeline.cost.pricing import load_prices
+    from pipeline.intake.catalog import load_catalog
 
     with friendly_errors():
         settings = get_settings()
         db = Database(settings.effective_database_url)
+        mapping = parse_model_map(model_map)
+        if dry_run and not mapping:
+            raise ConfigError("--dry-run shows what --model-map would move: give --model-map")
         with db.session() as session:
-            controls.resume(session, batch, parse_budget(budget))
+
+            def remap() -> controls.Remap:
+                return controls.remap_models(
+                    session,
+                    batch,
+                    mapping,
+                    load_catalog(settings.catalog_file),
+                    load_prices(settings.prices_file),
+                )
+
+            if dry_run:
+                _print_remap(remap(), mapping, dry_run=True)
+                session.rollback()
+                return
+            report = controls.resume(
+                session, batch, parse_budget(budget), remap=remap if mapping else None
+            )
+        if report is not None:
+            _print_remap(report, mapping)
         if local:
             print_status(dispatch.in_process(settings, db, batch, settings.concurrency))
             return
         sent = dispatch.to_workers(db, batch, settings)
     console.print(f"batch {batch}: {sent} jobs sent to the workers")
+
+
+def _print_remap(report: Remap, mapping: dict[str, str], dry_run: bool = False) -> None:
+    pairs = ", ".join(f"{old} -> {new}" for old, new in mapping.items())
+    would = "would move" if dry_run else "moved"
+    console.print(f"{would} {report.moved} jobs ({pairs})")
+    if report.unfit:
+        print_row_errors(report.unfit, "the new model's rules")
+        fate = "would fail" if dry_run else f"{JobState.FAILED}"
+        rows = len({e.row for e in report.unfit})
+        err.print(f"{rows} rows do not fit their new model and {fate} without being sent")
+    if report.estimate is not None and report.estimate.calls:
+        est = report.estimate
+        console.print(
+            f"estimate for the moved jobs: ${est.expected:.2f} (range ${est.low:.2f}-"
+            f"${est.high:.2f}) for {est.calls} calls"
+        )
 
 
 @app.command()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.live import Live
 
+from pipeline import clock
 from pipeline.batch.status import BatchStatus, batch_status
 from pipeline.cli.ui import console, err, progress_table
 from pipeline.db.session import Database
@@ -120,7 +121,10 @@ def sandbox_if(enabled: bool, say: Console = console) -> Iterator[dict[str, Any]
     settings = get_settings()
     home = settings.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
-    config = SandboxConfig(billing_log=str(home / "sandbox-billing.jsonl"))
+    # The sandbox keeps the same calendar as this process (EDITBATCH_TODAY rehearses a date).
+    config = SandboxConfig(
+        billing_log=str(home / "sandbox-billing.jsonl"), today=clock.today().isoformat()
+    )
     with SandboxServer(config) as server:
         say.print(f"sandbox API at {server.base_url} (not AI: a deterministic stand-in)")
         yield {

@@ -11,7 +11,13 @@ from rich.table import Table
 
 from pipeline.cli.app import app
 from pipeline.cli.options import JsonOpt, ManifestArg, ManifestOptions, shared
-from pipeline.cli.ui import console, friendly_errors, print_estimate, print_row_errors
+from pipeline.cli.ui import (
+    console,
+    friendly_errors,
+    print_estimate,
+    print_row_errors,
+    print_shutdown_notices,
+)
 from pipeline.errors import RowError
 from pipeline.settings import get_settings
 from pipeline.states import JobState
@@ -24,7 +30,7 @@ from pipeline.states import JobState
 @shared(ManifestOptions)
 def check(manifest: ManifestArg, opts: ManifestOptions, as_json: JsonOpt = False) -> None:
     """Validate every row (files, formats, masks, model rules) without spending anything."""
-    from pipeline.batch.submit import prepare
+    from pipeline.batch.submit import prepare, shutdown_notices_for
 
     with friendly_errors():
         settings = get_settings()
@@ -33,12 +39,16 @@ def check(manifest: ManifestArg, opts: ManifestOptions, as_json: JsonOpt = False
         errors: list[RowError] = []
         notes: list[str] = []
         bad_rows = 0
+        rows_by_model: dict[str, int] = {}
         for r in prepared.rows():
             rows += 1
             if r.errors:
                 bad_rows += 1
                 errors.extend(r.errors)
+            elif r.spec is not None:
+                rows_by_model[r.spec.model] = rows_by_model.get(r.spec.model, 0) + 1
             notes.extend(f"row {r.row}: {note}" for note in r.notes)
+        notices = shutdown_notices_for(settings, rows_by_model)
     if as_json:
         print(
             json.dumps(
@@ -48,10 +58,12 @@ def check(manifest: ManifestArg, opts: ManifestOptions, as_json: JsonOpt = False
                     JobState.REJECTED: bad_rows,
                     "errors": [e.__dict__ for e in errors],
                     "notes": notes,
+                    "shutdowns": [n.text() for n in notices],
                 }
             )
         )
     else:
+        print_shutdown_notices(notices)
         print_row_errors(errors, manifest)
         for note in notes[:50]:
             console.print(f"note: {note}")
@@ -69,7 +81,7 @@ def estimate(
     as_json: JsonOpt = False,
 ) -> None:
     """What a manifest will cost (per row and in total, low-high) and how long it will take."""
-    from pipeline.batch.submit import prepare
+    from pipeline.batch.submit import prepare, shutdown_notices_for
     from pipeline.cost.estimate import (
         estimate_batch,
         estimate_cost,
@@ -92,6 +104,8 @@ def estimate(
             per_row.append((r, est))
         total = estimate_batch((est, r.spec.n) for r, est in per_row if r.spec)
         models = {est.model for _, est in per_row}
+        rows_by_model = {m: sum(1 for _, e in per_row if e.model == m) for m in models}
+        notices = shutdown_notices_for(settings, rows_by_model, total)
 
     def money(value: Decimal | None) -> str | None:
         return None if value is None else str(value)
@@ -122,6 +136,7 @@ def estimate(
                         "unpriced_models": list(total.unpriced_models),
                     },
                     "rejected_rows": rejected,
+                    "shutdowns": [n.text() for n in notices],
                     "duration_s": estimate_duration(
                         total.calls,
                         total.images,
@@ -157,3 +172,4 @@ def estimate(
     if rejected:
         console.print(f"{rejected} rows rejected by preflight (see: editbatch check)")
     print_estimate(total, settings, models, None)
+    print_shutdown_notices(notices)

@@ -53,7 +53,7 @@ class ManifestOptions:
         int | None, typer.Option("--n", help="Images per row, for rows that give none.")
     ] = None
     output_format: Annotated[
-        str | None, typer.Option(help="png | webp | jpeg, for rows that give none.")
+        str | None, typer.Option(help="png | webp | jpeg | gif | svg, for rows that give none.")
     ] = None
     input_fidelity: Annotated[
         str | None, typer.Option(help="input_fidelity for rows that give none.")
@@ -68,6 +68,23 @@ class ManifestOptions:
     mask_mode: Annotated[
         str | None, typer.Option(help="guide | strict, for rows that give none.")
     ] = None
+    complexity: Annotated[
+        str | None,
+        typer.Option(help="low | medium | high (planning effort), for rows that give none."),
+    ] = None
+    frame_count: Annotated[
+        int | None, typer.Option(help="GIF frames (2..16), for GIF rows that give none.")
+    ] = None
+    frame_duration_ms: Annotated[
+        int | None, typer.Option(help="Milliseconds per GIF frame, for GIF rows that give none.")
+    ] = None
+    svg_model: Annotated[
+        str | None, typer.Option(help="SVG author model (svg.model), for SVG rows that give none.")
+    ] = None
+    svg_effort: Annotated[
+        str | None,
+        typer.Option(help="SVG author's reasoning effort, for SVG rows that give none."),
+    ] = None
     allow_root: Annotated[
         list[Path] | None,
         typer.Option("--allow-root", help="Extra folder input files may come from (repeatable)."),
@@ -79,6 +96,14 @@ class ManifestOptions:
     allow_unknown_model: Annotated[
         bool, typer.Option("--allow-unknown-model", help="Accept models not in the catalogue.")
     ] = False
+    model_map: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-map",
+            help="OLD=NEW: rows of model OLD run on NEW instead (repeatable), e.g. "
+            "gpt-image-1.5=gpt-image-2.5-sunburst.",
+        ),
+    ] = None
 
     def intake(self, settings: Settings) -> Intake:
         """How the manifest's rows are read and checked, for `pipeline.batch.submit.prepare`."""
@@ -102,10 +127,16 @@ class ManifestOptions:
             "background": self.background,
             "output": self.name_template,
             "mask_mode": self.mask_mode,
+            "complexity": self.complexity,
+            "frame_count": self.frame_count,
+            "frame_duration_ms": self.frame_duration_ms,
+            "svg_model": self.svg_model,
+            "svg_effort": self.svg_effort,
         }
         return Defaults(
             model=self.model or settings.default_model,
             values={k: v for k, v in values.items() if v is not None},
+            model_map=parse_model_map(self.model_map),
         )
 
 
@@ -138,6 +169,21 @@ def output_uri(output: str | None) -> str:
     """The output location as stored: a URL as given, a folder as an absolute path."""
     target = output or "outputs"
     return target if "://" in target else str(Path(target).resolve())
+
+
+def parse_model_map(items: list[str] | None) -> dict[str, str]:
+    """`--model-map OLD=NEW` options as a mapping; ConfigError naming a malformed one."""
+    mapping: dict[str, str] = {}
+    for item in items or ():
+        old, sep, new = (part.strip() for part in item.partition("="))
+        if not sep or not old or not new:
+            raise ConfigError(
+                f"--model-map {item!r}: give OLD=NEW, e.g. gpt-image-1.5=gpt-image-2.5-sunburst"
+            )
+        if old in mapping and mapping[old] != new:
+            raise ConfigError(f"--model-map maps {old} twice ({mapping[old]} and {new})")
+        mapping[old] = new
+    return mapping
 
 
 def parse_budget(value: str | None, option: str = "--budget") -> Decimal | None:

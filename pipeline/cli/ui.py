@@ -16,10 +16,11 @@ from rich.text import Text
 from pipeline.batch.status import BatchStatus
 from pipeline.errors import EditbatchError, RowError
 from pipeline.settings import Settings
-from pipeline.states import BATCH_STOPPED, JOB_TO_RUN
+from pipeline.states import BATCH_STOPPED, JOB_TO_RUN, HoldCode
 
 if TYPE_CHECKING:
     from pipeline.cost.estimate import BatchEstimate
+    from pipeline.intake.catalog import ShutdownNotice
 
 console = Console()
 err = Console(stderr=True)
@@ -84,8 +85,10 @@ def status_table(status: BatchStatus) -> Table:
 def print_status(status: BatchStatus) -> None:
     console.print(status_table(status))
     if status.hold_reason and status.state in BATCH_STOPPED:
-        console.print(f"[yellow]{status.state}:[/] {status.hold_reason}")
-        console.print(f"resume with: editbatch resume {status.batch_id}")
+        why = f" ({status.hold_code})" if status.hold_code else ""
+        console.print(f"[yellow]{status.state}{why}:[/] {status.hold_reason}")
+        if status.hold_code != HoldCode.MODEL_UNAVAILABLE:  # its reason names the --model-map
+            console.print(f"resume with: editbatch resume {status.batch_id}")
     if status.events:
         table = Table(title="Outages", title_justify="left")
         for col in ("at", "event", "what"):
@@ -151,6 +154,14 @@ def print_estimate(
             f"[yellow]warning:[/] the budget ${budget:.2f} is below the lowest estimate "
             f"${est.low:.2f}: the batch will hold before it finishes"
         )
+
+
+def print_shutdown_notices(
+    notices: list[ShutdownNotice], batch_id: int | None = None, out: Console | None = None
+) -> None:
+    """One warning per model of the batch that shuts down soon (or before the batch ends)."""
+    for notice in notices:
+        (out or err).print(f"[yellow]warning:[/] {notice.text(batch_id)}")
 
 
 def duration(seconds: float) -> str:

@@ -10,6 +10,10 @@ from `pipeline.cost.pricing`. Every amount is a `Decimal` rounded once, to the m
 - `xhigh` / `max` (2.5 models) are priced as 2x / 4x the `high` figure.
 - A mask or a markup guide adds no input tokens.
 - An input image whose size is unknown ((0, 0), or missing) is counted as 1024x1024.
+- GIF output: every frame is billed as one output image (expected and high: `frame_count`,
+  default 9, frames per image); low: the whole GIF billed as one image.
+- SVG output: one output image (the reference the SVG is drawn from); the SVG author's own
+  tokens (`svg_usage`) are not estimated. `complexity` changes nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from pipeline.cost.pricing import PriceTable, Usage
+from pipeline.cost.pricing import ModelPrice, PriceTable, Usage
 from pipeline.intake.catalog import parse_size
 from pipeline.spec import EditSpec
 
@@ -33,8 +37,10 @@ __all__ = [
     "estimate_duration",
     "estimate_usage",
     "fallback_usage",
+    "frames_billed",
     "input_image_tokens",
     "output_image_tokens",
+    "output_price",
     "resolve_size",
     "text_tokens",
 ]
@@ -50,6 +56,7 @@ BASE_QUALITIES = ("low", "medium", "high")
 # Not published: an assumption, kept on the expensive side so that budgets stay safe.
 EXTRA_QUALITY_FACTOR: dict[str, int] = {"xhigh": 2, "max": 4}
 EXPECTED_AUTO_QUALITY = "medium"
+GIF_DEFAULT_FRAMES = 9  # the API's default frame_count (openai 3.57)
 SQUARE_AREA = 1024 * 1024
 
 # Input image tokens (gpt-image-1, low fidelity): short side scaled to 512 px, 65 + 129 per tile.
@@ -119,6 +126,11 @@ def output_image_tokens(size: str, quality: str) -> int:
     return _round_half_up_div(square * width * height, SQUARE_AREA)
 
 
+def output_price(price: ModelPrice, size: str, quality: str) -> Decimal:
+    """USD of one output image at `size` and `quality` (output tokens only), to the micro-dollar."""
+    return price.cost(Usage(image_output=output_image_tokens(size, quality)))
+
+
 def resolve_size(size: str, pixels: Sequence[tuple[int, int]]) -> str:
     """`size`, with `auto` replaced by the standard size nearest the first image's aspect."""
     if size != "auto":
@@ -143,14 +155,27 @@ def _input_usage(spec: EditSpec, pixels: Sequence[tuple[int, int]]) -> tuple[int
     return text_tokens(spec.prompt), image
 
 
+def frames_billed(spec: EditSpec) -> int:
+    """Output images billed per requested image: a GIF's frames (assumed), else 1."""
+    if spec.output_format != "gif":
+        return 1
+    return spec.frame_count or GIF_DEFAULT_FRAMES
+
+
 def _usage(
-    spec: EditSpec, pixels: Sequence[tuple[int, int]], quality: str, size: str, n: int
+    spec: EditSpec,
+    pixels: Sequence[tuple[int, int]],
+    quality: str,
+    size: str,
+    n: int,
+    frames: int | None = None,
 ) -> Usage:
     text_in, image_in = _input_usage(spec, pixels)
+    per_image = frames_billed(spec) if frames is None else frames
     return Usage(
         text_input=text_in,
         image_input=image_in,
-        image_output=output_image_tokens(size, quality) * n,
+        image_output=output_image_tokens(size, quality) * n * per_image,
     )
 
 
@@ -221,7 +246,8 @@ def estimate_cost(
     """Expected cost of one call for `spec`, with the range `auto` quality / size leave open.
 
     low: the lowest quality and cheapest size the spec allows; high: the highest quality and
-    dearest size it allows. A row that fixes quality and size has low == expected == high.
+    dearest size it allows. A row that fixes quality and size has low == expected == high,
+    unless it asks for a GIF (low: the GIF billed as one image, not one per frame).
     """
     usage = estimate_usage(spec, pixels)
     price = prices.get(spec.model)
@@ -229,7 +255,8 @@ def estimate_cost(
         return Estimate(spec.model, usage, None, None, None, priced=False)
     low_quality, high_quality = _quality_range(spec.quality)
     sizes = _size_candidates(spec.size)
-    low = min(price.cost(_usage(spec, pixels, low_quality, s, spec.n)) for s in sizes)
+    # A GIF might also be billed as one image: the low end allows for it.
+    low = min(price.cost(_usage(spec, pixels, low_quality, s, spec.n, frames=1)) for s in sizes)
     high = max(price.cost(_usage(spec, pixels, high_quality, s, spec.n)) for s in sizes)
     return Estimate(spec.model, usage, price.cost(usage), low, high, priced=True)
 

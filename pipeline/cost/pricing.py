@@ -44,6 +44,7 @@ class ModelPrice:
     cached_text_input: Decimal | None
     cached_image_input: Decimal | None
     source: str
+    checked_on: str = ""  # when the figures were last checked against the source
 
     def cost(self, usage: Usage) -> Decimal:
         """Exact cost of `usage`, rounded once to the micro-dollar."""
@@ -113,6 +114,7 @@ def _parse(data: dict[str, Any], origin: str) -> tuple[str, str, dict[str, Model
             cached_text_input=opt("cached_text_input"),
             cached_image_input=opt("cached_image_input"),
             source=str(entry.get("source", data.get("source", origin))),
+            checked_on=str(entry.get("checked_on", data.get("as_of", ""))),
         )
     return str(data.get("as_of", "unknown")), str(data.get("source", origin)), models
 

@@ -3,6 +3,10 @@
 The facts live in `pipeline/data/catalog.toml` (with the date and the source of each); a person
 can override or add models with their own TOML file (`Settings.catalog_file`), merged key by key
 over the built-in entry of the same name.
+
+A model's life cycle is dated (`deprecated_on`, `shutdown_on`, `replacement`); whether it is
+current, deprecated or gone on a day is computed (`ModelInfo.state_on`), and `shutdown_notices`
+says which models of a batch shut down soon or before the batch would finish.
 """
 
 from __future__ import annotations
@@ -12,25 +16,40 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pipeline import clock
 from pipeline.errors import ConfigError
+from pipeline.spec import COMPLEXITIES
 
 __all__ = [
-    "LIFECYCLES",
+    "COMPLEXITIES",
     "TRANSPARENCY",
     "Catalog",
+    "Lifecycle",
     "ModelInfo",
+    "SdkReview",
+    "ShutdownNotice",
     "SizeRule",
     "build_catalog",
     "load_catalog",
     "parse_size",
+    "shutdown_notices",
 ]
 
-LIFECYCLES = ("current", "deprecated", "retired")
+
+class Lifecycle(StrEnum):
+    """Where a model is in its life on a given day (computed from its dates)."""
+
+    CURRENT = "current"
+    DEPRECATED = "deprecated"  # its end is announced: it still answers, plan a move
+    GONE = "gone"  # shut down: the API no longer answers for it; refused at preflight
+
+
 TRANSPARENCY = ("supported", "preview", "unsupported")
 _SIZE_RE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
 
@@ -96,8 +115,8 @@ class ModelInfo:
     """What one model accepts, and where that knowledge comes from."""
 
     name: str
-    lifecycle: str
-    retired_on: dt.date | None
+    deprecated_on: dt.date | None
+    shutdown_on: dt.date | None
     replacement: str | None
     sizes: tuple[str, ...]
     size_rule: SizeRule | None
@@ -111,14 +130,36 @@ class ModelInfo:
     mask: bool
     markup: bool
     source: str
+    # The parameters added by openai 3.57. None: the catalogue does not know whether the model
+    # takes it (preflight says so and passes the value through); () / False: it does not.
+    complexity: tuple[str, ...] | None = None
+    gif: bool | None = None
+    svg: bool | None = None
+    params_source: str | None = None  # where the three facts above come from
+
+    def state_on(self, day: dt.date) -> Lifecycle:
+        """Current, deprecated or gone on `day`."""
+        if self.shutdown_on is not None and day >= self.shutdown_on:
+            return Lifecycle.GONE
+        if self.deprecated_on is not None:
+            return Lifecycle.DEPRECATED if day >= self.deprecated_on else Lifecycle.CURRENT
+        # A shutdown date with no announcement date is itself the announcement.
+        return Lifecycle.DEPRECATED if self.shutdown_on is not None else Lifecycle.CURRENT
 
     @property
-    def retired(self) -> bool:
-        return self.lifecycle == "retired"
+    def state(self) -> Lifecycle:
+        """The state today (`pipeline.clock.today()`)."""
+        return self.state_on(clock.today())
 
-    @property
-    def deprecated(self) -> bool:
-        return self.lifecycle == "deprecated"
+    def gone_reason(self) -> str:
+        """What preflight says about a gone model: the date, the replacement, the switch."""
+        text = f"model {self.name} was shut down on {self.shutdown_on}"
+        if self.replacement:
+            text += (
+                f": use {self.replacement} instead (--model-map "
+                f"{self.name}={self.replacement} switches every row)"
+            )
+        return text
 
     def check_size(self, size: str) -> str | None:
         """None when `size` is accepted, else the reason (naming what would be accepted)."""
@@ -147,6 +188,19 @@ class ModelInfo:
         return None
 
 
+@dataclass(frozen=True)
+class SdkReview:
+    """What the catalogue was last checked against: the openai SDK version, and the SDK's edit
+    parameters and models the project leaves out on purpose (name -> why).
+
+    `tests/unit/intake/test_sdk_drift.py` holds the installed SDK against it.
+    """
+
+    version: str
+    ignored_params: Mapping[str, str]
+    ignored_models: Mapping[str, str]
+
+
 @dataclass(frozen=True, eq=False)
 class Catalog:
     """All known models. `as_of` is the date the facts were checked."""
@@ -154,6 +208,7 @@ class Catalog:
     as_of: str
     models: Mapping[str, ModelInfo]
     source: str = ""
+    sdk: SdkReview | None = None
 
     def get(self, name: str) -> ModelInfo | None:
         return self.models.get(name)
@@ -162,16 +217,22 @@ class Catalog:
         """Every model name, sorted."""
         return tuple(sorted(self.models))
 
-    def usable(self) -> tuple[str, ...]:
-        """Models that can still be called (current and deprecated), sorted."""
-        return tuple(n for n in self.names() if not self.models[n].retired)
+    def usable(self, day: dt.date | None = None) -> tuple[str, ...]:
+        """Models that can still be called on `day` (default today): not gone, sorted."""
+        on = day or clock.today()
+        return tuple(n for n in self.names() if self.models[n].state_on(on) != Lifecycle.GONE)
 
-    def current(self) -> tuple[str, ...]:
-        """Models in the `current` lifecycle, sorted."""
-        return tuple(n for n in self.names() if self.models[n].lifecycle == "current")
+    def current(self, day: dt.date | None = None) -> tuple[str, ...]:
+        """Models current on `day` (default today), sorted."""
+        on = day or clock.today()
+        return tuple(n for n in self.names() if self.models[n].state_on(on) == Lifecycle.CURRENT)
 
     def with_markup(self) -> tuple[str, ...]:
         return tuple(n for n in self.usable() if self.models[n].markup)
+
+    def known_to_take(self, param: str) -> tuple[str, ...]:
+        """Usable models the catalogue knows to take `param` ("complexity", "gif", "svg")."""
+        return tuple(n for n in self.usable() if getattr(self.models[n], param))
 
     def __contains__(self, name: object) -> bool:
         return name in self.models
@@ -186,8 +247,8 @@ class Catalog:
 # --- loading -----------------------------------------------------------------------------
 
 _MODEL_KEYS = {
-    "lifecycle",
-    "retired_on",
+    "deprecated_on",
+    "shutdown_on",
     "replacement",
     "sizes",
     "size_rule",
@@ -201,9 +262,14 @@ _MODEL_KEYS = {
     "mask",
     "markup",
     "source",
+    "complexity",
+    "gif",
+    "svg",
+    "params_source",
 }
 _RULE_KEYS = {"multiple", "max_aspect", "max_long_side", "max_short_side", "experimental_above"}
-_TOP_KEYS = {"as_of", "source", "defaults", "models"}
+_TOP_KEYS = {"as_of", "source", "defaults", "models", "sdk"}
+_SDK_KEYS = {"version", "ignored_params", "ignored_models"}
 
 
 class _Reader:
@@ -246,6 +312,19 @@ class _Reader:
         if value not in choices:
             raise self.fail(key, "one of " + ", ".join(choices))
         return str(value)
+
+    def optional_flag(self, key: str) -> bool | None:
+        """None when the key is left out (unknown), else true or false."""
+        return None if key not in self.data else self.flag(key)
+
+    def optional_choices(self, key: str, choices: tuple[str, ...]) -> tuple[str, ...] | None:
+        """None when the key is left out (unknown); else a list drawn from `choices`."""
+        if key not in self.data:
+            return None
+        values = self.strings(key)
+        if not set(values) <= set(choices):
+            raise self.fail(key, "a list drawn from " + ", ".join(choices) + " ([] for none)")
+        return values
 
     def optional_text(self, key: str) -> str | None:
         value = self.data.get(key)
@@ -302,6 +381,12 @@ class _Reader:
 
 
 def _model(name: str, data: Mapping[str, Any], origin: str) -> ModelInfo:
+    if "lifecycle" in data or "retired_on" in data:
+        raise ConfigError(
+            f"{origin}: model {name!r}: `lifecycle` and `retired_on` are no longer read: a "
+            "model's state is computed from its dates. Write `shutdown_on = YYYY-MM-DD` (and "
+            "`deprecated_on`, `replacement`) instead"
+        )
     unknown = set(data) - _MODEL_KEYS
     if unknown:
         raise ConfigError(
@@ -309,18 +394,24 @@ def _model(name: str, data: Mapping[str, Any], origin: str) -> ModelInfo:
             f"(known: {', '.join(sorted(_MODEL_KEYS))})"
         )
     r = _Reader(origin, name, data)
-    lifecycle = r.choice("lifecycle", LIFECYCLES)
-    retired_on = r.optional_date("retired_on")
-    if lifecycle == "retired" and retired_on is None:
-        raise ConfigError(f"{origin}: model {name!r} is retired but has no retired_on date")
+    deprecated_on = r.optional_date("deprecated_on")
+    shutdown_on = r.optional_date("shutdown_on")
+    if deprecated_on and shutdown_on and deprecated_on > shutdown_on:
+        raise ConfigError(
+            f"{origin}: model {name!r}: deprecated_on {deprecated_on} is after shutdown_on "
+            f"{shutdown_on}"
+        )
     sizes = r.strings("sizes")
     for size in sizes:
         if size != "auto" and parse_size(size) is None:
             raise r.fail("sizes", "sizes such as '1024x1024' or 'auto'")
+    for special in ("gif", "svg"):
+        if special in r.strings("output_formats"):
+            raise r.fail("output_formats", f"png, webp, jpeg (say {special} = true instead)")
     return ModelInfo(
         name=name,
-        lifecycle=lifecycle,
-        retired_on=retired_on,
+        deprecated_on=deprecated_on,
+        shutdown_on=shutdown_on,
         replacement=r.optional_text("replacement"),
         sizes=sizes,
         size_rule=r.size_rule(),
@@ -334,6 +425,42 @@ def _model(name: str, data: Mapping[str, Any], origin: str) -> ModelInfo:
         mask=r.flag("mask"),
         markup=r.flag("markup"),
         source=r.optional_text("source") or origin,
+        complexity=r.optional_choices("complexity", COMPLEXITIES),
+        gif=r.optional_flag("gif"),
+        svg=r.optional_flag("svg"),
+        params_source=r.optional_text("params_source"),
+    )
+
+
+def _reasons(table: Any, key: str) -> dict[str, str]:
+    origin = "built-in catalogue: [sdk]"
+    if table is None:
+        return {}
+    if not isinstance(table, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in table.items()
+    ):
+        raise ConfigError(f"{origin}: {key} must map each name to the reason (a string)")
+    return dict(table)
+
+
+def _sdk(data: Any) -> SdkReview | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError("built-in catalogue: [sdk] must be a table")
+    unknown = set(data) - _SDK_KEYS
+    if unknown:
+        raise ConfigError(
+            f"built-in catalogue: [sdk]: unknown key(s) {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(sorted(_SDK_KEYS))})"
+        )
+    version = data.get("version")
+    if not isinstance(version, str) or not version:
+        raise ConfigError('built-in catalogue: [sdk] needs version = "X.Y.Z" (a string)')
+    return SdkReview(
+        version=version,
+        ignored_params=_reasons(data.get("ignored_params"), "ignored_params"),
+        ignored_models=_reasons(data.get("ignored_models"), "ignored_models"),
     )
 
 
@@ -395,6 +522,11 @@ def build_catalog(
     source = str(builtin.get("source", "built-in catalogue"))
     if override is not None:
         o_defaults, o_models = _tables(override, override_origin)
+        if "sdk" in override:
+            raise ConfigError(
+                f"{override_origin}: [sdk] is only read from the built-in catalogue (it records "
+                "what the project checked against the installed openai SDK)"
+            )
         if o_defaults:
             raise ConfigError(
                 f"{override_origin}: [defaults] is only read from the built-in catalogue; "
@@ -407,7 +539,7 @@ def build_catalog(
             as_of = f"{override['as_of']} (overrides) / {as_of}"
         source = f"{override.get('source', override_origin)}; {source}"
     infos = {name: _model(name, entry, origins[name]) for name, entry in raw.items()}
-    return Catalog(as_of=as_of, models=infos, source=source)
+    return Catalog(as_of=as_of, models=infos, source=source, sdk=_sdk(builtin.get("sdk")))
 
 
 @lru_cache(maxsize=1)
@@ -423,3 +555,63 @@ def load_catalog(override: Path | None = None) -> Catalog:
     if override is None:
         return _default_catalog()
     return build_catalog(_builtin_data(), _read_toml(override), str(override))
+
+
+@dataclass(frozen=True)
+class ShutdownNotice:
+    """A model of a batch that shuts down soon: when, what replaces it, and whether the batch
+    would still be running then."""
+
+    model: str
+    shutdown_on: dt.date
+    days_left: int
+    replacement: str | None
+    straddles: bool  # the batch's estimated finish is on or after the shutdown
+    rows: int
+
+    def text(self, batch_id: int | None = None) -> str:
+        """One line for a person: what happens, and the command that switches."""
+        when = (
+            "today"
+            if self.days_left == 0
+            else ("tomorrow" if self.days_left == 1 else f"in {self.days_left} days")
+        )
+        line = f"{self.model} ({self.rows} rows) shuts down on {self.shutdown_on} ({when})"
+        if self.straddles:
+            line += (
+                ": this batch would straddle the shutdown (its estimated finish is later), so "
+                "its last jobs would be held"
+            )
+        if self.replacement:
+            switch = f"--model-map {self.model}={self.replacement}"
+            line += f"; replacement {self.replacement}: switch with `{switch}`"
+            if batch_id is not None:
+                line += f" (on this batch: `editbatch resume {batch_id} {switch}`)"
+        return line
+
+
+def shutdown_notices(
+    catalog: Catalog,
+    rows_by_model: Mapping[str, int],
+    *,
+    warn_days: int,
+    finish: dt.datetime | None = None,
+    today: dt.date | None = None,
+) -> list[ShutdownNotice]:
+    """Models of a batch that shut down within `warn_days` of `today`, or before `finish` (the
+    batch's estimated end, UTC). Gone models are not here: preflight refuses their rows."""
+    day = today or clock.today()
+    notices = []
+    for model, rows in sorted(rows_by_model.items()):
+        info = catalog.get(model)
+        if info is None or info.shutdown_on is None or info.state_on(day) == Lifecycle.GONE:
+            continue
+        days_left = (info.shutdown_on - day).days
+        straddles = finish is not None and finish.date() >= info.shutdown_on
+        if days_left <= warn_days or straddles:
+            notices.append(
+                ShutdownNotice(
+                    model, info.shutdown_on, days_left, info.replacement, straddles, rows
+                )
+            )
+    return notices

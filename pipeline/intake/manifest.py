@@ -46,19 +46,36 @@ EDIT_FIELDS = (
     "output",
     "mask_mode",
     "mask_feather",
+    "complexity",
+    "frame_count",
+    "frame_duration_ms",
+    "svg_model",
+    "svg_effort",
 )
+# Defaults (CLI options) of these fields apply only to the rows of that output format: a
+# batch-wide --frame-count must not turn every PNG row into an error.
+FORMAT_DEFAULTS = {
+    "frame_count": "gif",
+    "frame_duration_ms": "gif",
+    "svg_model": "svg",
+    "svg_effort": "svg",
+}
 REQUIRED_FIELDS = ("image", "prompt")
 REF_FIELDS = ("image", "mask", "markup")
 IMAGE_SEPARATOR = "|"
-OUTPUT_FORMATS = ("png", "webp", "jpeg")
+
+
+DEFAULT_MODEL = "gpt-image-2.5-sunburst"
 
 
 @dataclass(frozen=True)
 class Defaults:
-    """Batch-wide values for fields a row leaves empty (from CLI options)."""
+    """Batch-wide values for fields a row leaves empty (from CLI options), and models to
+    replace (`--model-map OLD=NEW`: a row naming OLD, or taking it as the default, gets NEW)."""
 
-    model: str = "gpt-image-1.5"
+    model: str = DEFAULT_MODEL
     values: Mapping[str, Any] = field(default_factory=dict)
+    model_map: Mapping[str, str] = field(default_factory=dict)
 
 
 def detect_format(path: Path) -> str:
@@ -220,6 +237,10 @@ def parse_row(
     def err(field_name: str, reason: str) -> None:
         errors.append(RowError(row, field_name, reason, key))
 
+    if isinstance(raw.get("svg"), dict):
+        # The API's nested object; a manifest has flat columns (a CSV cannot nest).
+        err("svg", "give the svg object as the columns svg_model and svg_effort")
+
     for name in REQUIRED_FIELDS:
         if name not in raw and name not in defaults.values:
             err(name, f"missing required column '{name}'")
@@ -256,6 +277,11 @@ def parse_row(
     output_format = (_text(merged.get("output_format")) or "png").lower()
     if output_format == "jpg":
         output_format = "jpeg"
+    for name, fmt in FORMAT_DEFAULTS.items():
+        if output_format != fmt and name in defaults.values and _text(raw.get(name)) is None:
+            merged.pop(name, None)
+    frame_count = as_int("frame_count")
+    frame_duration = as_int("frame_duration_ms")
     mask_mode = (_text(merged.get("mask_mode")) or "guide").lower()
     if mask_mode not in MASK_MODES:
         err("mask_mode", f"expected one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
@@ -280,12 +306,13 @@ def parse_row(
 
     mask = _text(merged.get("mask"))
     markup = _text(merged.get("markup"))
+    model = _text(merged.get("model")) or defaults.model
     return EditSpec(
         row=row,
         key=key,
         images=tuple(local(p) for p in images),
         prompt=prompt_text,
-        model=_text(merged.get("model")) or defaults.model,
+        model=defaults.model_map.get(model, model),
         mask=local(mask) if mask else None,
         markup=local(markup) if markup else None,
         size=(_text(merged.get("size")) or "auto").lower(),
@@ -299,6 +326,11 @@ def parse_row(
         mask_mode=mask_mode,
         mask_feather=feather or 0,
         metadata=metadata,
+        complexity=(_text(merged.get("complexity")) or "").lower() or None,
+        frame_count=frame_count,
+        frame_duration_ms=frame_duration,
+        svg_model=_text(merged.get("svg_model")),
+        svg_effort=(_text(merged.get("svg_effort")) or "").lower() or None,
     )
 
 

@@ -36,10 +36,11 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline import clock
 from pipeline.errors import ConfigError, RowError
 from pipeline.files import write_atomic
-from pipeline.intake.catalog import Catalog, ModelInfo, parse_size
-from pipeline.spec import EditSpec
+from pipeline.intake.catalog import Catalog, Lifecycle, ModelInfo, parse_size
+from pipeline.spec import COMPLEXITIES, OUTPUT_FORMATS, SVG_EFFORTS, EditSpec
 
 __all__ = [
     "BACKGROUNDS",
@@ -65,9 +66,13 @@ GENERIC_MAX_N = 10
 GENERIC_QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto")
 INPUT_FIDELITIES = ("high", "low")
 BACKGROUNDS = ("transparent", "opaque", "auto")
-OUTPUT_FORMATS = ("png", "webp", "jpeg")
 COMPRESSIBLE_FORMATS = ("jpeg", "webp")
 TRANSPARENT_FORMATS = ("png", "webp")
+
+GIF_FRAMES = (2, 16)  # frame_count, inclusive (openai 3.57)
+GIF_FRAME_STEP_MS = 10  # the API rounds frame_duration_ms to the nearest 10 ms ...
+GIF_FRAME_MAX_MS = 655_350  # ... and caps it here
+_SPECIAL_FORMATS = {"gif": "GIF", "svg": "SVG"}
 
 # Pillow format name -> the API's name. MPO is the multi-picture JPEG many cameras write.
 _ACCEPTED = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp"}
@@ -181,6 +186,7 @@ class Preflight:
             raise ConfigError("preflight needs at least one allowed folder (allowed_roots)")
         self.options = options
         self.catalog = options.catalog
+        self.today = clock.today()  # one date for the whole batch: which models are gone
         self.stats = PreflightStats()
         real_roots = (os.path.realpath(r) for r in options.allowed_roots)
         self._roots = tuple((r, r.rstrip(os.sep) + os.sep) for r in real_roots)  # (root, prefix)
@@ -258,7 +264,7 @@ class Preflight:
                     "only generic checks were made"
                 )
             else:
-                usable = self.catalog.usable()
+                usable = self.catalog.usable(self.today)
                 close = difflib.get_close_matches(name, usable, n=1)
                 hint = f"did you mean {close[0]}? " if close else ""
                 err(
@@ -267,13 +273,10 @@ class Preflight:
                     "(add it with a catalogue file, or pass --allow-unknown-model)",
                 )
             return None
-        if info.retired:
-            instead = f": use {info.replacement} instead" if info.replacement else ""
-            err("model", f"model {name} was retired on {info.retired_on}{instead}")
+        if info.state_on(self.today) == Lifecycle.GONE:
+            err("model", info.gone_reason())
             return None  # its own rules no longer matter; generic ones still find other problems
-        if info.deprecated:
-            instead = f"; plan a move to {info.replacement}" if info.replacement else ""
-            notes.append(f"model {name} is deprecated{instead}")
+        # A shutdown ahead is said once per batch (catalog.shutdown_notices), not per row.
         return info
 
     def _check_params(
@@ -321,12 +324,15 @@ class Preflight:
 
         # output_format, background, output_compression
         fmt = spec.output_format
-        formats = info.output_formats if info is not None else OUTPUT_FORMATS
-        if fmt not in formats:
-            err(
-                "output_format",
-                f"output_format {fmt!r} is not available{on}: use one of {', '.join(formats)}",
-            )
+        if fmt in _SPECIAL_FORMATS:
+            self._check_special_format(spec, info, err, notes)
+        else:
+            formats = info.output_formats if info is not None else OUTPUT_FORMATS
+            if fmt not in formats:
+                err(
+                    "output_format",
+                    f"output_format {fmt!r} is not available{on}: use one of {', '.join(formats)}",
+                )
         background = spec.background
         if background is not None:
             if background not in BACKGROUNDS:
@@ -386,6 +392,133 @@ class Preflight:
             err("markup", f"{spec.model} does not take markup (models that do: {takers})")
         if spec.mask_mode == "strict" and spec.mask is None:
             err("mask_mode", "mask_mode strict needs a mask: add one, or use mask_mode guide")
+
+        self._check_complexity(spec, info, err, notes)
+        self._check_gif(spec, err, notes)
+        self._check_svg(spec, err)
+
+    def _check_complexity(
+        self,
+        spec: EditSpec,
+        info: ModelInfo | None,
+        err: Callable[[str, str], None],
+        notes: list[str],
+    ) -> None:
+        value = spec.complexity
+        if value is None:
+            return
+        if value not in COMPLEXITIES:
+            err("complexity", f"complexity {value!r} is not one of {', '.join(COMPLEXITIES)}")
+            return
+        if info is None:
+            return  # an unknown model: the note about generic checks covers it
+        if info.complexity is None:
+            notes.append(
+                f"the catalogue does not know whether {spec.model} takes complexity: "
+                f"complexity={value} is passed through as given"
+            )
+        elif not info.complexity:
+            err("complexity", f"{spec.model} does not take complexity: omit it (leave it empty)")
+        elif value not in info.complexity:
+            err(
+                "complexity",
+                f"complexity {value!r} is not available on {spec.model}: use one of "
+                f"{', '.join(info.complexity)}",
+            )
+
+    def _check_special_format(
+        self,
+        spec: EditSpec,
+        info: ModelInfo | None,
+        err: Callable[[str, str], None],
+        notes: list[str],
+    ) -> None:
+        """output_format gif or svg: known to work, known not to, or not known (passed on)."""
+        fmt = spec.output_format
+        if info is None:
+            return
+        known: bool | None = getattr(info, fmt)
+        label = _SPECIAL_FORMATS[fmt]
+        if known is False:
+            takers = ", ".join(self.catalog.known_to_take(fmt)) or "none in the catalogue"
+            usual = ", ".join(info.output_formats)
+            err(
+                "output_format",
+                f"{spec.model} does not make {label} output: use one of {usual} "
+                f"(models known to make {label}: {takers})",
+            )
+        elif known is None:
+            notes.append(
+                f"the catalogue does not know whether {spec.model} makes {label} output: "
+                f"output_format {fmt} is passed through (the API refuses it without {label} "
+                f"access on your project; say {fmt} = true or false for {spec.model} in a "
+                "catalogue file)"
+            )
+
+    def _check_gif(self, spec: EditSpec, err: Callable[[str, str], None], notes: list[str]) -> None:
+        gif = spec.output_format == "gif"
+        for name in ("frame_count", "frame_duration_ms"):
+            if getattr(spec, name) is not None and not gif:
+                err(
+                    name,
+                    f"{name} applies only to output_format gif (output_format is "
+                    f"{spec.output_format}): remove it, or set output_format gif",
+                )
+        if not gif:
+            return
+        low, high = GIF_FRAMES
+        if spec.frame_count is not None and not low <= spec.frame_count <= high:
+            err("frame_count", f"frame_count must be {low}..{high}, got {spec.frame_count}")
+        duration = spec.frame_duration_ms
+        if duration is not None:
+            step = GIF_FRAME_STEP_MS
+            sent = min(GIF_FRAME_MAX_MS, (duration + step // 2) // step * step)
+            if duration < 1:
+                err("frame_duration_ms", f"frame_duration_ms must be 1 or more, got {duration}")
+            elif sent != duration:
+                notes.append(
+                    f"frame_duration_ms {duration} becomes {max(sent, step)} ms (the API rounds "
+                    f"to {step} ms and caps at {GIF_FRAME_MAX_MS:,})"
+                )
+        if spec.mask is not None:
+            err("mask", "GIF output takes no mask: remove the mask, or choose png, webp or jpeg")
+
+    def _check_svg(self, spec: EditSpec, err: Callable[[str, str], None]) -> None:
+        svg = spec.output_format == "svg"
+        for name in ("svg_model", "svg_effort"):
+            if getattr(spec, name) is not None and not svg:
+                err(
+                    name,
+                    f"{name} applies only to output_format svg (output_format is "
+                    f"{spec.output_format}): remove it, or set output_format svg",
+                )
+        if not svg:
+            return
+        if spec.svg_effort is not None and spec.svg_effort not in SVG_EFFORTS:
+            err(
+                "svg_effort",
+                f"svg_effort {spec.svg_effort!r} is not one of {', '.join(SVG_EFFORTS)}",
+            )
+        if spec.n != 1:
+            err("n", f"SVG output takes n = 1, got {spec.n}: one row per SVG")
+        if spec.mask_mode == "strict":
+            err(
+                "mask_mode",
+                "mask_mode strict puts source pixels back into a raster output, and SVG is not "
+                "one: use mask_mode guide, or png, webp or jpeg output",
+            )
+
+    def check_model_rules(self, spec: EditSpec) -> list[RowError]:
+        """The model's rules alone (no file is read): for a job moved to another model
+        (`resume --model-map`), whose files were checked when it was submitted."""
+        errors: list[RowError] = []
+
+        def err(field_name: str, reason: str) -> None:
+            errors.append(RowError(spec.row, field_name, reason, spec.key))
+
+        info = self._check_model(spec, err, [])
+        self._check_params(spec, info, err, [])
+        return errors
 
     # --- files ------------------------------------------------------------------------------
 

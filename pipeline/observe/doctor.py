@@ -9,7 +9,7 @@
     api key        set, and accepted (not 401)
     model M        each model of the manifest (or the default model) is available to this key
                    and organization (404: not for this key; 403: the organization must be
-                   verified); retired or deprecated in the catalogue
+                   verified); gone, or shutting down by tomorrow, in the catalogue
     data           the price table and the catalogue are not older than
                    EDITBATCH_MAX_DATA_AGE_DAYS
     rate limit     (--probe) one low-quality edit, paid and shown first: the account's limit
@@ -29,10 +29,11 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any
 
+from pipeline import clock
 from pipeline.errors import ConfigError, EditbatchError
 from pipeline.settings import CONFIG_VARIABLE, Settings, variable
 
@@ -85,7 +86,7 @@ class Context:
     models: tuple[str, ...] = ()  # the manifest's models (empty: the default model)
     ping_workers: Callable[[], list[WorkerInfo]] | None = None
     probe_edit: Callable[[Settings], Check] | None = None  # --probe, after the price was agreed
-    today: date = field(default_factory=lambda: datetime.now(UTC).date())
+    today: date = field(default_factory=clock.today)
     settings: Settings | None = None
 
 
@@ -114,7 +115,8 @@ def check_settings(ctx: Context) -> list[Check]:
         ctx.settings = ctx.load_settings()
     except ConfigError as exc:
         return [Check("settings", False, str(exc), "correct the value(s) named above")]
-    known = {variable(name) for name in Settings.model_fields} | {CONFIG_VARIABLE}
+    # Read outside the settings model: the TOML file's name, and the clock's pinned date.
+    known = {variable(name) for name in Settings.model_fields} | {CONFIG_VARIABLE, clock.ENV}
     unknown = sorted(
         name
         for name in os.environ
@@ -312,7 +314,7 @@ def check_key(ctx: Context) -> list[Check]:
 
 
 def check_models(ctx: Context) -> list[Check]:
-    from pipeline.intake.catalog import load_catalog
+    from pipeline.intake.catalog import Lifecycle, load_catalog
 
     assert ctx.settings is not None
     models = ctx.models or (ctx.settings.default_model,)
@@ -322,9 +324,25 @@ def check_models(ctx: Context) -> list[Check]:
     for model in sorted(set(models)):
         name = f"model {model}"
         info = catalog.get(model)
-        if info is not None and info.retired:
-            instead = f"use {info.replacement}" if info.replacement else "use a current model"
-            results.append(Check(name, False, f"retired on {info.retired_on}", instead))
+        if info is not None and info.state_on(ctx.today) == Lifecycle.GONE:
+            results.append(Check(name, False, info.gone_reason(), "move the rows to another model"))
+            continue
+        ends_soon = (
+            info is not None
+            and info.shutdown_on is not None
+            and (info.shutdown_on - ctx.today).days <= 1
+        )
+        if ends_soon:
+            assert info is not None
+            instead = f" to {info.replacement}" if info.replacement else ""
+            results.append(
+                Check(
+                    name,
+                    False,
+                    f"shuts down on {info.shutdown_on}: a night run from then on is refused",
+                    f"move the rows{instead} (--model-map {model}={info.replacement or 'NEW'})",
+                )
+            )
             continue
         answer = gateway.lookup(model)
         if answer.status == 401:
@@ -353,9 +371,10 @@ def check_models(ctx: Context) -> list[Check]:
             )
         elif not answer.ok:
             results.append(Check(name, False, f"not checked: {answer.describe()}", "see provider"))
-        elif info is not None and info.deprecated:
+        elif info is not None and info.state_on(ctx.today) == Lifecycle.DEPRECATED:
+            when = f" on {info.shutdown_on}" if info.shutdown_on else ""
             note = f"; replacement {info.replacement}" if info.replacement else ""
-            results.append(Check(name, True, f"available, but deprecated{note}: plan a move"))
+            results.append(Check(name, True, f"available; shuts down{when}{note}: plan a move"))
         else:
             results.append(Check(name, True, "available to this key"))
     return results

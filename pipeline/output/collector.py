@@ -22,6 +22,7 @@ from pipeline.db.session import Database
 from pipeline.errors import OutputNameError, StorageError
 from pipeline.intake.naming import render_name
 from pipeline.output import masks
+from pipeline.output.formats import describe, is_svg
 from pipeline.output.storage import Storage
 from pipeline.spec import EditSpec
 
@@ -51,7 +52,11 @@ def finish_output(spec: EditSpec, raw: bytes) -> tuple[bytes, dict[str, object]]
     Masked edits: the drift of the raw output (share of the protected area it changed) is
     measured. `mask_mode=strict`: the output is brought back to the source's size and every
     protected pixel (outside the feather band) is put back exactly, in the requested format.
+    An SVG output is kept as it came (no pixels to measure; preflight refuses strict masks
+    for SVG, and GIF output takes no mask).
     """
+    if is_svg(raw):
+        return raw, _describe(raw, spec, None)
     drift: float | None = None
     img: Image.Image
     with Image.open(io.BytesIO(raw)) as img:
@@ -71,13 +76,13 @@ def finish_output(spec: EditSpec, raw: bytes) -> tuple[bytes, dict[str, object]]
 
 
 def _describe(raw: bytes, spec: EditSpec, drift: float | None) -> dict[str, object]:
-    with Image.open(io.BytesIO(raw)) as img:
-        return {
-            "width": img.size[0],
-            "height": img.size[1],
-            "format": (img.format or spec.output_format).lower(),
-            "drift": drift,
-        }
+    described = describe(raw)
+    return {
+        "width": described.width,
+        "height": described.height,
+        "format": described.format or spec.output_format,
+        "drift": drift,
+    }
 
 
 def _encode(img: Image.Image, spec: EditSpec) -> bytes:
@@ -154,15 +159,15 @@ def collect_job(db: Database, job_id: int, storages: StorageCache) -> int:
                 else:  # already post-processed when it was first bought
                     data, meta = raw, _describe(raw, spec, out.drift)
                 uri = storage.write(name, data)
-            except (StorageError, OutputNameError, OSError) as exc:
+            except (StorageError, OutputNameError, OSError, ValueError) as exc:
                 out.collect_error = str(exc)
                 log.warning("job %s output %s not collected: %s", job_id, out.index, exc)
                 continue
             out.uri = uri
             out.sha256 = hashlib.sha256(data).hexdigest()
             out.bytes = len(data)
-            out.width = int(str(meta["width"]))
-            out.height = int(str(meta["height"]))
+            out.width = meta["width"] if isinstance(meta["width"], int) else None
+            out.height = meta["height"] if isinstance(meta["height"], int) else None
             out.format = str(meta["format"])
             out.drift = meta["drift"] if isinstance(meta["drift"], float) else None
             out.collected_at = utcnow()

@@ -1,5 +1,8 @@
 """The batch report: one row per job (the user's id, state, outputs, cost, error), CSV and JSON.
 
+Per output, in the order of `outputs`: its sha256, format (png, webp, jpeg, gif, svg), bytes and
+size ("WxH"; empty for an SVG whose size its attributes do not give).
+
 CSV cells that a spreadsheet would run as a formula (starting with = + - @, tab or CR) are
 prefixed with a quote, so a hostile prompt or file name cannot execute in Excel.
 """
@@ -30,6 +33,9 @@ COLUMNS = (
     "cost_usd",
     "outputs",
     "sha256",
+    "formats",
+    "bytes",
+    "sizes",
     "mask_drift",
     "error_code",
     "error_message",
@@ -42,6 +48,10 @@ def safe_cell(value: Any) -> str:
     if text.startswith(FORMULA_START):
         return "'" + text
     return text
+
+
+def _size(width: int | None, height: int | None) -> str:
+    return "" if width is None or height is None else f"{width}x{height}"
 
 
 def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
@@ -71,13 +81,22 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
             if not chunk:
                 return
             ids = [r.id for r in chunk]
-            outputs: dict[int, list[tuple[str, str, float | None]]] = {}
-            for job_id, uri, sha, drift in session.execute(
-                select(Output.job_id, Output.uri, Output.sha256, Output.drift)
+            outputs: dict[int, list[Any]] = {}
+            for out in session.execute(
+                select(
+                    Output.job_id,
+                    Output.uri,
+                    Output.sha256,
+                    Output.format,
+                    Output.bytes,
+                    Output.width,
+                    Output.height,
+                    Output.drift,
+                )
                 .where(Output.job_id.in_(ids))
                 .order_by(Output.job_id, Output.index)
             ):
-                outputs.setdefault(job_id, []).append((uri or "", sha or "", drift))
+                outputs.setdefault(out.job_id, []).append(out)
         for r in chunk:
             outs = outputs.get(r.id, [])
             yield {
@@ -88,9 +107,12 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
                 "quality": r.quality,
                 "attempts": r.attempts,
                 "cost_usd": str(Decimal(str(r.cost_usd)).quantize(Decimal("0.000001"))),
-                "outputs": [u for u, _, _ in outs],
-                "sha256": [s for _, s, _ in outs],
-                "mask_drift": [f"{d:.4f}" for _, _, d in outs if d is not None],
+                "outputs": [o.uri or "" for o in outs],
+                "sha256": [o.sha256 or "" for o in outs],
+                "formats": [o.format or "" for o in outs],
+                "bytes": ["" if o.bytes is None else str(o.bytes) for o in outs],
+                "sizes": [_size(o.width, o.height) for o in outs],
+                "mask_drift": [f"{o.drift:.4f}" for o in outs if o.drift is not None],
                 "error_code": r.last_error_code,
                 "error_message": r.last_error_message,
             }

@@ -10,6 +10,7 @@ import httpx2
 from pipeline.cost.pricing import load_prices
 from pipeline.db.session import Database
 from pipeline.errors import StorageError
+from pipeline.intake.catalog import load_catalog
 from pipeline.observe import webhook
 from pipeline.output.collector import StorageCache
 from pipeline.output.report import write_report
@@ -69,6 +70,7 @@ def build_deps(
         prices=load_prices(settings.prices_file),
         limiter=limiter,
         breaker=breaker or local_breaker(settings),
+        catalog=load_catalog(settings.catalog_file),
         on_batch_finished=on_finished,
         on_outage=on_outage,
         storages=storages,

@@ -31,7 +31,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import NoReturn
 
-from PIL import Image
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 
@@ -42,12 +41,14 @@ from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
 from pipeline.db.session import Database
 from pipeline.errors import EditbatchError, PermitTimeout, StorageError
+from pipeline.files import image_sizes
+from pipeline.intake.catalog import Catalog, load_catalog
 from pipeline.observe import metrics
 from pipeline.output import collector, spool
 from pipeline.run.breaker import Breaker, Trip, hold_for_outage, is_outage
 from pipeline.run.gateway import CallOutcome, Gateway
 from pipeline.run.ratelimit import Limiter
-from pipeline.run.retry import RetryPolicy, persist
+from pipeline.run.retry import RetryPolicy, hold_code, persist
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
 from pipeline.states import AttemptOutcome, HoldCode, JobState
@@ -68,6 +69,7 @@ class Deps:
     prices: PriceTable
     limiter: Limiter
     breaker: Breaker
+    catalog: Catalog = field(default_factory=load_catalog)
     sleep: Callable[[float], None] = time.sleep
     on_batch_finished: Callable[[int], None] | None = None
     on_outage: Callable[[int], None] | None = None  # this process held a batch: start probing
@@ -183,7 +185,7 @@ def _load(deps: Deps, job_id: int, token: str) -> _Claimed:
         batch = session.get(Batch, row.batch_id)
         assert batch is not None
         spec = EditSpec.from_json(row.spec)
-        pixels = _input_pixels(spec)
+        pixels = image_sizes(spec.images)
         return _Claimed(
             job_id=job_id,
             token=token,
@@ -438,18 +440,6 @@ def _start_attempt(deps: Deps, job_id: int) -> int:
         return attempt.id
 
 
-def _input_pixels(spec: EditSpec) -> tuple[tuple[int, int], ...]:
-    """Each input image's size, from its header (for estimates); (0, 0) if unreadable."""
-    sizes = []
-    for path in spec.images:
-        try:
-            with Image.open(path) as img:
-                sizes.append(img.size)
-        except OSError:
-            sizes.append((0, 0))
-    return tuple(sizes)
-
-
 def _record(
     deps: Deps, job: _Claimed, attempt_id: int, outcome: CallOutcome, reservation: _Reservation
 ) -> None:
@@ -463,6 +453,11 @@ def _record(
         usage = fallback_usage(spec, len(outcome.images) or spec.n, job.pixels)
         estimated = True
     cost = deps.prices.cost(spec.model, usage) if usage is not None else None
+    if cost is not None and outcome.svg_usage is not None:
+        # SVG output: the author model's tokens are billed at its own rates; with no price for
+        # it the attempt's cost is unknown (flagged unpriced), never silently short.
+        author = deps.prices.cost(outcome.svg_author or "", outcome.svg_usage)
+        cost = None if author is None else cost + author
     metrics.observe_attempt(
         spec.model, outcome.kind, outcome.http_status, outcome.latency_ms / 1000.0, cost
     )
@@ -488,7 +483,7 @@ def _record(
             attempt.text_output_tokens = usage.text_output
         attempt.cost_usd = cost if cost is not None else Decimal(0)
         attempt.cost_estimated = estimated
-        attempt.priced = usage is None or cost is not None
+        attempt.priced = (usage is None and outcome.svg_usage is None) or cost is not None
         jobs.add_cost(session, job.job_id, attempt.cost_usd)
         if reservation.active:
             if cost is not None:
@@ -521,8 +516,10 @@ def _settle(deps: Deps, job: _Claimed, outcome: CallOutcome, tally: _Tally) -> J
     message = outcome.error_message or outcome.error_code or "unknown error"
     code = outcome.error_code or outcome.error_type
     if outcome.kind == AttemptOutcome.HOLD:
+        hold = hold_code(outcome.http_status, outcome.error_code, outcome.error_param)
         reason = f"{outcome.http_status} {code}: {message}"
-        hold = HoldCode.QUOTA if outcome.http_status == 429 else HoldCode.AUTH
+        if hold == HoldCode.MODEL_UNAVAILABLE:
+            reason = _model_gone_reason(deps, job, reason)
         with deps.db.session() as session:
             jobs.hold_batch(session, job.batch_id, hold, reason)
             jobs.set_state(
@@ -559,6 +556,25 @@ def _outage_before_the_trip(deps: Deps, job: _Claimed, outcome: CallOutcome, tal
     if deps.breaker.streak() < tally.outage_calls:
         return False
     return deps.gateway.probe(job.spec.model) is not None
+
+
+def _model_gone_reason(deps: Deps, job: _Claimed, answer: str) -> str:
+    """The hold reason for a model the API no longer serves: the model, the catalogue's
+    replacement and the command that moves the batch to it."""
+    model = job.spec.model
+    info = deps.catalog.get(model)
+    replacement = info.replacement if info is not None else None
+    text = f"model {model} is not available (the API answered {answer})"
+    if replacement:
+        return (
+            f"{text}; the catalogue's replacement is {replacement}: move the unfinished jobs "
+            f"with `editbatch resume {job.batch_id} --model-map {model}={replacement}`"
+        )
+    return (
+        f"{text}; move the unfinished jobs to another model with "
+        f"`editbatch resume {job.batch_id} --model-map {model}=NEW_MODEL` (`editbatch models` "
+        "lists them)"
+    )
 
 
 def _succeed(deps: Deps, job: _Claimed, outcome: CallOutcome) -> JobResult:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +16,10 @@ from typing import Any
 
 import httpx2
 import openai
-from PIL import Image
 
 from pipeline.cost.pricing import Usage
 from pipeline.errors import ConfigError, EditbatchError
+from pipeline.output.formats import unreadable
 from pipeline.run.retry import classify, parse_retry_after
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
@@ -43,11 +42,17 @@ class CallOutcome:
     request_id: str | None = None
     error_type: str | None = None
     error_code: str | None = None
+    error_param: str | None = None
     error_message: str | None = None
     retry_after: float | None = None
     usage: Usage | None = None
     images: tuple[bytes, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
+    # SVG output: the author model's own tokens, which the API reports apart from `usage`
+    # (`svg_usage`) and bills at that model's rates (priced by the executor when the price
+    # table has that model; otherwise the attempt is flagged unpriced).
+    svg_usage: Usage | None = None
+    svg_author: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,25 @@ def usage_from_response(usage: Any) -> Usage | None:
     )
 
 
+def svg_usage_from_response(svg_usage: Any) -> tuple[Usage | None, str | None]:
+    """The SVG author's tokens (as text in / text out, reasoning counted as output) and model,
+    from the SDK's `ImagesResponse.svg_usage`; (None, None) when the API sent none."""
+    if svg_usage is None:
+        return None, None
+    output = int(getattr(svg_usage, "output_tokens", 0) or 0)
+    reasoning = int(getattr(svg_usage, "reasoning_tokens", 0) or 0)
+    # Reasoning tokens are usually counted inside output_tokens (as in the Responses API);
+    # only a larger figure is taken, so they are never counted twice.
+    usage = Usage(
+        text_input=int(getattr(svg_usage, "input_tokens", 0) or 0),
+        text_output=max(output, reasoning),
+    )
+    model = getattr(svg_usage, "model", None)
+    return usage, str(model) if model else None
+
+
 def decode_images(data: list[Any]) -> tuple[bytes, ...] | str:
-    """The decoded image bytes, or a reason why the response's images are unusable."""
+    """The decoded outputs (raster images, or SVG documents), or why they are unusable."""
     images: list[bytes] = []
     for i, item in enumerate(data or [], start=1):
         b64 = getattr(item, "b64_json", None)
@@ -122,11 +144,9 @@ def decode_images(data: list[Any]) -> tuple[bytes, ...] | str:
             raw = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
             return f"image {i}: invalid base64"
-        try:
-            with Image.open(io.BytesIO(raw)) as img:
-                img.verify()
-        except Exception as exc:  # Pillow raises many types for bad data
-            return f"image {i}: not a readable image ({type(exc).__name__})"
+        problem = unreadable(raw)
+        if problem is not None:
+            return f"image {i}: {problem}"
         images.append(raw)
     if not images:
         return "the response contained no images"
@@ -237,13 +257,15 @@ class Gateway:
                 error.get("code") if isinstance(error, dict) else None
             )
             message = error.get("message") if isinstance(error, dict) else None
+            param = error.get("param") if isinstance(error, dict) else None
             return CallOutcome(
-                kind=classify(exc.status_code, error_type, code),
+                kind=classify(exc.status_code, error_type, code, param),
                 latency_ms=elapsed(),
                 http_status=exc.status_code,
                 request_id=exc.request_id,
                 error_type=error_type or type(exc).__name__,
                 error_code=str(code) if code else None,
+                error_param=str(param) if param else None,
                 error_message=self._redact(str(message or exc.message))[:2000],
                 retry_after=parse_retry_after(exc.response.headers),
             )
@@ -288,6 +310,7 @@ class Gateway:
                 usage=usage,
                 headers=headers,
             )
+        svg_usage, svg_author = svg_usage_from_response(getattr(response, "svg_usage", None))
         return CallOutcome(
             kind=AttemptOutcome.OK,
             latency_ms=elapsed(),
@@ -296,6 +319,8 @@ class Gateway:
             usage=usage,
             images=decoded,
             headers=headers,
+            svg_usage=svg_usage,
+            svg_author=svg_author,
         )
 
 

@@ -7,6 +7,8 @@ What an answer means (`classify`, pure), per ARCHITECTURE.md's error classes:
       connection reset, an unreadable 200
     429 insufficient_quota (and the spend-limit codes)       HOLD       the batch stops; no retry
     401, 403                                                 HOLD
+    404 model_not_found, 400 with param "model"              HOLD       the model is gone (the
+                                                                        live API answers both ways)
     any other 4xx (invalid request, moderation_blocked)      FAILED     the job fails with the code
 
 How long it waits (`wait_api`): full-jitter exponential backoff (EDITBATCH_BACKOFF_BASE_SECONDS,
@@ -35,7 +37,7 @@ from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attem
 from tenacity.wait import wait_random_exponential
 
 from pipeline.settings import Settings
-from pipeline.states import AttemptOutcome
+from pipeline.states import AttemptOutcome, HoldCode
 
 log = logging.getLogger("editbatch.retry")
 
@@ -45,6 +47,8 @@ __all__ = [
     "REDELIVER_SECONDS",
     "RetryPolicy",
     "classify",
+    "hold_code",
+    "model_unavailable",
     "parse_retry_after",
     "persist",
     "redeliver_after",
@@ -72,10 +76,20 @@ REDELIVER_SECONDS = 2.0
 """After any other database error, the job is tried again this much later."""
 
 
-def classify(status: int | None, error_type: str | None, code: str | None) -> AttemptOutcome:
-    """Map an HTTP status and OpenAI error type/code to TRANSIENT, HOLD or FAILED (pure)."""
+def model_unavailable(status: int | None, code: str | None, param: str | None) -> bool:
+    """The API says the model does not exist (any more) or this key cannot use it: retrying
+    cannot help, and every job of that model would fail the same way."""
+    return (status == 404 and code == "model_not_found") or (status == 400 and param == "model")
+
+
+def classify(
+    status: int | None, error_type: str | None, code: str | None, param: str | None = None
+) -> AttemptOutcome:
+    """Map an HTTP status and OpenAI error type/code/param to TRANSIENT, HOLD or FAILED (pure)."""
     if status is None:
         return AttemptOutcome.TRANSIENT  # timeout, connection reset, unreadable body
+    if model_unavailable(status, code, param):
+        return AttemptOutcome.HOLD
     if status == 429:
         if error_type in QUOTA_CODES or code in QUOTA_CODES:
             return AttemptOutcome.HOLD
@@ -85,6 +99,15 @@ def classify(status: int | None, error_type: str | None, code: str | None) -> At
     if status in TRANSIENT_STATUSES or status >= 500:
         return AttemptOutcome.TRANSIENT
     return AttemptOutcome.FAILED
+
+
+def hold_code(status: int | None, code: str | None, param: str | None) -> HoldCode:
+    """Why a HOLD outcome stops the batch (`batches.hold_code`)."""
+    if model_unavailable(status, code, param):
+        return HoldCode.MODEL_UNAVAILABLE
+    if status == 429:
+        return HoldCode.QUOTA
+    return HoldCode.AUTH
 
 
 def parse_retry_after(headers: Any) -> float | None:

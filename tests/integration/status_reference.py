@@ -136,6 +136,7 @@ def reference_status(session: Session, batch_id: int, failures_limit: int = 20) 
         name=batch.name,
         state=batch.state,
         hold_reason=batch.hold_reason,
+        hold_code=batch.hold_code,
         created_at=batch.created_at,
         finished_at=batch.finished_at,
         output_uri=batch.output_uri,

@@ -38,7 +38,7 @@ def test_budget_holds_across_two_workers_and_resume_finishes(
             "OPENAI_API_KEY": FAKE_KEY,
         }
         full_env = {**os.environ, **env}
-        # one job costs (1 or 2 images) x medium 1024x1024 on gpt-image-1.5
+        # one job costs (1 or 2 images) x medium 1024x1024 on gpt-image-2.5-sunburst
         est = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "estimate", str(manifest), "--json"],
             env=full_env,

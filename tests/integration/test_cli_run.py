@@ -48,6 +48,11 @@ def test_quick_start_example_runs_end_to_end(tmp_path: Path) -> None:
     assert status["state"] == "finished"
     assert status["counts"]["succeeded"] == status["jobs_total"] == 12
     assert status["cost_usd"] != "0"
+    # The example runs on current models, two of them (and shows masks and n=2).
+    assert {b["model"] for b in status["cost_breakdown"]} == {
+        "gpt-image-2.5-sunburst",
+        "gpt-image-2.5-flare",
+    }
     billed, _ = billed_total(tmp_path / "home" / "sandbox-billing.jsonl")
     assert str(billed) == status["cost_usd"]
     images = sorted(p for p in out.rglob("*") if p.suffix in (".png", ".jpg"))
@@ -136,3 +141,30 @@ def test_run_continuing_a_held_batch_drops_reservations_a_killed_run_leaked(
     assert status["counts"]["succeeded"] == 12
     billed, _ = billed_total(tmp_path / "billing.jsonl")
     assert str(billed) == status["cost_usd"]
+
+
+def test_models_lists_every_model_with_its_state_on_today(tmp_path: Path) -> None:
+    """`editbatch models --json`: every catalogue model, its state computed for today's date,
+    its shutdown and replacement, and the price of a 1024x1024 output at each quality."""
+    env = {"EDITBATCH_HOME": str(tmp_path / "home")}
+    today = json.loads(editbatch(["models", "--json"], env, tmp_path).stdout)
+    tomorrow = json.loads(
+        editbatch(["models", "--json"], {**env, "EDITBATCH_TODAY": "2026-12-01"}, tmp_path).stdout
+    )
+    assert today["today"] == "2026-11-30" and tomorrow["today"] == "2026-12-01"
+    by_name = {m["model"]: m for m in today["models"]}
+    assert set(by_name) >= {"gpt-image-1.5", "gpt-image-2.5-sunburst", "gpt-image-1", "dall-e-2"}
+    assert by_name["gpt-image-1.5"]["state"] == "deprecated"
+    assert by_name["gpt-image-1.5"]["shutdown_on"] == "2026-12-01"
+    assert by_name["gpt-image-1.5"]["replacement"] == "gpt-image-2.5-sunburst"
+    assert by_name["gpt-image-2.5-sunburst"]["state"] == "current"
+    assert by_name["gpt-image-1"]["state"] == "gone"
+    assert by_name["gpt-image-2.5-sunburst"]["usd_per_1024x1024_output"] == {
+        "low": "0.008160",  # 272 tokens x $30 / 1M
+        "medium": "0.031680",
+        "high": "0.124800",
+    }
+    states_tomorrow = {m["model"]: m["state"] for m in tomorrow["models"]}
+    assert states_tomorrow["gpt-image-1.5"] == "gone"
+    table = editbatch(["models"], {**env, "COLUMNS": "200"}, tmp_path).stdout
+    assert all(name in table for name in by_name)

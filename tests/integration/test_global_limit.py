@@ -76,7 +76,7 @@ def test_three_workers_keep_one_global_rate(tmp_path: Path, redis_url: str) -> N
                 "image": image.name,
                 # distinct prompts: identical jobs would be reused instead of called
                 "prompt": f"white studio background, variant {i}",
-                "model": "gpt-image-1.5",
+                "model": "gpt-image-2.5-sunburst",
                 "size": "1024x1024",
                 "quality": "low",
             }

@@ -90,7 +90,7 @@ def _rows(folder: Path, rng: random.Random, count: int) -> list[dict[str, Any]]:
     for row in rows:
         row["prompt"] = f"{row['prompt']} {rng.choice(FAULTS)}".strip()
         if rng.random() < 0.3:
-            row["model"], row["quality"] = "gpt-image-1-mini", "low"
+            row["model"], row["quality"] = "gpt-image-2.5-flare", "low"
         else:
             row["quality"] = rng.choice(("low", "medium"))
     rows[-1]["image"] = "missing.png"  # rejected at submit
@@ -234,7 +234,7 @@ def test_counters_agree_with_aggregates_through_a_random_workload(
 
     # A person retries the failed jobs on another model, and the workers run them.
     with db.session() as s:
-        controls.retry_failed(s, a, model="gpt-image-1.5")
+        controls.retry_failed(s, a, model="gpt-image-2.5-flare")
     check(db, a)
     for job_id in _in_state(db, a, "queued"):
         if rng.random() < 0.7:
@@ -296,7 +296,7 @@ def test_a_new_batch_of_many_jobs_is_counted_in_one_statement(database_url: str)
                 "row_number": n,
                 "spec": "{}",
                 "state": "queued" if n % 7 else "rejected",
-                "model": "gpt-image-1.5" if n % 3 else None,
+                "model": "gpt-image-2.5-flare" if n % 3 else None,
                 "quality": "low",
                 "estimated_usd": None if n % 11 == 0 else Decimal("0.011"),
                 "cost_usd": Decimal(0),

@@ -36,6 +36,7 @@ BAD: dict[str, Value] = {
     "redis_url": "http://localhost:6379",
     "spool_dir": _a_file,
     "default_model": "gpt image 1.5",
+    "shutdown_warn_days": "-1",
     "concurrency": "abc",
     "images_per_minute": "0",
     "max_in_flight": "-4",

@@ -8,13 +8,17 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.batch import controls
+from pipeline.cost.pricing import load_prices
+from pipeline.db import jobs
 from pipeline.db.jobs import queued_job_ids
 from pipeline.db.models import Attempt, Batch, Job
 from pipeline.db.session import Database
 from pipeline.errors import EditbatchError
+from pipeline.intake.catalog import load_catalog
 from pipeline.run.deps import build_deps
 from pipeline.run.executor import Deps, process_job
 from pipeline.run.ratelimit import LocalLimiter
+from pipeline.sandbox import SandboxServer
 from pipeline.settings import Settings
 from tests.factories import product_rows, write_manifest
 from tests.unit.helpers import new_batch
@@ -86,3 +90,73 @@ def test_retry_failed_keeps_successes_and_records_new_attempts(
         job = s.get(Job, failed_id)
         assert job is not None and "a better prompt" in job.spec
         assert s.get(Batch, batch_id).state == "finished"  # type: ignore[union-attr]
+
+
+def test_model_unavailable_holds_the_batch_once_and_fails_no_job(
+    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+) -> None:
+    """The API refuses the model: the first refusal holds the batch (model_unavailable, naming
+    the replacement and the fix); later jobs are parked, none fails."""
+    rows = product_rows(tmp_path / "in", 4, model="gpt-image-1.5")
+    batch_id, deps = setup(tmp_path, db, settings, rows)
+    sandbox.config.unavailable_models = ["gpt-image-1.5"]
+    assert run_all(db, batch_id, deps) == ["held"] * 4
+    with db.session() as s:
+        batch = s.get(Batch, batch_id)
+        assert batch is not None and batch.state == "held"
+        assert batch.hold_code == "model_unavailable"
+        assert "gpt-image-2.5-sunburst" in str(batch.hold_reason)
+        assert f"editbatch resume {batch_id} --model-map gpt-image-1.5=" in str(batch.hold_reason)
+        calls = s.scalars(select(Attempt.outcome)).all()
+    assert calls == ["hold"]  # one refused call, then the batch stopped sending
+
+
+def test_model_map_moves_unfinished_jobs_rechecks_rules_and_follows_fingerprints(
+    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+) -> None:
+    """`resume --model-map OLD=NEW`: jobs that fit NEW move (new fingerprint: no reuse of an
+    OLD output); a row whose size OLD takes and NEW does not fails by row and field, unsent."""
+    rows = product_rows(tmp_path / "in", 3, model="gpt-image-2")
+    rows[1]["size"] = "1536x864"  # any WxH on gpt-image-2; gpt-image-1.5 takes three sizes
+    batch_id, deps = setup(tmp_path, db, settings, rows)
+    with db.session() as s:
+        controls.pause(s, batch_id)
+        before = {j.row_number: j.fingerprint for j in s.scalars(select(Job))}
+        catalog, prices = load_catalog(), load_prices()
+        report = controls.resume(
+            s,
+            batch_id,
+            remap=lambda: controls.remap_models(
+                s, batch_id, {"gpt-image-2": "gpt-image-1.5"}, catalog, prices
+            ),
+        )
+    assert report is not None and report.moved == 2
+    assert [(e.row, e.field) for e in report.unfit] == [(2, "size")]
+    assert "'1536x864' is not available on gpt-image-1.5" in report.unfit[0].reason
+    assert report.estimate is not None and report.estimate.calls == 2
+    with db.session() as s:
+        jobs = {j.row_number: j for j in s.scalars(select(Job).where(Job.batch_id == batch_id))}
+        assert s.get(Batch, batch_id).state == "running"  # type: ignore[union-attr]
+    assert jobs[2].state == "failed" and jobs[2].last_error_code == "invalid_size"
+    for row in (1, 3):
+        assert jobs[row].model == "gpt-image-1.5" and '"model":"gpt-image-1.5"' in jobs[row].spec
+        assert jobs[row].fingerprint and jobs[row].fingerprint != before[row]
+    assert run_all(db, batch_id, deps) == ["succeeded", "succeeded"]  # the failed one not sent
+    assert sandbox.sandbox.stats.snapshot()["requests"] == 2
+
+
+def test_model_map_is_refused_while_calls_to_the_old_model_are_in_flight(
+    tmp_path: Path, db: Database, settings: Settings
+) -> None:
+    rows = product_rows(tmp_path / "in", 2, model="gpt-image-1.5")
+    batch_id, _ = setup(tmp_path, db, settings, rows)
+    with db.session() as s:
+        jobs.claim(s, next(queued_job_ids(db, batch_id))[0], 900)
+        with pytest.raises(EditbatchError, match="still in flight"):
+            controls.remap_models(
+                s, batch_id, {"gpt-image-1.5": "gpt-image-2.5-flare"}, load_catalog(), load_prices()
+            )
+        with pytest.raises(EditbatchError, match="not in the catalogue"):
+            controls.remap_models(
+                s, batch_id, {"gpt-image-1.5": "gpt-image-9"}, load_catalog(), load_prices()
+            )

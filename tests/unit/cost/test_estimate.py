@@ -295,3 +295,65 @@ def test_estimate_matches_sandbox_bill_for_a_mixed_batch(tmp_path: Path) -> None
     ratio = total_estimate / total_billed
     print(f"\nestimate ${total_estimate} / billed ${total_billed} = {ratio:.4f}")
     assert Decimal("0.85") <= ratio <= Decimal("1.15")
+
+
+# -- GIF, SVG and complexity (docs/cost.md: decisions where nothing is published) ---------------
+
+
+def test_gif_bills_every_frame_and_its_low_end_one_image() -> None:
+    """A GIF is expected to cost its frames (default 9) x one image; the range's low end is the
+    GIF billed as a single image, so a reservation (high) never falls short of either."""
+    one = estimate_cost(spec(size="1024x1024", quality="low"), SQUARE, PRICES)
+    default = estimate_cost(
+        spec(size="1024x1024", quality="low", output_format="gif"), SQUARE, PRICES
+    )
+    four = estimate_cost(
+        spec(size="1024x1024", quality="low", output_format="gif", frame_count=4), SQUARE, PRICES
+    )
+    assert default.usage.image_output == 9 * 272 and four.usage.image_output == 4 * 272
+    assert default.low == one.expected == four.low
+    assert default.expected == default.high and four.expected == four.high
+    assert one.expected is not None and four.expected is not None
+    assert four.expected > one.expected
+    assert fallback_usage(spec(output_format="gif", frame_count=3), 2, SQUARE, "low", "1024x1024")
+
+
+def test_svg_and_complexity_cost_one_image_as_before() -> None:
+    plain = estimate_cost(spec(size="1024x1024", quality="high"), SQUARE, PRICES)
+    svg = estimate_cost(
+        spec(size="1024x1024", quality="high", output_format="svg", svg_model="gpt-5.2"),
+        SQUARE,
+        PRICES,
+    )
+    planned = estimate_cost(
+        spec(size="1024x1024", quality="high", complexity="high"), SQUARE, PRICES
+    )
+    assert plain == svg == planned
+
+
+def test_gif_and_svg_estimates_match_the_sandbox_bill(tmp_path: Path) -> None:
+    """The sandbox bills a GIF's frames and an SVG's reference image by the same decisions: the
+    estimate's expected value equals its bill, and every bill lies in [low, high]."""
+    image = make_image(tmp_path / "a.png", (1024, 1024))
+    billing = tmp_path / "billing.jsonl"
+    rows = [
+        {"output_format": "gif", "size": "1024x1024", "quality": "low"},
+        {"output_format": "gif", "frame_count": 3, "frame_duration_ms": 90, "quality": "medium",
+         "size": "1024x1536", "n": 2},
+        {"output_format": "svg", "size": "1024x1024", "quality": "high", "svg_effort": "low"},
+        {"output_format": "png", "size": "1536x1024", "quality": "low", "complexity": "high"},
+    ]  # fmt: skip
+    estimates: list[Estimate] = []
+    with SandboxServer(SandboxConfig(billing_log=str(billing))) as server:
+        client = openai.OpenAI(api_key="sk-test", base_url=server.base_url, max_retries=0)
+        for i, row in enumerate(rows, start=1):
+            s = spec(row=i, images=(str(image),), model="gpt-image-2.5-sunburst", **row)
+            estimates.append(estimate_cost(s, SQUARE, PRICES))
+            with image.open("rb") as fh:
+                client.images.edit(image=fh, **s.api_params())
+        client.close()
+    billed = [Decimal(json.loads(line)["cost_usd"]) for line in billing.read_text().splitlines()]
+    assert len(billed) == len(rows)
+    for est, cost in zip(estimates, billed, strict=True):
+        assert est.low is not None and est.high is not None
+        assert est.expected == cost and est.low <= cost <= est.high

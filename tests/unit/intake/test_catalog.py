@@ -7,11 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import clock
 from pipeline.errors import ConfigError
-from pipeline.intake.catalog import Catalog, ModelInfo, load_catalog, parse_size
+from pipeline.intake.catalog import (
+    Catalog,
+    Lifecycle,
+    ModelInfo,
+    load_catalog,
+    parse_size,
+    shutdown_notices,
+)
 
 CURRENT = (
-    "gpt-image-1.5",
     "gpt-image-2",
     "gpt-image-2-2026-04-21",
     "gpt-image-2.5-sunburst",
@@ -20,8 +27,9 @@ CURRENT = (
     "gpt-image-2.5-flare-2026-09-08",
     "gpt-image-2.6-sunburst",
     "gpt-image-2.6-flare",
-    "chatgpt-image-latest",
 )
+SHUTTING_DOWN = ("gpt-image-1.5", "gpt-image-1-mini", "chatgpt-image-latest")  # on 2026-12-01
+NOV_30, DEC_1 = dt.date(2026, 11, 30), dt.date(2026, 12, 1)
 FREE_SIZE = tuple(m for m in CURRENT if m.startswith("gpt-image-2"))
 TWO_FIVE = tuple(m for m in CURRENT if m.startswith("gpt-image-2.5"))
 
@@ -38,19 +46,51 @@ def model(catalog: Catalog, name: str) -> ModelInfo:
 
 
 def test_every_model_of_the_api_facts_is_there(catalog: Catalog) -> None:
-    assert catalog.as_of == "2026-11-21"
+    """Today's facts (API-FACTS, 2026-11-30): three models shut down tomorrow."""
+    assert catalog.as_of == "2026-11-30"
+    assert set(catalog.names()) == {*CURRENT, *SHUTTING_DOWN, "gpt-image-1", "dall-e-2", "dall-e-3"}
     for name in CURRENT:
-        assert model(catalog, name).lifecycle == "current"
-    assert model(catalog, "gpt-image-1-mini").lifecycle == "deprecated"
-    assert set(catalog.names()) == {
-        *CURRENT,
-        "gpt-image-1-mini",
-        "gpt-image-1",
-        "dall-e-2",
-        "dall-e-3",
-    }
-    assert set(catalog.current()) == set(CURRENT)
-    assert set(catalog.usable()) == {*CURRENT, "gpt-image-1-mini"}
+        assert model(catalog, name).state_on(NOV_30) == Lifecycle.CURRENT
+    for name in SHUTTING_DOWN:
+        info = model(catalog, name)
+        assert info.shutdown_on == DEC_1 and info.deprecated_on == dt.date(2026, 6, 2)
+        assert info.replacement in ("gpt-image-2.5-sunburst", "gpt-image-2.5-flare")
+        assert info.state_on(NOV_30) == Lifecycle.DEPRECATED
+    assert set(catalog.current(NOV_30)) == set(CURRENT)
+    assert set(catalog.usable(NOV_30)) == {*CURRENT, *SHUTTING_DOWN}
+
+
+def test_states_are_computed_from_dates_not_labels(catalog: Catalog) -> None:
+    """The same catalogue says current / deprecated / gone by the day it is asked on."""
+    info = model(catalog, "gpt-image-1.5")
+    assert info.state_on(dt.date(2026, 6, 1)) == Lifecycle.CURRENT
+    assert info.state_on(dt.date(2026, 6, 2)) == Lifecycle.DEPRECATED
+    assert info.state_on(NOV_30) == Lifecycle.DEPRECATED
+    assert info.state_on(DEC_1) == Lifecycle.GONE
+    assert set(catalog.usable(DEC_1)) == set(CURRENT)
+    with clock.frozen(DEC_1):  # the one clock: `state` and `usable()` follow it
+        assert info.state == Lifecycle.GONE
+        assert "gpt-image-1.5" not in catalog.usable()
+    with clock.frozen(NOV_30):
+        assert info.state == Lifecycle.DEPRECATED
+
+
+def test_shutdown_notices_name_date_replacement_and_straddling(catalog: Catalog) -> None:
+    rows = {"gpt-image-1.5": 7, "gpt-image-2.5-flare": 3}
+    (soon,) = shutdown_notices(catalog, rows, warn_days=30, today=NOV_30)
+    assert (soon.model, soon.rows, soon.days_left, soon.straddles) == ("gpt-image-1.5", 7, 1, False)
+    text = soon.text(batch_id=9)
+    assert "2026-12-01 (tomorrow)" in text and "gpt-image-2.5-sunburst" in text
+    assert "--model-map gpt-image-1.5=gpt-image-2.5-sunburst" in text
+    assert "editbatch resume 9 --model-map" in text
+    # Far from the shutdown: quiet, unless the batch would still run on the day.
+    early = dt.date(2026, 10, 1)
+    assert shutdown_notices(catalog, rows, warn_days=30, today=early) == []
+    finish = dt.datetime(2026, 12, 1, 3, 0, tzinfo=dt.UTC)
+    (late,) = shutdown_notices(catalog, rows, warn_days=30, today=early, finish=finish)
+    assert late.straddles and "straddle the shutdown" in late.text()
+    # Gone models are preflight's business (rows refused), not a warning.
+    assert shutdown_notices(catalog, rows, warn_days=30, today=DEC_1) == []
 
 
 def test_every_model_names_its_source(catalog: Catalog) -> None:
@@ -66,15 +106,16 @@ def test_every_model_names_its_source(catalog: Catalog) -> None:
         ("dall-e-3", dt.date(2026, 5, 12), "gpt-image-"),
     ],
 )
-def test_retired_models(catalog: Catalog, name: str, day: dt.date, replacement_prefix: str) -> None:
+def test_gone_models(catalog: Catalog, name: str, day: dt.date, replacement_prefix: str) -> None:
     info = model(catalog, name)
-    assert info.retired and info.retired_on == day
+    assert info.state_on(NOV_30) == Lifecycle.GONE and info.shutdown_on == day
     assert info.replacement is not None and info.replacement.startswith(replacement_prefix)
-    assert info.replacement in catalog.usable()
+    assert info.replacement in catalog.current(NOV_30)
+    assert f"shut down on {day}" in info.gone_reason()
 
 
 def test_common_limits(catalog: Catalog) -> None:
-    for name in catalog.usable():
+    for name in catalog.usable(NOV_30):
         info = model(catalog, name)
         assert (info.max_images, info.max_prompt_chars, info.max_n) == (16, 32_000, 10)
         assert info.output_formats == ("png", "webp", "jpeg")
@@ -90,7 +131,7 @@ def test_input_fidelity(catalog: Catalog) -> None:
 
 
 def test_qualities_and_markup_on_25_models_only(catalog: Catalog) -> None:
-    for name in catalog.usable():
+    for name in catalog.usable(NOV_30):
         info = model(catalog, name)
         extra = {"xhigh", "max"} <= set(info.qualities)
         assert extra == (name in TWO_FIVE), name
@@ -181,26 +222,29 @@ def test_override_merges_per_model_and_adds(tmp_path: Path) -> None:
     assert model(catalog, "gpt-image-2").check_size("4096x2160") is None
     assert model(catalog, "gpt-image-2").check_size("1000x1000") is not None
     new = model(catalog, "gpt-image-3")
-    assert new.markup and new.max_n == 10 and new.lifecycle == "current"
+    assert new.markup and new.max_n == 10 and new.state_on(NOV_30) == Lifecycle.CURRENT
     assert load_catalog().get("gpt-image-3") is None  # the built-in one is not touched
 
 
-def test_override_can_retire_a_model(tmp_path: Path) -> None:
+def test_override_can_date_a_shutdown(tmp_path: Path) -> None:
     path = tmp_path / "catalog.toml"
     path.write_text(
-        '[models."gpt-image-1-mini"]\n'
-        'lifecycle = "retired"\nretired_on = 2027-01-31\nreplacement = "gpt-image-1.5"\n'
+        '[models."gpt-image-2"]\n'
+        "deprecated_on = 2027-01-01\nshutdown_on = 2027-01-31\n"
+        'replacement = "gpt-image-2.5-flare"\n'
     )
-    info = model(load_catalog(path), "gpt-image-1-mini")
-    assert info.retired and info.retired_on == dt.date(2027, 1, 31)
+    info = model(load_catalog(path), "gpt-image-2")
+    assert info.state_on(NOV_30) == Lifecycle.CURRENT
+    assert info.state_on(dt.date(2027, 1, 31)) == Lifecycle.GONE
 
 
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
         ('[models."x"]\nqualites = ["low"]\n', "unknown key(s) qualites"),
-        ('[models."x"]\nlifecycle = "gone"\n', "lifecycle"),
-        ('[models."x"]\nlifecycle = "retired"\n', "no retired_on"),
+        ('[models."x"]\nlifecycle = "retired"\n', "shutdown_on = YYYY-MM-DD"),
+        ('[models."x"]\nshutdown_on = "soon"\n', "a date (YYYY-MM-DD)"),
+        ('[models."x"]\ndeprecated_on = 2027-02-01\nshutdown_on = 2027-01-01\n', "is after"),
         ('[models."x"]\nmax_n = "ten"\n', "max_n"),
         ('[models."x"]\nsizes = ["big"]\n', "sizes"),
         ('[models."x"]\nsize_rule = { multipel = 16 }\n', "unknown size_rule key"),

@@ -126,3 +126,59 @@ def test_spec_json_round_trip_and_fingerprint(tmp_path: Path) -> None:
     changed = EditSpec.from_json(spec.to_json().replace('"n":3', '"n":2'))
     assert spec.fingerprint(digests) != changed.fingerprint(digests)
     assert spec.fingerprint(digests) == EditSpec.from_json(spec.to_json()).fingerprint(digests)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_new_parameter_columns_become_spec_fields(tmp_path: Path, suffix: str) -> None:
+    """complexity, frame_count, frame_duration_ms, svg_model and svg_effort are edit fields,
+    not metadata, in every manifest format."""
+    rows = [
+        {"image": "a.png", "prompt": "p", "output_format": "GIF", "complexity": "High",
+         "frame_count": "5", "frame_duration_ms": 150},
+        {"image": "a.png", "prompt": "p", "output_format": "svg", "svg_model": "gpt-5.2",
+         "svg_effort": "MINIMAL"},
+    ]  # fmt: skip
+    gif, svg = _read(write_manifest(tmp_path / f"m{suffix}", rows))
+    assert isinstance(gif, EditSpec) and isinstance(svg, EditSpec)
+    assert (gif.output_format, gif.complexity, gif.frame_count, gif.frame_duration_ms) == (
+        "gif", "high", 5, 150,
+    )  # fmt: skip
+    assert (gif.ext, svg.ext) == ("gif", "svg")
+    assert (svg.svg_model, svg.svg_effort, svg.frame_count) == ("gpt-5.2", "minimal", None)
+    assert gif.metadata == {} and svg.metadata == {}
+
+
+def test_format_defaults_apply_only_to_rows_of_that_format(tmp_path: Path) -> None:
+    """A batch-wide --frame-count or --svg-model fills GIF / SVG rows and leaves others alone;
+    a value a row gives itself is kept (and preflight judges it)."""
+    rows = [
+        {"image": "a.png", "prompt": "p", "output_format": "png"},
+        {"image": "a.png", "prompt": "p", "output_format": "gif"},
+        {"image": "a.png", "prompt": "p", "output_format": "svg"},
+        {"image": "a.png", "prompt": "p", "output_format": "png", "frame_count": "3"},
+    ]
+    png, gif, svg, odd = _read(
+        write_manifest(tmp_path / "m.csv", rows),
+        frame_count=12,
+        frame_duration_ms=80,
+        svg_model="gpt-5.2",
+        svg_effort="low",
+        complexity="low",
+    )
+    assert isinstance(png, EditSpec) and isinstance(gif, EditSpec)
+    assert isinstance(svg, EditSpec) and isinstance(odd, EditSpec)
+    assert (png.frame_count, png.svg_model, png.complexity) == (None, None, "low")
+    assert (gif.frame_count, gif.frame_duration_ms, gif.svg_effort) == (12, 80, None)
+    assert (svg.svg_model, svg.svg_effort, svg.frame_count) == ("gpt-5.2", "low", None)
+    assert odd.frame_count == 3
+
+
+def test_nested_svg_object_and_bad_frame_count_are_row_errors(tmp_path: Path) -> None:
+    rows = [
+        {"image": "a.png", "prompt": "p", "output_format": "svg", "svg": {"model": "gpt-5.2"}},
+        {"image": "a.png", "prompt": "p", "output_format": "gif", "frame_count": "nine"},
+    ]
+    first, second = _read(write_manifest(tmp_path / "m.jsonl", rows))
+    assert isinstance(first, RowError) and isinstance(second, RowError)
+    assert (first.row, first.field) == (1, "svg") and "svg_model and svg_effort" in first.reason
+    assert (second.row, second.field) == (2, "frame_count") and "'nine'" in second.reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import struct
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw
 
+from pipeline import clock
 from pipeline.errors import ConfigError
 from pipeline.files import file_sha256
 from pipeline.intake import preflight as preflight_module
@@ -562,17 +564,18 @@ def image(make: Callable[..., Path]) -> Path:
     return make("bag.png")
 
 
-def test_retired_model_names_date_and_replacement(pf: Preflight, image: Path) -> None:
+def test_gone_model_names_date_and_replacement(pf: Preflight, image: Path) -> None:
     only_error(
         pf.check(spec(image, model="gpt-image-1")),
         "model",
-        "retired on 2026-10-23",
+        "shut down on 2026-10-23",
         "use gpt-image-2.5-sunburst",
+        "--model-map gpt-image-1=gpt-image-2.5-sunburst",
     )
 
 
-def test_retired_dalle(pf: Preflight, image: Path) -> None:
-    only_error(pf.check(spec(image, model="dall-e-2")), "model", "retired on 2026-05-12")
+def test_gone_dalle(pf: Preflight, image: Path) -> None:
+    only_error(pf.check(spec(image, model="dall-e-2")), "model", "shut down on 2026-05-12")
 
 
 def test_unknown_model_lists_known_ones(pf: Preflight, image: Path) -> None:
@@ -595,10 +598,18 @@ def test_unknown_model_allowed_with_the_flag(root: Path, work: Path, image: Path
     only_error(pf.check(spec(image, model="gpt-image-3", n=11)), "n", "1..10")
 
 
-def test_deprecated_model_is_a_note(pf: Preflight, image: Path) -> None:
-    result = pf.check(spec(image, model="gpt-image-1-mini"))
-    assert result.errors == ()
-    assert "model gpt-image-1-mini is deprecated" in result.notes
+def test_model_shutting_down_tomorrow_passes_today_and_is_refused_from_its_date(
+    root: Path, work: Path, image: Path
+) -> None:
+    """On 2026-11-30 a gpt-image-1.5 row is accepted (the shutdown is a batch-level warning,
+    not a note on every row); from 2026-12-01 preflight refuses it, naming the date and the
+    replacement, so it is never sent."""
+    with clock.frozen(dt.date(2026, 11, 30)):
+        result = Preflight(options(root, work)).check(spec(image, model="gpt-image-1.5"))
+    assert result.errors == () and not any("1.5" in note for note in result.notes)
+    with clock.frozen(dt.date(2026, 12, 1)):
+        refused = Preflight(options(root, work)).check(spec(image, model="gpt-image-1.5"))
+    only_error(refused, "model", "shut down on 2026-12-01", "use gpt-image-2.5-sunburst instead")
 
 
 @pytest.mark.parametrize(
@@ -666,7 +677,7 @@ def test_unknown_background(pf: Preflight, image: Path) -> None:
 
 
 def test_output_format_not_offered(pf: Preflight, image: Path) -> None:
-    only_error(pf.check(spec(image, output_format="gif")), "output_format", "png, webp, jpeg")
+    only_error(pf.check(spec(image, output_format="avif")), "output_format", "png, webp, jpeg")
 
 
 def test_compression_with_png(pf: Preflight, image: Path) -> None:

@@ -27,7 +27,7 @@ from tests.servers import free_port
 from tests.unit.helpers import new_batch
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-MODEL = "gpt-image-1.5"
+MODEL = "gpt-image-2.5-sunburst"
 
 
 def value(name: str, **labels: str) -> float:

@@ -20,7 +20,7 @@ from pipeline.run.executor import Deps, process_job
 from pipeline.run.ratelimit import LocalLimiter
 from pipeline.sandbox import SandboxConfig
 from pipeline.settings import Settings
-from tests.conftest import FAKE_KEY, billed_total
+from tests.conftest import billed_total, make_settings
 from tests.factories import product_rows, write_manifest
 from tests.fakes import InProcessAPI
 from tests.unit.helpers import new_batch
@@ -34,15 +34,7 @@ def api(tmp_path: Path) -> Iterator[InProcessAPI]:
 
 @pytest.fixture
 def settings(tmp_path: Path, api: InProcessAPI) -> Settings:
-    return Settings(
-        home=tmp_path / "home",
-        database_url=f"sqlite:///{tmp_path / 'editbatch.db'}",
-        openai_base_url=api.base_url,
-        openai_api_key=FAKE_KEY,
-        backoff_base_seconds=0.01,
-        backoff_max_seconds=0.05,
-        request_timeout_seconds=10,
-    )
+    return make_settings(tmp_path, api.base_url)
 
 
 def _deps(settings: Settings, db: Database, api: InProcessAPI) -> Deps:
@@ -223,7 +215,7 @@ def test_unreadable_image_data_is_retried_and_cost_recorded(
     assert status.cost_per_output_usd == job.cost_usd
     assert status.breakdown == [
         {
-            "model": "gpt-image-1.5",
+            "model": "gpt-image-2.5-sunburst",
             "quality": "low",
             "state": "succeeded",
             "jobs": 1,
@@ -260,3 +252,38 @@ def test_batch_whose_last_worker_died_before_finishing_is_finished_by_the_reaper
         uri = s.scalar(select(Output.uri).where(Output.job_id == job_id))
         assert uri and Path(uri).is_file()
     assert jobs_db.idle_running_batches(db) == []
+
+
+def test_svg_author_tokens_are_priced_or_the_attempt_is_flagged_unpriced(
+    tmp_path: Path, db: Database, settings: Settings, api: InProcessAPI
+) -> None:
+    """An SVG answer's `svg_usage` is billed at the author model's rates: priced when the
+    table knows the author, else the attempt is unpriced (never silently short)."""
+    from dataclasses import replace
+
+    from pipeline.cost.pricing import Usage
+
+    deps = _deps(settings, db, api)
+    real_edit = deps.gateway.edit
+    author_usage = Usage(text_input=1000, text_output=2000)
+
+    def with_svg(author: str) -> object:
+        def edit(spec: object) -> object:
+            outcome = real_edit(spec)  # type: ignore[arg-type]
+            return replace(outcome, svg_usage=author_usage, svg_author=author)
+
+        return edit
+
+    _, (priced_job, unknown_job) = _batch(tmp_path, db, product_rows(tmp_path / "in", 2))
+    deps.gateway.edit = with_svg("gpt-image-2.5-sunburst")  # type: ignore[method-assign]
+    assert process_job(priced_job, deps).state == "succeeded"
+    deps.gateway.edit = with_svg("some-text-model")  # type: ignore[method-assign]
+    assert process_job(unknown_job, deps).state == "succeeded"
+    _, per_request = billed_total(Path(str(api.config.billing_log)))
+    author_cost = deps.prices.cost("gpt-image-2.5-sunburst", author_usage)
+    assert author_cost is not None and author_cost > 0
+    with db.session() as s:
+        a1 = s.scalars(select(Attempt).where(Attempt.job_id == priced_job)).one()
+        a2 = s.scalars(select(Attempt).where(Attempt.job_id == unknown_job)).one()
+    assert a1.priced and a1.cost_usd == per_request[str(a1.request_id)] + author_cost
+    assert not a2.priced and a2.cost_usd == 0

@@ -11,15 +11,22 @@ from PIL import Image
 from tenacity import RetryCallState, Retrying
 
 from pipeline.errors import PermitTimeout
-from pipeline.run.gateway import (
-    CallOutcome,
-    classify,
-    decode_images,
-    parse_retry_after,
-    usage_from_response,
-)
+from pipeline.run.gateway import CallOutcome, decode_images, usage_from_response
 from pipeline.run.ratelimit import LocalLimiter, gcra_wait, parse_reset
-from pipeline.run.retry import wait_api
+from pipeline.run.retry import classify, hold_code, parse_retry_after, wait_api
+from pipeline.states import HoldCode
+
+
+def test_a_model_that_is_gone_holds_in_both_shapes_the_api_has_used() -> None:
+    """404 model_not_found and 400 with param "model" both mean "this model is not available":
+    the batch holds once (hold code model_unavailable) instead of failing every job."""
+    assert classify(404, "invalid_request_error", "model_not_found") == "hold"
+    assert classify(400, "invalid_request_error", "invalid_value", "model") == "hold"
+    assert classify(400, "invalid_request_error", "invalid_value", "size") == "failed"
+    assert hold_code(404, "model_not_found", None) == HoldCode.MODEL_UNAVAILABLE
+    assert hold_code(400, "invalid_value", "model") == HoldCode.MODEL_UNAVAILABLE
+    assert hold_code(429, "insufficient_quota", None) == HoldCode.QUOTA
+    assert hold_code(401, "invalid_api_key", None) == HoldCode.AUTH
 
 
 @pytest.mark.parametrize(
@@ -33,7 +40,8 @@ from pipeline.run.retry import wait_api
         (403, None, None, "hold"),
         (400, "invalid_request_error", "unsupported_file_mimetype", "failed"),
         (400, "image_generation_user_error", "moderation_blocked", "failed"),
-        (404, "invalid_request_error", "model_not_found", "failed"),
+        (404, "invalid_request_error", "model_not_found", "hold"),
+        (404, "invalid_request_error", "not_found", "failed"),
         (408, None, None, "transient"),
         (409, None, None, "transient"),
         (500, "server_error", None, "transient"),
