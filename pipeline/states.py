@@ -15,7 +15,8 @@ Job states:
     submitted  its request is a line of a provider batch (the batch route): the provider has it
     succeeded  outputs recorded (terminal; collection is a separate, re-runnable step)
     failed     permanent error or attempts used up (terminal until `editbatch retry --failed`)
-    held       its batch stopped (budget, quota, auth, pause, a model gone); resume queues it
+    held       its batch stopped (budget, quota, auth, pause, a model gone, an API outage);
+               resume queues it
     cancelled  (terminal)
 
     A job is created queued or rejected (JOB_INITIAL): by submit, one per manifest row, and
@@ -148,6 +149,8 @@ class HoldCode(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"  # the API says the model does not exist (any more)
     PROVIDER_REFUSED = "provider_refused"  # the Batch API refused a whole provider batch
     INPUT_UNREADABLE = "input_unreadable"  # an input file went missing after preflight
+    API_UNREACHABLE = "api_unreachable"  # the outage breaker tripped: probing, resumes by itself
+    OUTAGE = "outage"  # the outage outlasted EDITBATCH_BREAKER_GIVE_UP_SECONDS: a person resumes
 
 
 class Route(StrEnum):

@@ -55,10 +55,13 @@ class RedisServer:
         self.port = free_port()
         self.dir = tmp
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        binary = _binary("redis-server", "apt-get install redis-server")
-        self.proc = subprocess.Popen(
+        self.binary = _binary("redis-server", "apt-get install redis-server")
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
             [
-                binary,
+                self.binary,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -68,12 +71,19 @@ class RedisServer:
                 "--appendonly",
                 "no",
                 "--dir",
-                str(tmp),
+                str(self.dir),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_port(self.port, 10, self.proc)
+        _wait_port(self.port, 10, proc)
+        return proc
+
+    def restart(self) -> None:
+        """Stop the server and start an empty one on the same port (no persistence: every
+        message, key and unacknowledged delivery is gone, as after a crash)."""
+        self.stop()
+        self.proc = self._start()
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -226,7 +236,8 @@ class CeleryWorker:
 
 
 class CeleryBeat:
-    """A real `celery -A worker.app beat` process (the reaper, the batch route's tick)."""
+    """A real `celery -A worker.app beat` process (the reaper, nightly runs, the batch route's
+    tick); its log at `log`, its schedule file beside it."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.log = log
@@ -245,6 +256,7 @@ class CeleryBeat:
                 str(schedule),
                 "--max-interval",
                 "1",
+                "--pidfile=",
             ],
             cwd=REPO,
             env={**os.environ, **env},

@@ -7,18 +7,34 @@ Edit calls are slow I/O (20-60 s), so the default pool is threads, not a process
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from celery import Celery, signals
 from celery.schedules import crontab
 
-from pipeline.batch.nightly import cron_fields
+from pipeline.db.session import check_driver
+from pipeline.errors import ConfigError
 from pipeline.observe.logs import setup_logging
 from pipeline.observe.metrics import start_metrics_server, state_counts
-from pipeline.settings import get_settings
+from pipeline.settings import Settings, cron_fields, get_settings
 from worker.constants import QUEUE
 
-settings = get_settings()
+
+def _settings() -> Settings:
+    """The worker's settings, or the one-line error and exit status 2 (as the CLI does): a
+    traceback from inside Celery's app loader would hide which setting is wrong."""
+    try:
+        current = get_settings()
+        check_driver(current.effective_database_url)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return current
+
+
+settings = _settings()
 app = Celery("editbatch", broker=settings.broker_url, include=["worker.tasks"])
 app.conf.update(
     task_default_queue=QUEUE,

@@ -1,4 +1,5 @@
-"""Every name editbatch uses in Redis: the Celery queue and the rate-limiter key prefixes.
+"""Every name editbatch uses in Redis: the Celery queue, the rate limiter, the outage breaker and
+the broker check.
 
 A limiter key is `<prefix>{<account>:<model>}`. The braces are a Redis Cluster hash tag: the
 three keys of one (account, model) scope land in one slot, so one script may touch them all.
@@ -18,3 +19,19 @@ RATE_SLOTS_PREFIX = "editbatch:rate:slots:"
 
 RATE_PAUSE_PREFIX = "editbatch:rate:pause:"
 """String with a PX expiry: nobody starts a call until this time (microseconds), set on a 429."""
+
+BREAKER_STREAK_PREFIX = "editbatch:breaker:streak:"
+"""String (integer): outage failures in a row of a scope's calls, across every worker."""
+
+BREAKER_TRIP_PREFIX = "editbatch:breaker:trip:"
+"""Hash (tripped_at, reason, probes): present while a scope's outage breaker is open."""
+
+BREAKER_PROBE_PREFIX = "editbatch:breaker:probe:"
+"""String with a PX expiry: the token of the one probe chain of a scope (probe lease)."""
+
+BROKER_MARK = "editbatch:broker:mark"
+"""String: the `run_id` of the Redis server that holds the queue. Missing or different means
+Redis restarted or was flushed: the queued jobs' messages may be gone and are sent again."""
+
+BROKER_RECOVERY_LOCK = "editbatch:broker:recovery"
+"""String with a PX expiry: one worker re-sends the queued jobs after a lost queue."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from redis import Redis, RedisError
 
-from pipeline.errors import ConfigError, PermitTimeout
+from pipeline.errors import PermitTimeout
 from pipeline.run.ratelimit import Limiter, LocalLimiter, parse_reset
 from pipeline.settings import Settings
 from worker.constants import RATE_PAUSE_PREFIX, RATE_SLOTS_PREFIX, RATE_TAT_PREFIX
@@ -129,30 +129,18 @@ class ModelLimit:
         return bool(self.images_per_minute or self.max_in_flight)
 
 
-_LIMIT_FIELDS = ("images_per_minute", "max_in_flight", "burst")
-
-
 def limits_from_settings(settings: Settings) -> tuple[ModelLimit, dict[str, ModelLimit]]:
-    """The default limit and per-model overrides (a model's override inherits unset fields)."""
+    """The default limit and per-model overrides (a model's override inherits unset fields).
+    The overrides were checked when the settings were read (`Settings._model_limits`)."""
     default = ModelLimit(settings.images_per_minute, settings.max_in_flight)
-    overrides: dict[str, ModelLimit] = {}
-    for model, values in settings.model_limits.items():
-        unknown = sorted(set(values) - set(_LIMIT_FIELDS))
-        if unknown:
-            raise ConfigError(
-                f"EDITBATCH_MODEL_LIMITS[{model!r}] has unknown field(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(_LIMIT_FIELDS)}"
-            )
-        for name, value in values.items():
-            if value < 1:
-                raise ConfigError(
-                    f"EDITBATCH_MODEL_LIMITS[{model!r}].{name} must be at least 1, got {value}"
-                )
-        overrides[model] = ModelLimit(
+    overrides = {
+        model: ModelLimit(
             images_per_minute=values.get("images_per_minute", default.images_per_minute),
             max_in_flight=values.get("max_in_flight", default.max_in_flight),
             burst=values.get("burst", default.burst),
         )
+        for model, values in settings.model_limits.items()
+    }
     return default, overrides
 
 

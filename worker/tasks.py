@@ -1,7 +1,11 @@
 """Celery tasks: thin wrappers around plain functions of `pipeline`.
 
 editbatch.edit            a job id -> `pipeline.run.executor.process_job`
-editbatch.reap            expired leases, lost messages, missed finishes (beat, every minute)
+editbatch.reap            (beat, every minute) expired leases, lost messages, missed finishes,
+                          and a probe chain for batches held for an outage when none is alive
+editbatch.probe           one probe of an unreachable API (`pipeline.run.breaker.probe`); sends
+                          the jobs of the batches it resumed, or schedules the next probe
+editbatch.reconcile       a finished nightly batch's days against the provider's figures
 editbatch.nightly         tonight's dated manifest (beat, EDITBATCH_NIGHTLY_CRON)
 editbatch.batch_dispatch  a batch-route batch -> provider batches (sent by submit/resume)
 editbatch.batch_tick      the batch route's poll (beat, EDITBATCH_BATCH_POLL_SECONDS)
@@ -12,28 +16,36 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 from kombu.exceptions import ChannelError
-from sqlalchemy import func, select
+from redis import Redis
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import DBAPIError
 
-from pipeline.batch.nightly import run_nightly
-from pipeline.batch.submit import Enqueue
+from pipeline.batch.nightly import NAME_PREFIX, run_nightly
+from pipeline.batch.submit import Enqueue, send
+from pipeline.cost.reconcile import after_batch
 from pipeline.db import jobs
 from pipeline.db.models import Batch, Job, utcnow
+from pipeline.run import breaker
 from pipeline.run.batchroute import collect, dispatch, poll
 from pipeline.run.batchroute.context import RouteContext
 from pipeline.run.deps import build_deps
 from pipeline.run.executor import Deps, Handback, finish_if_done, process_job
+from pipeline.run.gateway import BillingGateway
 from pipeline.run.retry import redeliver_after
 from pipeline.settings import get_settings
-from pipeline.states import BatchState, JobState, Route
+from pipeline.states import BatchState, HoldCode, JobState, Route
 from worker.app import app
+from worker.breaker import build_breaker
 from worker.constants import QUEUE
 from worker.limits import build_limiter
+from worker.watch import BrokerWatch
 
 log = logging.getLogger("editbatch.worker")
 
@@ -44,6 +56,11 @@ _lock = threading.Lock()
 # A queued job whose message may have been lost (Redis flushed or restarted) is sent again by
 # the reaper once it has waited this long and the broker queue is empty.
 STALE_QUEUED_SECONDS = 120
+# The provider's usage figures lag behind its answers: reconcile a nightly batch this much later.
+RECONCILE_DELAY_SECONDS = 900
+# A probe chain holds its lease this long past its next probe; a chain whose message was lost
+# lets go after that, and the reaper starts another.
+PROBE_LEASE_MARGIN = 30.0
 
 
 def deps() -> Deps:
@@ -52,7 +69,14 @@ def deps() -> Deps:
     with _lock:
         if _deps is None:
             settings = get_settings()
-            _deps = build_deps(settings, build_limiter(settings))
+            _deps = build_deps(
+                settings,
+                build_limiter(settings),
+                breaker=build_breaker(settings),
+                on_outage=start_probing,
+            )
+            if settings.openai_admin_key is not None:
+                _deps.on_batch_finished = _then_reconcile(_deps.on_batch_finished)
         return _deps
 
 
@@ -66,6 +90,30 @@ def route() -> RouteContext:
             _route = RouteContext.build(d, celery_enqueue)
             _route.collect_async = lambda pb_id: batch_collect.apply_async((pb_id,))
         return _route
+
+
+def _then_reconcile(finished: Callable[[int], None] | None) -> Callable[[int], None]:
+    """After a nightly batch's report, reconcile its days with the provider's figures later."""
+
+    def on_finished(batch_id: int) -> None:
+        if finished is not None:
+            finished(batch_id)
+        with deps().db.session() as session:
+            name = session.scalar(select(Batch.name).where(Batch.id == batch_id)) or ""
+        if name.startswith(NAME_PREFIX):
+            reconcile.apply_async((batch_id,), countdown=RECONCILE_DELAY_SECONDS)
+
+    return on_finished
+
+
+@app.task(name="editbatch.reconcile")  # type: ignore[untyped-decorator]
+def reconcile(batch_id: int) -> str:
+    """Reconcile a finished nightly batch's days; `reconcile-<batch>.json` beside its report."""
+    d = deps()
+    with d.db.session() as session:
+        output = session.scalar(select(Batch.output_uri).where(Batch.id == batch_id))
+    billing = BillingGateway.from_settings(d.settings)
+    return after_batch(d.db, billing, int(batch_id), d.storages.get(str(output)))
 
 
 @app.task(  # type: ignore[untyped-decorator]
@@ -97,7 +145,48 @@ def reap() -> int:
     # with nothing to do: finish it (collect what it spooled, write the report).
     for batch_id in jobs.idle_running_batches(d.db):
         finish_if_done(d, batch_id)
+    if d.breaker.open() is not None or held_for_outage(d):
+        probe.delay()  # does nothing while another probe chain holds the lease
     return len(ids)
+
+
+def start_probing(batch_id: int) -> None:
+    """This worker held `batch_id` for an outage: probe the API after the first wait."""
+    d = deps()
+    log.info("batch %s held for an outage; probing the API", batch_id)
+    probe.apply_async(countdown=d.breaker.policy.probe_first)
+
+
+@app.task(name="editbatch.probe")  # type: ignore[untyped-decorator]
+def probe(token: str | None = None) -> str:
+    """One probe of the API for the batches held for an outage. One chain probes at a time (a
+    lease in Redis); it sends the jobs of the batches it resumed or schedules its next probe."""
+    d = deps()
+    b = d.breaker
+    token = token or uuid.uuid4().hex
+    first_wait = b.policy.probe_first + PROBE_LEASE_MARGIN
+    if not b.store.lease_probe(b.scope, token, first_wait):
+        return "another probe chain is running"
+    result = breaker.probe(b, d.db, lambda: d.gateway.probe(d.settings.default_model))
+    for batch_id in result.resumed:
+        send(d.db, batch_id, celery_enqueue, d.on_batch_finished, dispatch_batch=dispatch_later)
+    if result.retry_in is None:
+        b.store.release_probe(b.scope, token)
+        return f"resumed {result.resumed}, gave up {result.gave_up}"
+    b.store.lease_probe(b.scope, token, result.retry_in + PROBE_LEASE_MARGIN)
+    probe.apply_async((token,), countdown=result.retry_in)
+    return f"no answer; next probe in {result.retry_in:.0f} s"
+
+
+def held_for_outage(d: Deps) -> bool:
+    """Any batch held for an outage (api_unreachable)?"""
+    with d.db.session() as session:
+        found = session.scalar(
+            select(Batch.id)
+            .where(Batch.state == BatchState.HELD, Batch.hold_code == HoldCode.API_UNREACHABLE)
+            .limit(1)
+        )
+    return found is not None
 
 
 @app.task(name="editbatch.nightly")  # type: ignore[untyped-decorator]
@@ -147,24 +236,25 @@ def dispatch_later(batch_id: int) -> None:
     batch_dispatch.apply_async((batch_id,))
 
 
+def _sync_queued() -> Select[int]:
+    """Queued jobs of running batches on the sync route (a batch-route job is sent as a line
+    by the batch route's tick, not as a message, so a lost queue does not concern it)."""
+    return (
+        select(Job.id)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(
+            Batch.state == BatchState.RUNNING,
+            Job.state == JobState.QUEUED,
+            func.coalesce(Job.route, Batch.route) == Route.SYNC,
+        )
+    )
+
+
 def stale_queued(d: Deps, older_than: float) -> list[int]:
-    """Queued jobs of running batches untouched for `older_than` seconds, on the sync route
-    (a batch-route job is sent as a line by the batch route's tick, not as a message)."""
+    """Queued jobs of running batches untouched for `older_than` seconds, on the sync route."""
     cutoff = utcnow() - timedelta(seconds=older_than)
     with d.db.session() as session:
-        return list(
-            session.scalars(
-                select(Job.id)
-                .join(Batch, Batch.id == Job.batch_id)
-                .where(
-                    Batch.state == BatchState.RUNNING,
-                    Job.state == JobState.QUEUED,
-                    Job.updated_at < cutoff,
-                    func.coalesce(Job.route, Batch.route) == Route.SYNC,
-                )
-                .limit(10_000)
-            )
-        )
+        return list(session.scalars(_sync_queued().where(Job.updated_at < cutoff).limit(10_000)))
 
 
 def broker_queue_length() -> int:
@@ -189,3 +279,55 @@ def celery_enqueue(ids: list[int]) -> None:
 
 
 enqueue: Enqueue = celery_enqueue
+
+
+def worker_stats(timeout: float) -> dict[str, Any]:
+    """Celery's `inspect stats` of every worker that answers within `timeout` (for doctor)."""
+    stats: dict[str, Any] | None = app.control.inspect(timeout=timeout).stats()
+    return stats or {}
+
+
+def resend_queued() -> int:
+    """Send every queued job of every running batch on the sync route again (Redis lost their
+    messages); how many. A job whose message survived gets two: the second claim does nothing.
+    The batch route needs nothing: its tick finds its queued jobs in the database."""
+    d = deps()
+    sent, last = 0, 0
+    while True:
+        with d.db.session() as session:
+            ids = list(
+                session.scalars(_sync_queued().where(Job.id > last).order_by(Job.id).limit(1000))
+            )
+        if not ids:
+            return sent
+        celery_enqueue(ids)
+        sent += len(ids)
+        last = ids[-1]
+
+
+_watch: BrokerWatch | None = None
+
+
+def start_broker_watch(**_: Any) -> None:
+    """worker_ready: start this worker's broker check (EDITBATCH_BROKER_CHECK_SECONDS; 0: off)."""
+    global _watch
+    settings = get_settings()
+    if not settings.broker_check_seconds or _watch is not None:
+        return
+    try:
+        client = Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    except ValueError as exc:  # a broker URL redis-py cannot open (e.g. sentinel://)
+        log.warning("broker check off: %s", exc)
+        return
+    _watch = BrokerWatch(client, resend_queued, settings.broker_check_seconds)
+    _watch.start()
+
+
+def stop_broker_watch(**_: Any) -> None:
+    if _watch is not None:
+        _watch.stop()
+
+
+# Celery's signal decorators are untyped; connecting by call keeps mypy --strict meaningful.
+signals.worker_ready.connect(start_broker_watch)
+signals.worker_shutdown.connect(stop_broker_watch)

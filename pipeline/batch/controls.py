@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session, aliased
 from pipeline.cost import budget
 from pipeline.cost.estimate import BatchEstimate, Estimate, estimate_batch, estimate_cost
 from pipeline.cost.pricing import PriceTable
-from pipeline.db import jobs
+from pipeline.db import events, jobs
+from pipeline.db.events import EventKind
 from pipeline.db.models import Batch, Job, Review, utcnow
 from pipeline.errors import EditbatchError, NotFoundError, RowError
 from pipeline.files import file_sha256, image_sizes
@@ -35,6 +36,7 @@ from pipeline.states import (
     BATCH_STOPPED,
     JOB_CLAIMED,
     BatchState,
+    HoldCode,
     JobState,
     ReviewDecision,
 )
@@ -180,6 +182,7 @@ def resume(
     budget_usd: Decimal | None = None,
     orphans: bool = False,
     remap: Callable[[], Remap] | None = None,
+    note: str | None = None,
 ) -> Remap | None:
     """Make a held or paused batch run again (a running one is tidied the same way).
 
@@ -188,7 +191,8 @@ def resume(
     batch belongs to a dead process whatever its lease says (a single-machine `run` continuing
     after it was killed: no other process can hold them). `remap` (see `remap_models`) runs
     while the batch is still stopped, in the same transaction that reopens it, so no worker
-    starts a job on the old model in between.
+    starts a job on the old model in between. A batch held for an API outage gets an event
+    saying it resumed (`note`, or "resumed by a person").
     """
     batch = _batch(session, batch_id)
     if batch.state in BATCH_CLOSED:
@@ -205,6 +209,10 @@ def resume(
     if budget_usd is not None:
         batch.budget_usd = budget_usd
     if stopped:
+        if batch.hold_code in (HoldCode.API_UNREACHABLE, HoldCode.OUTAGE):
+            events.record(
+                session, batch_id, EventKind.OUTAGE_RESUMED, note or "resumed by a person"
+            )
         jobs.reopen_batch(session, batch_id)
     session.commit()
     return report

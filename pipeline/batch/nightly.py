@@ -21,7 +21,6 @@ POSTs the signed summary to `webhook_url` (`pipeline.observe.webhook`).
 from __future__ import annotations
 
 import logging
-import re
 import string
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,7 +40,7 @@ from pipeline.errors import ConfigError
 from pipeline.intake import remote
 from pipeline.intake.manifest import Defaults
 from pipeline.observe.webhook import origin
-from pipeline.settings import Settings
+from pipeline.settings import Settings, cron_fields
 
 __all__ = [
     "NAME_PREFIX",
@@ -58,8 +57,6 @@ __all__ = [
 log = logging.getLogger("editbatch.nightly")
 
 NAME_PREFIX = "nightly-"
-CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
-_CRON_TOKEN = re.compile(r"^[0-9A-Za-z*/,\-]+$")
 
 
 @dataclass(frozen=True)
@@ -80,17 +77,6 @@ class NightlyPlan:
         out["date"] = self.date.isoformat()
         out["budget_usd"] = None if self.budget_usd is None else str(self.budget_usd)
         return out
-
-
-def cron_fields(expr: str) -> dict[str, str]:
-    """`"0 2 * * *"` -> keyword arguments for `celery.schedules.crontab`; ConfigError if bad."""
-    parts = expr.split()
-    if len(parts) != len(CRON_FIELDS) or not all(_CRON_TOKEN.match(p) for p in parts):
-        raise ConfigError(
-            f"EDITBATCH_NIGHTLY_CRON={expr!r} is not a cron expression: give five fields, "
-            "minute hour day-of-month month day-of-week, e.g. '0 2 * * *' (02:00 UTC daily)"
-        )
-    return dict(zip(CRON_FIELDS, parts, strict=True))
 
 
 def render(pattern: str, day: date, setting: str = "pattern") -> str:

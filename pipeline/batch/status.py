@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, aliased
 
+from pipeline.db import events
+from pipeline.db.events import Event
 from pipeline.db.models import Batch, Job, ProviderBatch
 from pipeline.errors import NotFoundError
 from pipeline.states import JOB_PENDING, JOB_TERMINAL, AttemptOutcome, JobState, ReviewDecision
@@ -59,6 +61,7 @@ class BatchStatus:
     provider_batches: list[dict[str, Any]] = field(default_factory=list)
     lost_answers: int = 0  # attempts interrupted mid-call: answers billed but never received
     lost_answers_usd: Decimal = Decimal(0)  # what they were booked at (estimated)
+    events: list[Event] = field(default_factory=list)  # outages: held, resumed, gave up
 
     @property
     def cost_per_output_usd(self) -> Decimal | None:
@@ -112,6 +115,7 @@ class BatchStatus:
                 "attempts": self.lost_answers,
                 "estimated_usd": usd_text(self.lost_answers_usd),
             },
+            "events": [event.to_json() for event in self.events],
         }
 
 
@@ -318,6 +322,7 @@ def batch_status(
         provider_batches=provider_batches(session, batch_id),
         lost_answers=lost,
         lost_answers_usd=_usd(lost_cost),
+        events=events.recent(session, batch_id),
     )
 
 

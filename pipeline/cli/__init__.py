@@ -8,6 +8,7 @@ intake.py    check, estimate
 batches.py   submit, run
 control.py   status, resume, pause, cancel, retry, collect
 web.py       serve (the dashboard), export (approved outputs)
+operations.py doctor, reconcile
 admin.py     nightly, sandbox, prices, config, db
 """
 
@@ -15,9 +16,17 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import admin, batches, control, intake, web  # noqa: F401  (register the commands)
+from pipeline.cli import (  # noqa: F401  (register the commands)
+    admin,
+    batches,
+    control,
+    intake,
+    operations,
+    web,
+)
 from pipeline.cli.app import app
-from pipeline.cli.ui import err
+from pipeline.cli.ui import err, print_error
+from pipeline.errors import ConfigError, EditbatchError
 from pipeline.observe.logs import setup_logging
 from pipeline.settings import get_settings
 
@@ -26,7 +35,8 @@ __all__ = ["app", "main"]
 # `editbatch --help` lists the commands in the order a person meets them.
 ORDER = (
     "check", "estimate", "run", "submit", "status", "resume", "pause", "cancel", "retry",
-    "collect", "serve", "export", "nightly", "models", "prices", "config", "sandbox",
+    "collect", "serve", "export", "doctor", "reconcile", "nightly", "models", "prices",
+    "config", "sandbox",
 )  # fmt: skip
 app.registered_commands.sort(
     key=lambda c: ORDER.index(c.name or c.callback.__name__)  # type: ignore[union-attr]
@@ -37,11 +47,14 @@ def main() -> None:
     try:
         settings = get_settings()
         json_logs, level = settings.log_json, settings.log_level or "WARNING"
-    except ValueError:  # an invalid setting: the command reports it when it reads the settings
+    except ConfigError:  # an invalid setting: the command reports it when it reads the settings
         json_logs, level = False, "WARNING"
     setup_logging(json=json_logs, level=level)
     try:
         app()
+    except EditbatchError as exc:  # raised outside a command's own `friendly_errors`
+        print_error(exc)
+        sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to continue")
         sys.exit(130)

@@ -23,6 +23,7 @@ from pipeline.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from pipeline.batch.submit import DispatchBatch, Enqueue
+    from pipeline.observe.doctor import WorkerInfo
     from pipeline.run.batchroute.context import RouteContext
     from pipeline.run.executor import Deps
 
@@ -40,6 +41,21 @@ def celery_dispatch_batch() -> DispatchBatch:
     from worker.tasks import dispatch_later
 
     return dispatch_later
+
+
+def ping_workers(timeout: float = 2.0) -> list[WorkerInfo]:
+    """The Celery workers that answer a ping now, with their pool and concurrency."""
+    from pipeline.observe.doctor import WorkerInfo
+    from worker.tasks import worker_stats
+
+    stats = worker_stats(timeout)
+    workers = []
+    for name, info in sorted(stats.items()):
+        pool = info.get("pool", {}) if isinstance(info, dict) else {}
+        kind = str(pool.get("implementation", "?"))
+        short = "threads" if "thread" in kind else kind.rsplit(".", 1)[-1].split(":")[0]
+        workers.append(WorkerInfo(name, short, int(pool.get("max-concurrency", 0) or 0)))
+    return workers
 
 
 def to_workers(db: Database, batch_id: int, settings: Settings) -> int:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.batch.status import BatchStatus, usd_text
 from pipeline.errors import EditbatchError, RowError
@@ -104,6 +105,14 @@ def print_status(status: BatchStatus) -> None:
             console.print(f"resume with: editbatch resume {status.batch_id}")
     if status.provider_batches:
         console.print(provider_table(status))
+    if status.events:
+        table = Table(title="Outages", title_justify="left")
+        for col in ("at", "event", "what"):
+            table.add_column(col, overflow="fold")
+        for event in status.events:
+            at = event.at.strftime("%Y-%m-%d %H:%M:%S")
+            table.add_row(at, event.kind.removeprefix("outage_"), event.message)
+        console.print(table)
     if len(status.breakdown) > 1:
         table = Table(title="Cost by model, quality and state", title_justify="left")
         for col in ("model", "quality", "state", "jobs", "cost $"):
@@ -210,12 +219,19 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def print_error(exc: EditbatchError) -> None:
+    """`error: <message>`, each line of the message unwrapped (a script can grep it), no markup
+    read from the message (it may hold brackets)."""
+    for line in str(exc).splitlines() or [""]:
+        err.print(Text.assemble(("error: ", "red"), line), soft_wrap=True)
+
+
 @contextmanager
 def friendly_errors() -> Iterator[None]:
     try:
         yield
     except EditbatchError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        print_error(exc)
         raise typer.Exit(2) from None
 
 

@@ -195,9 +195,13 @@ def set_state(
     error_code: str | None = None,
     error_message: str | None = None,
     next_attempt_at: datetime | None = None,
+    forgive: int = 0,
 ) -> bool:
-    """Move our claimed job to `state`; False if we no longer own it. Caller commits."""
+    """Move our claimed job to `state`; False if we no longer own it. `forgive` attempts stop
+    counting against its attempt budget (calls an API outage cost it). Caller commits."""
     values: dict[str, Any] = {"next_attempt_at": next_attempt_at}
+    if forgive:
+        values["attempt_base"] = Job.attempt_base + forgive
     if lease_seconds is not None:
         values["lease_until"] = utcnow() + timedelta(seconds=lease_seconds)
     if error_code is not None or error_message is not None:
@@ -359,6 +363,20 @@ def hold_batch(session: Session, batch_id: int, code: HoldCode, reason: str) -> 
     )
 
 
+def change_hold(
+    session: Session, batch_id: int, current: HoldCode, code: HoldCode, reason: str
+) -> bool:
+    """A batch held for `current` stays held, now for `code` (not a move of its state: the
+    outage breaker giving up leaves the batch to a person). Caller commits."""
+    result = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state == BatchState.HELD, Batch.hold_code == current)
+        .values(hold_code=code, hold_reason=reason)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result) == 1
+
+
 def pause_batch(session: Session, batch_id: int) -> bool:
     """A person stops a running batch (calls in flight finish). Caller commits."""
     return move_batch(
@@ -445,6 +463,7 @@ __all__ = [
     "batch_stop_state",
     "cancel_batch",
     "cancel_unstarted",
+    "change_hold",
     "claim",
     "count_attempt",
     "finish_batch_if_done",

@@ -274,6 +274,19 @@ class ProviderBatchFile(Base):
     )
 
 
+class BatchEvent(Base):
+    """Something that happened to a batch as a whole, for `status` and the log (the outage
+    breaker's trips, resumes and give-ups)."""
+
+    __tablename__ = "batch_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))  # a pipeline.db.events kind
+    message: Mapped[str] = mapped_column(Text)
+
+
 class DailySpend(Base):
     """Committed spend plus in-flight reservations of one UTC day, across all batches."""
 

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -38,8 +39,46 @@ def _ensure_sqlite_folder(url: str) -> None:
         Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
 
 
+# The extra of pyproject.toml that installs a driver, by the module SQLAlchemy imports.
+DRIVER_EXTRAS = {"psycopg": "editbatch[postgres]", "psycopg2": "editbatch[postgres]"}
+
+
+def check_driver(url: str, setting: str = "EDITBATCH_DATABASE_URL") -> None:
+    """ConfigError naming the setting (and the extra to install) if `url` cannot be used: it
+    does not parse, names no known database, or its driver is not installed."""
+    shown = _masked(url)
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except ArgumentError:
+        raise ConfigError(
+            f"{setting}={shown!r} is not a SQLAlchemy URL: expected e.g. sqlite:///path.db "
+            "or postgresql+psycopg://user@host/db"
+        ) from None
+    except NoSuchModuleError:
+        raise ConfigError(
+            f"{setting}={shown!r} names an unknown database or driver: use sqlite:/// or "
+            "postgresql+psycopg://"
+        ) from None
+    except ImportError as exc:
+        module = (exc.name or "").split(".")[0]
+        extra = DRIVER_EXTRAS.get(module)
+        fix = f"pip install '{extra}'" if extra else f"install the Python package {module!r}"
+        raise ConfigError(
+            f"{setting}={shown!r} needs the database driver {module!r}, which is not "
+            f"installed: {fix}"
+        ) from None
+
+
+def _masked(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the pragmas SQLite needs for many concurrent writers."""
+    check_driver(url)
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
     if parsed.get_backend_name() == "sqlite":

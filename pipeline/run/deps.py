@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import httpx2
 
@@ -13,6 +14,7 @@ from pipeline.intake.catalog import load_catalog
 from pipeline.observe import webhook
 from pipeline.output.collector import StorageCache
 from pipeline.output.report import write_report
+from pipeline.run.breaker import Breaker, BreakerPolicy, LocalBreakerStore, scope_of
 from pipeline.run.executor import Deps
 from pipeline.run.gateway import Gateway
 from pipeline.run.ratelimit import Limiter
@@ -26,9 +28,13 @@ def build_deps(
     limiter: Limiter,
     db: Database | None = None,
     http_client: httpx2.Client | None = None,
+    breaker: Breaker | None = None,
+    on_outage: Callable[[int], None] | None = None,
 ) -> Deps:
     """Clients built once per process. `http_client` replaces the SDK's transport (unit tests:
-    `tests.fakes.InProcessAPI`)."""
+    `tests.fakes.InProcessAPI`). `breaker`: the outage breaker shared by the workers (default:
+    one for this process); `on_outage(batch_id)` starts probing after this process held a
+    batch for an outage."""
     database = db or Database(settings.effective_database_url)
     storages = StorageCache()
 
@@ -63,7 +69,14 @@ def build_deps(
         settings=settings,
         prices=load_prices(settings.prices_file),
         limiter=limiter,
+        breaker=breaker or local_breaker(settings),
         catalog=load_catalog(settings.catalog_file),
         on_batch_finished=on_finished,
+        on_outage=on_outage,
         storages=storages,
     )
+
+
+def local_breaker(settings: Settings) -> Breaker:
+    """The outage breaker of one process (`editbatch run`, `resume --local`)."""
+    return Breaker(LocalBreakerStore(), BreakerPolicy.from_settings(settings), scope_of(settings))

@@ -10,8 +10,12 @@ pool of `editbatch run`. Dependencies are built once per process and passed in (
       _stop_state        the batch is held, paused or cancelled: park the job
       _reuse / _defer    an identical job already succeeded (copy it) or is in flight (wait)
       policy.run         retry.RetryPolicy: the loop of attempts, waits and limits
-        _attempt           one call: batch still running? -> reserve -> permit -> call -> record
+        _attempt           one call: batch still running? breaker closed? -> reserve -> permit
+                           -> call -> record -> tell the breaker (an outage holds the batch)
       _settle            spool + record the outputs (ok), hold the batch, or fail the job
+
+Calls an API outage cost a job are given back when the outage breaker stops it
+(`pipeline.run.breaker`), so an outage never fails a job.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from datetime import date, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
+from typing import NoReturn
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
@@ -40,6 +45,7 @@ from pipeline.files import image_sizes
 from pipeline.intake.catalog import Catalog, load_catalog
 from pipeline.observe import metrics
 from pipeline.output import collector, spool
+from pipeline.run.breaker import Breaker, Trip, hold_for_outage, is_outage
 from pipeline.run.gateway import CallOutcome, Gateway
 from pipeline.run.ratelimit import Limiter
 from pipeline.run.retry import RetryPolicy, hold_code, persist
@@ -62,9 +68,11 @@ class Deps:
     settings: Settings
     prices: PriceTable
     limiter: Limiter
+    breaker: Breaker
     catalog: Catalog = field(default_factory=load_catalog)
     sleep: Callable[[float], None] = time.sleep
     on_batch_finished: Callable[[int], None] | None = None
+    on_outage: Callable[[int], None] | None = None  # this process held a batch: start probing
     storages: collector.StorageCache = field(default_factory=collector.StorageCache)
 
     @property
@@ -108,11 +116,20 @@ class _Claimed:
 
 
 class _Stop(EditbatchError):
-    """The batch stopped (held, paused, cancelled) between two attempts."""
+    """The batch stopped (held, paused, cancelled) between two attempts; `outage`: because the
+    outage breaker is open."""
 
-    def __init__(self, state: JobState) -> None:
+    def __init__(self, state: JobState, outage: bool = False) -> None:
         super().__init__(state)
         self.state = state
+        self.outage = outage
+
+
+@dataclass
+class _Tally:
+    """What this run of a job spent on an API outage (given back if the outage stops it)."""
+
+    outage_calls: int = 0
 
 
 def process_job(job_id: int, deps: Deps) -> JobResult:
@@ -150,19 +167,20 @@ def _run_claimed(job: _Claimed, deps: Deps) -> JobResult:
         if busy:
             # The same edit is being bought right now by another job: wait for it, then reuse.
             return _defer(deps, job, DUPLICATE_WAIT_SECONDS, "identical job in flight")
+    tally = _Tally()
     try:
         outcome = deps.policy.run(
-            lambda: _attempt(deps, job),
+            lambda: _attempt(deps, job, tally),
             attempts=job.attempts_left,
             sleep=deps.sleep,
             before_call=lambda n: _back_to_running(deps, job, n),
             before_wait=lambda seconds: _wait_for_retry(deps, job, seconds),
         )
     except _Stop as stop_:
-        return _park(deps, job, stop_.state)
+        return _park(deps, job, stop_.state, forgive=tally.outage_calls if stop_.outage else 0)
     except PermitTimeout as exc:
         return _defer(deps, job, PERMIT_RETRY_SECONDS, str(exc))
-    return _settle(deps, job, outcome)
+    return _settle(deps, job, outcome, tally)
 
 
 def _load(deps: Deps, job_id: int, token: str) -> _Claimed:
@@ -197,10 +215,16 @@ def _stop_state(deps: Deps, batch_id: int) -> JobState | None:
 
 
 def _park(
-    deps: Deps, job: _Claimed, state: JobState, why: str = "batch is not running"
+    deps: Deps,
+    job: _Claimed,
+    state: JobState,
+    why: str = "batch is not running",
+    forgive: int = 0,
 ) -> JobResult:
+    """The batch stopped: the job waits (held) or ends (cancelled) without a call; `forgive`
+    calls an outage cost it stop counting against its attempts."""
     with deps.db.session() as session:
-        jobs.set_state(session, job.job_id, job.token, state)
+        jobs.set_state(session, job.job_id, job.token, state, forgive=forgive)
         session.commit()
     return JobResult(job.job_id, state, why)
 
@@ -282,11 +306,17 @@ def _reuse(deps: Deps, job: _Claimed, donor: int) -> JobResult:
 
 
 def _defer(
-    deps: Deps, job: _Claimed, seconds: float, reason: str, forget_fingerprint: bool = False
+    deps: Deps,
+    job: _Claimed,
+    seconds: float,
+    reason: str,
+    forget_fingerprint: bool = False,
+    forgive: int = 0,
 ) -> JobResult:
-    """Give the job back (queued) to be sent again in `seconds`, without spending anything."""
+    """Give the job back (queued) to be sent again in `seconds`, without spending anything more
+    (`forgive`: calls an outage cost it stop counting against its attempts)."""
     with deps.db.session() as session:
-        jobs.set_state(session, job.job_id, job.token, JobState.QUEUED)
+        jobs.set_state(session, job.job_id, job.token, JobState.QUEUED, forgive=forgive)
         if forget_fingerprint:  # its twin's files are gone: this job must buy its own edit
             session.execute(
                 update(Job)
@@ -336,11 +366,15 @@ class _Reservation:
     active: bool = False
 
 
-def _attempt(deps: Deps, job: _Claimed) -> CallOutcome:
-    """One call: the batch still runs -> reserve -> permit -> call -> record."""
+def _attempt(deps: Deps, job: _Claimed, tally: _Tally) -> CallOutcome:
+    """One call: the batch still runs and the breaker is closed -> reserve -> permit -> call
+    -> record -> the breaker hears the outcome (an outage holds the batch)."""
     state = _stop_state(deps, job.batch_id)
     if state is not None:
-        raise _Stop(state)
+        raise _Stop(state, outage=deps.breaker.open() is not None)
+    trip = deps.breaker.open()
+    if trip is not None:
+        _hold_for_outage(deps, job, trip)
     reservation = _reserve(deps, job)
     try:
         attempt_id, outcome = _call(deps, job)
@@ -352,7 +386,27 @@ def _attempt(deps: Deps, job: _Claimed) -> CallOutcome:
         lambda: _record(deps, job, attempt_id, outcome, reservation),
         deps.sleep,
     )
+    if is_outage(outcome.http_status, outcome.error_type):
+        tally.outage_calls += 1
+    trip = deps.breaker.hear(outcome.http_status, outcome.error_type, _detail(outcome))
+    if trip is not None:
+        _hold_for_outage(deps, job, trip)
     return outcome
+
+
+def _hold_for_outage(deps: Deps, job: _Claimed, trip: Trip) -> NoReturn:
+    """The breaker is open: hold the batch (the first one to do so starts the probing) and stop
+    this job without spending its attempts."""
+    if hold_for_outage(deps.db, job.batch_id, trip, deps.breaker.policy) and deps.on_outage:
+        deps.on_outage(job.batch_id)
+    raise _Stop(JobState.HELD, outage=True)
+
+
+def _detail(outcome: CallOutcome) -> str:
+    """A failed call in a few words, for the breaker's reason."""
+    status = f"{outcome.http_status} " if outcome.http_status else ""
+    text = outcome.error_message or outcome.error_code or outcome.error_type or "no answer"
+    return f"{status}{text}"[:300]
 
 
 def _reserve(deps: Deps, job: _Claimed) -> _Reservation:
@@ -479,10 +533,20 @@ def _record(
 # -- after the last attempt -----------------------------------------------------------------
 
 
-def _settle(deps: Deps, job: _Claimed, outcome: CallOutcome) -> JobResult:
+def _settle(deps: Deps, job: _Claimed, outcome: CallOutcome, tally: _Tally) -> JobResult:
     """Move the job to its resting state for the last outcome."""
     if outcome.kind == AttemptOutcome.OK:
         return _succeed(deps, job, outcome)
+    if _outage_before_the_trip(deps, job, outcome, tally):
+        # Its attempts ran out on an outage the breaker has not tripped for yet: hand it back
+        # (the breaker trips as the failures go on) instead of failing it.
+        return _defer(
+            deps,
+            job,
+            deps.breaker.policy.probe_first,
+            "every call fails with an outage error",
+            forgive=tally.outage_calls,
+        )
     message = outcome.error_message or outcome.error_code or "unknown error"
     code = outcome.error_code or outcome.error_type
     if outcome.kind == AttemptOutcome.HOLD:
@@ -512,6 +576,20 @@ def _settle(deps: Deps, job: _Claimed, outcome: CallOutcome) -> JobResult:
         session.commit()
     finish_if_done(deps, job.batch_id)
     return JobResult(job.job_id, JobState.FAILED, message)
+
+
+def _outage_before_the_trip(deps: Deps, job: _Claimed, outcome: CallOutcome, tally: _Tally) -> bool:
+    """The job's last call failed as an outage fails, no call anywhere has succeeded since its
+    first such failure (the breaker's streak covers them all), and a free call to the API (a
+    model lookup) gets no answer either. A job whose request alone breaks the server still
+    fails: the API answers the lookup."""
+    if outcome.kind != AttemptOutcome.TRANSIENT or not tally.outage_calls:
+        return False
+    if not is_outage(outcome.http_status, outcome.error_type):
+        return False
+    if deps.breaker.streak() < tally.outage_calls:
+        return False
+    return deps.gateway.probe(job.spec.model) is not None
 
 
 def _model_gone_reason(deps: Deps, job: _Claimed, answer: str) -> str:

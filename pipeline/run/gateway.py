@@ -18,8 +18,10 @@ import httpx2
 import openai
 
 from pipeline.cost.pricing import Usage
+from pipeline.errors import ConfigError, EditbatchError
 from pipeline.output.formats import unreadable
 from pipeline.run.retry import classify, parse_retry_after
+from pipeline.settings import Settings
 from pipeline.spec import EditSpec
 from pipeline.states import AttemptOutcome
 
@@ -54,6 +56,39 @@ class CallOutcome:
     # No answer came back, but the API may have made one and billed it (we timed out, or the
     # body was cut off): booked at its estimated cost.
     maybe_billed: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the API said to a call that costs nothing: the status (None: no answer at all),
+    the error code and message."""
+
+    status: int | None
+    code: str | None = None
+    message: str = ""
+
+    @property
+    def answered(self) -> bool:
+        """The API is there (it answered with anything but a server error)."""
+        return self.status is not None and self.status < 500
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    def describe(self) -> str:
+        head = " ".join(str(p) for p in (self.status, self.code) if p)
+        return f"{head}: {self.message}" if head and self.message else head or self.message
+
+
+def _answer_of(exc: openai.APIStatusError, redact: Any) -> Answer:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    code = getattr(exc, "code", None) or (error.get("code") if isinstance(error, dict) else None)
+    message = error.get("message") if isinstance(error, dict) else None
+    return Answer(
+        exc.status_code, str(code) if code else None, redact(str(message or exc.message))[:500]
+    )
 
 
 def usage_from_response(usage: Any) -> Usage | None:
@@ -180,6 +215,33 @@ class Gateway:
     def close(self) -> None:
         self.client.close()
 
+    def lookup(self, model: str, timeout: float = 10.0) -> Answer:
+        """Retrieve `model` (`GET /models/{model}`, free): whether the API answers, and what."""
+        return self._free(lambda client: client.models.retrieve(model), timeout)
+
+    def list_models(self, timeout: float = 10.0) -> Answer:
+        """List the models (`GET /models`, free): whether the API answers, and what."""
+        return self._free(lambda client: client.models.list(), timeout)
+
+    def _free(self, call: Any, timeout: float) -> Answer:
+        try:
+            call(self.client.with_options(timeout=timeout))
+        except openai.APIStatusError as exc:
+            return _answer_of(exc, self._redact)
+        except openai.APITimeoutError:
+            return Answer(None, "timeout", f"no answer within {timeout:g} s")
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__
+            detail = f": {type(cause).__name__}" if cause is not None else ""
+            return Answer(None, "connection_error", f"connection failed{detail}")
+        return Answer(200)
+
+    def probe(self, model: str, timeout: float = 10.0) -> str | None:
+        """Ask the API something that costs nothing (retrieve `model`): None when it answers
+        (any status below 500: the API is there), else why not."""
+        answer = self.lookup(model, timeout)
+        return None if answer.answered else answer.describe()
+
     def edit(self, spec: EditSpec) -> CallOutcome:
         """Make exactly one edit call for `spec` and classify what came back."""
         files = _files(spec)
@@ -286,3 +348,90 @@ class Gateway:
             svg_usage=svg_usage,
             svg_author=svg_author,
         )
+
+
+class BillingGateway:
+    """The provider's own usage and cost figures (`/organization/usage/images`, `/costs`), read
+    with an admin key, never the job key (`editbatch reconcile`)."""
+
+    def __init__(self, admin_key: str, base_url: str | None, timeout: float = 60.0) -> None:
+        self._secret = admin_key
+        self.client = openai.OpenAI(
+            api_key="not-used-for-admin-calls",
+            admin_api_key=admin_key,
+            base_url=base_url,
+            max_retries=2,
+            timeout=timeout,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BillingGateway:
+        """With OPENAI_ADMIN_KEY, which must be set and must not be the job key."""
+        admin = settings.openai_admin_key.get_secret_value() if settings.openai_admin_key else ""
+        if not admin:
+            raise ConfigError(
+                "reconcile reads the provider's usage with an admin key: set OPENAI_ADMIN_KEY "
+                "(platform.openai.com/settings/organization/admin-keys; not the job key)"
+            )
+        if admin == settings.api_key():
+            raise ConfigError(
+                "OPENAI_ADMIN_KEY is the job key (OPENAI_API_KEY): use an admin key kept apart"
+            )
+        return cls(admin, settings.openai_base_url)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def usage_images(self, start: int, end: int) -> list[dict[str, Any]]:
+        """Image usage by day and model: every result of every bucket, with `start_time`."""
+        return self._pages(
+            lambda page: self.client.admin.organization.usage.images(
+                start_time=start,
+                end_time=end,
+                bucket_width="1d",
+                group_by=["model"],
+                limit=31,
+                **page,
+            )
+        )
+
+    def costs(self, start: int, end: int) -> list[dict[str, Any]]:
+        """Costs by day and line item (`MODEL, input_tokens` ...), with `start_time`."""
+        return self._pages(
+            lambda page: self.client.admin.organization.usage.costs(
+                start_time=start,
+                end_time=end,
+                bucket_width="1d",
+                group_by=["line_item"],
+                limit=180,
+                **page,
+            )
+        )
+
+    def _pages(self, fetch: Any) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        page: dict[str, Any] = {}
+        while True:
+            try:
+                response = fetch(page)
+            except openai.APIStatusError as exc:
+                answer = _answer_of(exc, lambda text: text.replace(self._secret, "sk-admin-****"))
+                raise EditbatchError(
+                    f"the provider refused the usage query: {answer.describe()}"
+                    + (_ADMIN_FIX if exc.status_code in (401, 403) else "")
+                ) from None
+            except openai.APIConnectionError as exc:
+                raise EditbatchError(f"the provider's usage API does not answer: {exc}") from None
+            body = response.model_dump()
+            for bucket in body.get("data") or []:
+                for result in bucket.get("results") or []:
+                    results.append({**result, "start_time": bucket["start_time"]})
+            if not body.get("has_more") or not body.get("next_page"):
+                return results
+            page = {"page": body["next_page"]}
+
+
+_ADMIN_FIX = (
+    " (OPENAI_ADMIN_KEY must be an admin key with the api.usage.read scope: "
+    "platform.openai.com/settings/organization/admin-keys)"
+)

@@ -1,7 +1,9 @@
 """`editbatch run`: the same executor as the Celery workers, on a thread pool in this process.
 
 The "broker" is an in-memory queue of job ids read from the database, so a crash or Ctrl-C
-loses nothing: a rerun reads the unfinished jobs again.
+loses nothing: a rerun reads the unfinished jobs again. When the outage breaker holds the batch
+(`pipeline.run.breaker`), the pool probes the API with backoff and runs the batch again once
+the API answers, as the Celery workers' probe task does.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from pipeline.db.jobs import queued_job_ids
+from pipeline.db.models import Batch
+from pipeline.run import breaker
 from pipeline.run.executor import Deps, Handback, JobResult, process_job
 from pipeline.run.retry import redeliver_after
+from pipeline.states import HoldCode
 
 log = logging.getLogger("editbatch.run")
 
@@ -31,8 +37,31 @@ class LocalPool:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run_batch(self, batch_id: int) -> None:
-        """Run every queued job of the batch; returns when all are done or `stop` is set."""
-        self.run_ids([i for ids in queued_job_ids(self.deps.db, batch_id) for i in ids])
+        """Run every queued job of the batch; returns when all are done or `stop` is set. A
+        batch held for an API outage is run again when the API answers (or probing gives up)."""
+        while True:
+            self.run_ids([i for ids in queued_job_ids(self.deps.db, batch_id) for i in ids])
+            if self.stop.is_set() or not self._outage_ended(batch_id):
+                return
+
+    def _outage_ended(self, batch_id: int) -> bool:
+        """Probe while the batch is held for an outage; True once it was resumed."""
+        deps = self.deps
+        wait: float | None = deps.breaker.policy.probe_first
+        while wait is not None and not self.stop.wait(wait):
+            with deps.db.session() as session:
+                code = session.scalar(select(Batch.hold_code).where(Batch.id == batch_id))
+            if code != HoldCode.API_UNREACHABLE:
+                return False
+            result = breaker.probe(
+                deps.breaker,
+                deps.db,
+                lambda: deps.gateway.probe(deps.settings.default_model),
+            )
+            if batch_id in result.resumed:
+                return True
+            wait = result.retry_in
+        return False
 
     def run_ids(self, job_ids: list[int]) -> None:
         """Run these jobs (the batch route's fallback to sync); returns when all are done or

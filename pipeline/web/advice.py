@@ -88,4 +88,15 @@ def hold_advice(code: str | None, reason: str | None, state: str) -> str | None:
             "An input file went missing after preflight: put it back where the manifest says "
             "(or cancel and resubmit without it), then Resume."
         )
+    if code == HoldCode.API_UNREACHABLE:
+        return (
+            "The API stopped answering (no connection, timeouts or 5xx): editbatch is probing "
+            "it and resumes the batch by itself when it answers; nothing to do unless the "
+            "outage is on your side (network, proxy, OPENAI_BASE_URL)."
+        )
+    if code == HoldCode.OUTAGE:
+        return (
+            "The API did not answer for EDITBATCH_BREAKER_GIVE_UP_SECONDS, so probing stopped: "
+            "check the provider's status page and your network, then Resume once it is back."
+        )
     return "Fix the cause named in the reason, then Resume."

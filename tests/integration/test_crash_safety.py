@@ -464,10 +464,18 @@ def test_redis_flushall_mid_batch_then_resume_loses_nothing_and_pays_once(
     tmp_path: Path, redis_url: str, database_url: str
 ) -> None:
     """FLUSHALL while two workers run a batch: the queued messages are gone. `editbatch resume`
-    re-sends the unfinished jobs from the database; none is lost, none is paid twice."""
+    re-sends the unfinished jobs from the database; none is lost, none is paid twice. (The
+    workers' broker check, which does the same by itself within seconds, is off here so that
+    the stall can be seen; tests/integration/test_redis_restart.py tests it.)"""
     jobs_total = 40
     manifest = write_manifest(tmp_path / "in" / "manifest.csv", small_rows(tmp_path / "in", 40))
-    with stack(tmp_path, redis_url, database_url, SandboxConfig(latency_ms=250)) as st:
+    with stack(
+        tmp_path,
+        redis_url,
+        database_url,
+        SandboxConfig(latency_ms=250),
+        EDITBATCH_BROKER_CHECK_SECONDS="0",
+    ) as st:
         st.worker("w1", concurrency=3)
         st.worker("w2", concurrency=3)
         batch_id = st.submit(manifest)

@@ -617,7 +617,7 @@ def test_route_options_are_checked_with_the_option_named() -> None:
         BatchOptions(output_uri="o", route="batch", fallback="email")
     with pytest.raises(ConfigError, match="add --route batch"):
         BatchOptions(output_uri="o", fallback="sync")
-    with pytest.raises(ValueError, match="EDITBATCH_NIGHTLY_ROUTE"):
+    with pytest.raises(ConfigError, match="EDITBATCH_NIGHTLY_ROUTE='tonight': not a route"):
         Settings(nightly_route="tonight")
     assert Settings(nightly_route="Batch").nightly_route == "batch"
 

@@ -16,6 +16,8 @@ def test_every_hold_code_has_its_own_fix() -> None:
     assert "billing" in str(held[HoldCode.QUOTA])
     assert "OPENAI_API_KEY" in str(held[HoldCode.AUTH])
     assert "--model-map" in str(held[HoldCode.MODEL_UNAVAILABLE])
+    assert "resumes the batch by itself" in str(held[HoldCode.API_UNREACHABLE])
+    assert "then Resume" in str(held[HoldCode.OUTAGE])
     forbidden = hold_advice(HoldCode.AUTH, "403 permission_denied: verify the org", "held")
     assert forbidden != held[HoldCode.AUTH] and "organisation" in str(forbidden)
     assert "Resume" in str(hold_advice(HoldCode.PAUSED, "paused by a person", "paused"))

@@ -353,7 +353,7 @@ def test_build_limiter_reads_the_environment(
 )
 def test_bad_model_limits_name_the_setting(limits: dict[str, dict[str, int]], message: str) -> None:
     with pytest.raises(ConfigError, match=f"EDITBATCH_MODEL_LIMITS.*{message}"):
-        build_limiter(Settings(model_limits=limits))
+        Settings(model_limits=limits)
 
 
 def test_redis_down_hands_the_job_back_instead_of_failing_it(
