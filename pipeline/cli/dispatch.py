@@ -96,19 +96,12 @@ def in_process(
         batch = session.get(Batch, batch_id)
         route = batch.route if batch is not None else Route.SYNC
     stop = threading.Event()
+    pool = LocalPool(deps, concurrency, stop=stop)
     if route == Route.BATCH:
-        from pipeline.run.batchroute.poll import run_local
-
         ctx = route_context(deps, concurrency, stop)
         every = poll_seconds or settings.batch_poll_seconds
-        _run_with_progress(
-            lambda: run_local(ctx, batch_id, stop.is_set, every, sleep=stop.wait),
-            stop,
-            db,
-            batch_id,
-        )
+        _run_with_progress(lambda: pool.run_route(ctx, batch_id, every), stop, db, batch_id)
     else:
-        pool = LocalPool(deps, concurrency, stop=stop)
         _run_with_progress(lambda: pool.run_batch(batch_id), stop, db, batch_id)
     collect_batch(db, batch_id, deps.storages)  # outputs a storage failure left in the spool
     finish_if_done(deps, batch_id)

@@ -3,7 +3,8 @@
 The "broker" is an in-memory queue of job ids read from the database, so a crash or Ctrl-C
 loses nothing: a rerun reads the unfinished jobs again. When the outage breaker holds the batch
 (`pipeline.run.breaker`), the pool probes the API with backoff and runs the batch again once
-the API answers, as the Celery workers' probe task does.
+the API answers, as the Celery workers' probe task does; so does a batch-route run whose jobs
+went back to the sync route (`run_route`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from sqlalchemy.exc import DBAPIError
 from pipeline.db.jobs import queued_job_ids
 from pipeline.db.models import Batch
 from pipeline.run import breaker
+from pipeline.run.batchroute import poll
+from pipeline.run.batchroute.context import RouteContext
 from pipeline.run.executor import Deps, Handback, JobResult, process_job
 from pipeline.run.retry import redeliver_after
 from pipeline.states import HoldCode
@@ -41,11 +44,22 @@ class LocalPool:
         batch held for an API outage is run again when the API answers (or probing gives up)."""
         while True:
             self.run_ids([i for ids in queued_job_ids(self.deps.db, batch_id) for i in ids])
-            if self.stop.is_set() or not self._outage_ended(batch_id):
+            if self.stop.is_set() or not self.outage_ended(batch_id):
                 return
 
-    def _outage_ended(self, batch_id: int) -> bool:
-        """Probe while the batch is held for an outage; True once it was resumed."""
+    def run_route(self, ctx: RouteContext, batch_id: int, every: float) -> None:
+        """`editbatch run --route batch`: tick the batch every `every` seconds until nothing is
+        left for it (`poll.run_local`). Its jobs sent back to the sync route (`--fallback
+        sync`) are sync calls: an outage that holds the batch meanwhile is waited out here as
+        in `run_batch`, then the route goes on."""
+        while True:
+            poll.run_local(ctx, batch_id, self.stop.is_set, every, sleep=self.stop.wait)
+            if self.stop.is_set() or not self.outage_ended(batch_id):
+                return
+
+    def outage_ended(self, batch_id: int) -> bool:
+        """Probe while the batch is held for an outage; True once it was resumed (False at
+        once when it is not held for one)."""
         deps = self.deps
         wait: float | None = deps.breaker.policy.probe_first
         while wait is not None and not self.stop.wait(wait):

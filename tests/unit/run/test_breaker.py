@@ -4,6 +4,7 @@ contract, and the executor and the local pool against an API that goes away and 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -12,12 +13,13 @@ from pathlib import Path
 import fakeredis
 import httpx2
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from pipeline.db.events import EventKind, recent
 from pipeline.db.jobs import queued_job_ids
 from pipeline.db.models import Attempt, Batch, Job
 from pipeline.db.session import Database
+from pipeline.run.batchroute.context import RouteContext
 from pipeline.run.breaker import (
     FLAP_SECONDS,
     Breaker,
@@ -351,3 +353,44 @@ def test_breaker_is_per_scope(tmp_path: Path) -> None:
     assert a.hear(503, "server_error", "y") is not None
     assert b.open() is None
     assert b.hear(200, None, "") is None
+
+
+def test_a_local_batch_route_run_waits_out_an_outage_of_its_sync_jobs(
+    tmp_path: Path, db: Database, settings: Settings, api: SwitchableAPI
+) -> None:
+    """`editbatch run --route batch`: jobs sent back to the sync route (`--fallback sync`) are
+    sync calls, so an outage during them holds the batch; the run probes, resumes and finishes
+    it instead of returning with the batch held and nobody probing. The ledger equals the bill."""
+    manifest = write_manifest(tmp_path / "in" / "m.csv", product_rows(tmp_path / "in", 4))
+    batch_id = new_batch(db, manifest, str(tmp_path / "out"), route="batch").batch_id
+    with db.session() as s:  # as after an expiry with --fallback sync
+        s.execute(update(Job).where(Job.batch_id == batch_id).values(route="sync"))
+        s.commit()
+
+    def flaky(request: httpx2.Request) -> httpx2.Response:
+        if api.down and api.refused >= 12:
+            api.down = False  # the API comes back after a dozen refused calls
+        return api._handle(request)
+
+    quick = settings.model_copy(update={"batch_poll_seconds": 0.01})
+    client = httpx2.Client(transport=httpx2.MockTransport(flaky))
+    deps = build_deps(quick, LocalLimiter(None, None), db, http_client=client)
+    pool = LocalPool(deps, concurrency=2)
+    api.down = True
+    timer = threading.Timer(30, pool.stop.set)  # a hung run fails the test, not the suite
+    timer.start()
+    try:
+        pool.run_route(RouteContext.build(deps, pool.run_ids), batch_id, 0.02)
+    finally:
+        timer.cancel()
+    assert not pool.stop.is_set(), "the run did not finish in 30 s"
+    with db.session() as s:
+        states = list(s.scalars(select(Job.state).where(Job.batch_id == batch_id)))
+        batch = s.get(Batch, batch_id)
+        ledger = sum(a.cost_usd for a in s.scalars(select(Attempt)))
+        kinds = [e.kind for e in recent(s, batch_id)]
+    assert states == ["succeeded"] * 4
+    assert batch is not None and batch.state == "finished"
+    assert kinds == ["outage_held", "outage_resumed"]
+    billed, _ = billed_total(Path(str(api.api.config.billing_log)))
+    assert ledger == billed
