@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sys
 
+from sqlalchemy.exc import DBAPIError
+
 from pipeline.cli import (  # noqa: F401  (register the commands)
     admin,
     batches,
@@ -25,7 +27,7 @@ from pipeline.cli import (  # noqa: F401  (register the commands)
     web,
 )
 from pipeline.cli.app import app
-from pipeline.cli.ui import err, print_error
+from pipeline.cli.ui import database_error, err, print_error
 from pipeline.errors import ConfigError, EditbatchError
 from pipeline.observe.logs import setup_logging
 from pipeline.settings import get_settings
@@ -54,6 +56,9 @@ def main() -> None:
         app()
     except EditbatchError as exc:  # raised outside a command's own `friendly_errors`
         print_error(exc)
+        sys.exit(2)
+    except DBAPIError as exc:  # a deadlock, a dropped connection: the command can be repeated
+        print_error(database_error(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to continue")

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
+from sqlalchemy.exc import DBAPIError
 
 from pipeline import clock
 from pipeline.batch.status import BatchStatus, batch_status
-from pipeline.cli.ui import console, err, progress_table
+from pipeline.cli.ui import console, database_said, err, progress_table
 from pipeline.db.session import Database
 from pipeline.errors import EditbatchError
 from pipeline.settings import Settings, get_settings
@@ -66,6 +67,11 @@ def to_workers(db: Database, batch_id: int, settings: Settings) -> int:
     broker = settings.masked()["broker_url"]
     try:
         return send(db, batch_id, celery_enqueue(), dispatch_batch=celery_dispatch_batch())
+    except DBAPIError as exc:  # a new submit would store the batch twice: resume sends it
+        raise EditbatchError(
+            f"batch {batch_id} is stored, but the database failed while its jobs were being "
+            f"sent ({database_said(exc)}); send them with: editbatch resume {batch_id}"
+        ) from exc
     except Exception as exc:  # kombu raises OperationalError and friends
         raise EditbatchError(
             f"batch {batch_id} is stored, but the broker at {broker} refused the "

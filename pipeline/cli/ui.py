@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.exc import DBAPIError
 
 from pipeline.batch.status import BatchStatus, usd_text
 from pipeline.errors import EditbatchError, RowError
@@ -226,12 +227,35 @@ def print_error(exc: EditbatchError) -> None:
         err.print(Text.assemble(("error: ", "red"), line), soft_wrap=True)
 
 
+def database_said(exc: DBAPIError) -> str:
+    """What the database said, in one line: the driver's error and its first line (never the
+    SQL statement and its parameters, which SQLAlchemy appends)."""
+    said = exc.orig if exc.orig is not None else exc
+    lines = str(said).strip().splitlines()
+    return f"{type(said).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def database_error(exc: DBAPIError) -> EditbatchError:
+    """A database error during a command (a deadlock, a lock timeout, a dropped connection) as
+    one line: what the database said, and what to do. Each step of a command is one
+    transaction and every command can be repeated (`resume`, `retry`, `run` continue where
+    they stopped; `submit` names the batch it stored before sending), so: run it again."""
+    return EditbatchError(
+        f"the database failed during this command ({database_said(exc)}); what it finished "
+        "is saved and the command is safe to repeat: run it again (if it keeps failing, "
+        "check the database of EDITBATCH_DATABASE_URL)"
+    )
+
+
 @contextmanager
 def friendly_errors() -> Iterator[None]:
     try:
         yield
     except EditbatchError as exc:
         print_error(exc)
+        raise typer.Exit(2) from None
+    except DBAPIError as exc:
+        print_error(database_error(exc))
         raise typer.Exit(2) from None
 
 
