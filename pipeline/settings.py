@@ -118,6 +118,43 @@ class Settings(BaseSettings):
     openai_base_url: str | None = Field(
         None, validation_alias="OPENAI_BASE_URL", description="API base URL (OPENAI_BASE_URL)."
     )
+    # Providers (pipeline/providers.py reads these; docs/providers.md).
+    provider: str = Field(
+        "openai", description="Provider of batches and rows that name none (openai, azure, ...)."
+    )
+    providers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Providers by name, [providers.NAME] tables in the TOML file "
+        "(docs/providers.md).",
+    )
+    azure_deployments: str | None = Field(
+        None,
+        description='Azure deployments per model: "gpt-image-2=my-deployment,..." (a model '
+        "named twice gets two deployments); makes the provider `azure` from AZURE_OPENAI_*.",
+    )
+    azure_requests_per_minute: int | None = Field(
+        None, ge=1, description="Requests per minute of each deployment of provider `azure`."
+    )
+    azure_auth: str = Field(
+        "api_key",
+        description="How provider `azure` signs in: api_key (AZURE_OPENAI_API_KEY) or entra_id "
+        "(azure-identity's DefaultAzureCredential; pip install 'editbatch[azure]').",
+    )
+    azure_openai_endpoint: str | None = Field(
+        None,
+        validation_alias="AZURE_OPENAI_ENDPOINT",
+        description="Azure OpenAI resource, https://NAME.openai.azure.com (AZURE_OPENAI_ENDPOINT).",
+    )
+    azure_openai_api_key: SecretStr | None = Field(
+        None,
+        validation_alias="AZURE_OPENAI_API_KEY",
+        description="Azure OpenAI key (AZURE_OPENAI_API_KEY; never stored or logged).",
+    )
+    openai_api_version: str | None = Field(
+        None,
+        validation_alias="OPENAI_API_VERSION",
+        description="Azure OpenAI api-version, e.g. 2025-04-01-preview (OPENAI_API_VERSION).",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -191,6 +228,7 @@ class Settings(BaseSettings):
             if isinstance(value, SecretStr):
                 value = "****" if value.get_secret_value() else None
             out[name] = None if value is None else str(value)
+        out["providers"] = None if not self.providers else str(_mask_secrets(self.providers))
         out["database_url"] = _mask_url_password(self.effective_database_url)
         out["broker_url"] = _mask_url_password(self.broker_url)
         if self.webhook_url:  # a webhook URL's path or query often is a token itself
@@ -198,6 +236,15 @@ class Settings(BaseSettings):
             port = f":{parts.port}" if parts.port else ""
             out["webhook_url"] = f"{parts.scheme}://{parts.hostname}{port}/****"
         return out
+
+
+def _mask_secrets(value: Any) -> Any:
+    """A copy of nested TOML tables with every `api_key` value masked."""
+    if isinstance(value, dict):
+        return {k: ("****" if k == "api_key" and v else _mask_secrets(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_secrets(v) for v in value]
+    return value
 
 
 def _mask_url_password(url: str) -> str:

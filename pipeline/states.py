@@ -111,6 +111,7 @@ class HoldCode(StrEnum):
     QUOTA = "quota"  # 429 insufficient_quota and friends
     AUTH = "auth"  # 401 / 403
     MODEL_UNAVAILABLE = "model_unavailable"  # the API says the model does not exist (any more)
+    PROVIDER = "provider"  # a provider's setting is wrong (Azure: no such deployment, api-version)
 
 
 S = TypeVar("S", bound=StrEnum)

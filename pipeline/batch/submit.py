@@ -45,6 +45,7 @@ from pipeline.intake.manifest import Defaults
 from pipeline.intake.naming import render_name
 from pipeline.intake.preflight import Preflight, PreflightOptions
 from pipeline.intake.remote import LocalManifest, is_remote, localize_manifest
+from pipeline.providers import ProviderSet, providers_of
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
 from pipeline.states import BATCH_OPEN, BatchState, JobState
@@ -177,6 +178,11 @@ class Prepared:
         return check_rows(self.manifest, self.defaults, self.preflight)
 
     @property
+    def providers(self) -> ProviderSet | None:
+        """The providers the rows were checked against (None: OpenAI only)."""
+        return self.preflight.options.providers
+
+    @property
     def sha256(self) -> str:
         return file_sha256(str(self.manifest.path))
 
@@ -199,6 +205,7 @@ def prepare(settings: Settings, manifest: str | Path, intake: Intake) -> Prepare
             convert=intake.convert,
             allow_unknown_model=intake.allow_unknown_model,
             work_dir=settings.home.resolve() / "preflight",
+            providers=providers_of(settings),
         )
     )
     return Prepared(local, intake.defaults, preflight)
@@ -271,6 +278,10 @@ def store(
             )
         checked_rows = materialised
     defaults = prepared.defaults
+    providers = prepared.providers
+    if providers is not None:
+        prices = providers.prices(prices)  # a provider's own prices estimate its rows
+    default_provider = providers.default if providers is not None else None
     with db.session() as session:
         batch = Batch(
             name=options.name or Path(prepared.manifest.path).stem,
@@ -282,6 +293,7 @@ def store(
             settings={
                 "defaults": dict(defaults.values),
                 "model": defaults.model,
+                "provider": defaults.provider or default_provider,
                 "reuse": options.reuse,
                 **options.extra,
             },
@@ -310,6 +322,7 @@ def store(
                     row.update(
                         spec="{}",
                         model=None,
+                        provider=None,
                         quality=None,
                         state=JobState.REJECTED,
                         fingerprint=None,
@@ -327,6 +340,7 @@ def store(
                     row.update(
                         spec=r.spec.to_json(),
                         model=r.spec.model,
+                        provider=r.spec.provider or default_provider,
                         quality=r.spec.quality,
                         state=JobState.QUEUED,
                         fingerprint=r.fingerprint,

@@ -49,14 +49,13 @@ def to_workers(db: Database, batch_id: int, settings: Settings) -> int:
 def in_process(settings: Settings, db: Database, batch_id: int, concurrency: int) -> BatchStatus:
     """Run the batch's jobs in this process, collect, finish if done; the status afterwards."""
     from pipeline.output.collector import collect_batch
+    from pipeline.providers import providers_of
     from pipeline.run.deps import build_deps
     from pipeline.run.executor import finish_if_done
     from pipeline.run.localpool import LocalPool
-    from pipeline.run.ratelimit import LocalLimiter
+    from pipeline.run.ratelimit import local_limiter
 
-    deps = build_deps(
-        settings, LocalLimiter(settings.images_per_minute, settings.max_in_flight), db
-    )
+    deps = build_deps(settings, local_limiter(providers_of(settings).limit_for), db)
     _run_with_progress(LocalPool(deps, concurrency), db, batch_id)
     collect_batch(db, batch_id, deps.storages)  # outputs a storage failure left in the spool
     finish_if_done(deps, batch_id)

@@ -7,7 +7,8 @@ the micro-dollar (ROUND_HALF_UP), so 100k jobs add up without float drift.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from importlib import resources
@@ -71,17 +72,34 @@ def quantize(value: Decimal) -> Decimal:
 
 @dataclass(frozen=True)
 class PriceTable:
+    """Prices per model, and per provider where a provider bills differently (its overrides
+    win for its calls; `pipeline.providers.ProviderSet.prices` adds them)."""
+
     as_of: str
     source: str
     models: dict[str, ModelPrice]
+    providers: Mapping[str, Mapping[str, ModelPrice]] = field(default_factory=dict)
+    default_provider: str | None = None  # whose overrides apply to a call naming no provider
 
-    def get(self, model: str) -> ModelPrice | None:
+    def get(self, model: str, provider: str | None = None) -> ModelPrice | None:
+        provider = provider or self.default_provider
+        if provider is not None:
+            own = self.providers.get(provider, {}).get(model)
+            if own is not None:
+                return own
         return self.models.get(model)
 
-    def cost(self, model: str, usage: Usage) -> Decimal | None:
-        """Cost of `usage` on `model`, or None when the model has no price (never a silent 0)."""
-        price = self.models.get(model)
+    def cost(self, model: str, usage: Usage, provider: str | None = None) -> Decimal | None:
+        """Cost of `usage` on `model` (at `provider`'s price if it has its own), or None when
+        the model has no price (never a silent 0)."""
+        price = self.get(model, provider)
         return None if price is None else price.cost(usage)
+
+    def with_providers(
+        self, overrides: Mapping[str, Mapping[str, ModelPrice]], default: str | None = None
+    ) -> PriceTable:
+        """This table with per-provider prices added (a new table; this one is shared)."""
+        return replace(self, providers={**self.providers, **overrides}, default_provider=default)
 
 
 def _decimal(model: str, name: str, value: Any, origin: str) -> Decimal:
@@ -117,6 +135,17 @@ def _parse(data: dict[str, Any], origin: str) -> tuple[str, str, dict[str, Model
             checked_on=str(entry.get("checked_on", data.get("as_of", ""))),
         )
     return str(data.get("as_of", "unknown")), str(data.get("source", origin)), models
+
+
+def parse_price_models(
+    models: Mapping[str, Any], origin: str, source: str
+) -> dict[str, ModelPrice]:
+    """Model prices from a table shaped like prices.toml's [models] (e.g. a provider's
+    overrides); ConfigError naming `origin` and the model."""
+    for name, entry in models.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{origin}: model {name!r} must be a table of prices")
+    return _parse({"models": dict(models), "source": source}, origin)[2]
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -87,6 +87,7 @@ class Job(Base):
     spec: Mapped[str] = mapped_column(Text)  # EditSpec JSON
     model: Mapped[str | None] = mapped_column(String(100))  # copies of the spec's, for reports
     quality: Mapped[str | None] = mapped_column(String(20))
+    provider: Mapped[str | None] = mapped_column(String(64))  # NULL: before providers (openai)
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # attempts made before the last `editbatch retry`; max_attempts counts from here
@@ -132,6 +133,9 @@ class Attempt(Base):
     cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
     cost_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     priced: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Where the call went: the provider and the deployment (lane) it took (migration 0010).
+    provider: Mapped[str | None] = mapped_column(String(64))
+    deployment: Mapped[str | None] = mapped_column(String(128))
 
 
 class Output(Base):

@@ -1,4 +1,5 @@
-"""Build the per-process dependencies (database, gateway, prices, limiter) from settings."""
+"""Build the per-process dependencies (database, providers, gateway, prices, limiter) from
+settings."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pipeline.intake.catalog import load_catalog
 from pipeline.observe import webhook
 from pipeline.output.collector import StorageCache
 from pipeline.output.report import write_report
+from pipeline.providers import providers_of
 from pipeline.run.executor import Deps
 from pipeline.run.gateway import Gateway
 from pipeline.run.ratelimit import Limiter
@@ -31,6 +33,7 @@ def build_deps(
     `tests.fakes.InProcessAPI`)."""
     database = db or Database(settings.effective_database_url)
     storages = StorageCache()
+    providers = providers_of(settings)
 
     def on_finished(batch_id: int) -> None:
         try:
@@ -59,11 +62,13 @@ def build_deps(
             settings.openai_base_url,
             settings.request_timeout_seconds,
             http_client=http_client,
+            connections=providers.connections(),
         ),
         settings=settings,
-        prices=load_prices(settings.prices_file),
+        prices=providers.prices(load_prices(settings.prices_file)),
         limiter=limiter,
         catalog=load_catalog(settings.catalog_file),
         on_batch_finished=on_finished,
         storages=storages,
+        providers=providers,
     )

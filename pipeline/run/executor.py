@@ -9,8 +9,10 @@ pool of `editbatch run`. Dependencies are built once per process and passed in (
       _load              the job's spec, batch and attempt count
       _stop_state        the batch is held, paused or cancelled: park the job
       _reuse / _defer    an identical job already succeeded (copy it) or is in flight (wait)
+      _hold              no lane for the job's provider and model: hold the batch, say why
       policy.run         retry.RetryPolicy: the loop of attempts, waits and limits
-        _attempt           one call: batch still running? -> reserve -> permit -> call -> record
+        _attempt           one call: batch still running? -> reserve -> permit (any lane of
+                           the provider's deployments with capacity) -> call -> record
       _settle            spool + record the outputs (ok), hold the batch, or fail the job
 """
 
@@ -35,11 +37,12 @@ from pipeline.cost.pricing import PriceTable
 from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
 from pipeline.db.session import Database
-from pipeline.errors import EditbatchError, PermitTimeout, StorageError
+from pipeline.errors import ConfigError, EditbatchError, PermitTimeout, StorageError
 from pipeline.files import image_sizes
 from pipeline.intake.catalog import Catalog, load_catalog
 from pipeline.observe import metrics
 from pipeline.output import collector, spool
+from pipeline.providers import Lane, ProviderSet, providers_of
 from pipeline.run.gateway import CallOutcome, Gateway
 from pipeline.run.ratelimit import Limiter
 from pipeline.run.retry import RetryPolicy, hold_code, persist
@@ -66,6 +69,11 @@ class Deps:
     sleep: Callable[[float], None] = time.sleep
     on_batch_finished: Callable[[int], None] | None = None
     storages: collector.StorageCache = field(default_factory=collector.StorageCache)
+    providers: ProviderSet = field(default=None)  # type: ignore[assignment]  # None: from settings
+
+    def __post_init__(self) -> None:
+        if self.providers is None:
+            self.providers = providers_of(self.settings)
 
     @property
     def policy(self) -> RetryPolicy:
@@ -104,6 +112,9 @@ class _Claimed:
     attempts_left: int
     pixels: tuple[tuple[int, int], ...]
     estimate: Estimate
+    provider: str
+    lanes: tuple[Lane, ...]  # empty: the provider lacks the model (`no_lane` says why)
+    no_lane: str = ""
 
 
 class _Stop(EditbatchError):
@@ -145,6 +156,14 @@ def _run_claimed(job: _Claimed, deps: Deps) -> JobResult:
         if busy:
             # The same edit is being bought right now by another job: wait for it, then reuse.
             return _defer(deps, job, DUPLICATE_WAIT_SECONDS, "identical job in flight")
+    if not job.lanes:
+        # The provider's settings changed since preflight, or this worker lacks them: no call
+        # could succeed, for this job or its batch's others, until a person fixes them.
+        reason = (
+            f"{job.no_lane}; fix the provider settings of the workers (docs/providers.md), "
+            f"then: editbatch resume {job.batch_id}"
+        )
+        return _hold(deps, job, HoldCode.PROVIDER, reason, "provider", job.no_lane)
     try:
         outcome = deps.policy.run(
             lambda: _attempt(deps, job),
@@ -168,6 +187,11 @@ def _load(deps: Deps, job_id: int, token: str) -> _Claimed:
         assert batch is not None
         spec = EditSpec.from_json(row.spec)
         pixels = image_sizes(spec.images)
+        provider = spec.provider or deps.providers.default
+        try:
+            lanes, no_lane = deps.providers.lanes(provider, spec.model), ""
+        except ConfigError as exc:
+            lanes, no_lane = (), str(exc)
         return _Claimed(
             job_id=job_id,
             token=token,
@@ -179,6 +203,9 @@ def _load(deps: Deps, job_id: int, token: str) -> _Claimed:
             attempts_left=deps.policy.attempts_left(row.attempts, row.attempt_base),
             pixels=pixels,
             estimate=estimate_cost(spec, pixels, deps.prices),
+            provider=provider,
+            lanes=lanes,
+            no_lane=no_lane,
         )
 
 
@@ -353,22 +380,28 @@ def _release(deps: Deps, job: _Claimed, reservation: _Reservation) -> None:
 
 
 def _call(deps: Deps, job: _Claimed) -> tuple[int, CallOutcome]:
-    """Wait for a rate permit, record the attempt as in flight, make the one HTTP call."""
+    """Wait for a rate permit on any lane of the job's provider and model, record the attempt
+    as in flight, make the one HTTP call on that lane."""
     spec = job.spec
+    lanes = {lane.scope: lane for lane in job.lanes}
+    units = job.lanes[0].units(spec.n)  # the lanes of one provider and model count alike
     wait_started = time.monotonic()
     try:
-        with deps.limiter.permit(spec.model, spec.n, max_wait=_max_permit_wait(deps.settings)):
+        with deps.limiter.permit_any(
+            list(lanes), units, max_wait=_max_permit_wait(deps.settings)
+        ) as scope:
+            lane = lanes[scope]
             metrics.observe_permit_wait(spec.model, time.monotonic() - wait_started)
-            attempt_id = _start_attempt(deps, job.job_id)
+            attempt_id = _start_attempt(deps, job.job_id, lane)
             with metrics.call_in_flight(spec.model):
-                outcome = deps.gateway.edit(spec)
+                outcome = deps.gateway.edit(spec, lane)
     except PermitTimeout:
         metrics.observe_permit_wait(spec.model, time.monotonic() - wait_started, timed_out=True)
         raise
     rate_limited = outcome.kind == AttemptOutcome.TRANSIENT and outcome.http_status == 429
     if rate_limited and outcome.retry_after:
-        deps.limiter.backoff(spec.model, outcome.retry_after)
-    deps.limiter.observe(spec.model, outcome.headers)
+        deps.limiter.backoff(lane.scope, outcome.retry_after)
+    deps.limiter.observe(lane.scope, outcome.headers)
     return attempt_id, outcome
 
 
@@ -377,12 +410,18 @@ def _max_permit_wait(settings: Settings) -> float:
     return max(settings.lease_seconds / 3.0, 1.0)
 
 
-def _start_attempt(deps: Deps, job_id: int) -> int:
-    """Record the attempt before the call, so a worker killed mid-call leaves a trace."""
+def _start_attempt(deps: Deps, job_id: int, lane: Lane) -> int:
+    """Record the attempt (and the lane it takes) before the call, so a worker killed mid-call
+    leaves a trace."""
     with deps.db.session() as session:
         number = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
         attempt = Attempt(
-            job_id=job_id, number=number + 1, started_at=utcnow(), outcome=AttemptOutcome.IN_FLIGHT
+            job_id=job_id,
+            number=number + 1,
+            started_at=utcnow(),
+            outcome=AttemptOutcome.IN_FLIGHT,
+            provider=lane.provider,
+            deployment=lane.deployment,
         )
         session.add(attempt)
         jobs.count_attempt(session, job_id, deps.settings.lease_seconds)
@@ -402,11 +441,11 @@ def _record(
         # Billed, but the API said nothing about tokens: estimate from the published tables.
         usage = fallback_usage(spec, len(outcome.images) or spec.n, job.pixels)
         estimated = True
-    cost = deps.prices.cost(spec.model, usage) if usage is not None else None
+    cost = deps.prices.cost(spec.model, usage, job.provider) if usage is not None else None
     if cost is not None and outcome.svg_usage is not None:
         # SVG output: the author model's tokens are billed at its own rates; with no price for
         # it the attempt's cost is unknown (flagged unpriced), never silently short.
-        author = deps.prices.cost(outcome.svg_author or "", outcome.svg_usage)
+        author = deps.prices.cost(outcome.svg_author or "", outcome.svg_usage, job.provider)
         cost = None if author is None else cost + author
     metrics.observe_attempt(
         spec.model, outcome.kind, outcome.http_status, outcome.latency_ms / 1000.0, cost
@@ -456,23 +495,20 @@ def _settle(deps: Deps, job: _Claimed, outcome: CallOutcome) -> JobResult:
     message = outcome.error_message or outcome.error_code or "unknown error"
     code = outcome.error_code or outcome.error_type
     if outcome.kind == AttemptOutcome.HOLD:
-        hold = hold_code(outcome.http_status, outcome.error_code, outcome.error_param)
+        hold = hold_code(
+            outcome.http_status, outcome.error_code, outcome.error_param, outcome.error_message
+        )
         reason = f"{outcome.http_status} {code}: {message}"
+        if outcome.provider is not None and outcome.provider != "openai":
+            reason = f"provider {outcome.provider}, deployment {outcome.deployment}: {reason}"
         if hold == HoldCode.MODEL_UNAVAILABLE:
             reason = _model_gone_reason(deps, job, reason)
-        with deps.db.session() as session:
-            jobs.hold_batch(session, job.batch_id, hold, reason)
-            jobs.set_state(
-                session,
-                job.job_id,
-                job.token,
-                JobState.HELD,
-                error_code=code,
-                error_message=message,
+        elif hold == HoldCode.PROVIDER:
+            reason += (
+                "; fix the deployment or api-version in the provider's settings "
+                f"(docs/providers.md), then: editbatch resume {job.batch_id}"
             )
-            session.commit()
-        log.warning("batch %s held: %s", job.batch_id, reason)
-        return JobResult(job.job_id, JobState.HELD, reason)
+        return _hold(deps, job, hold, reason, code, message)
     if outcome.kind == AttemptOutcome.TRANSIENT:
         message = f"gave up after {deps.settings.max_attempts} attempts; last: {message}"
     with deps.db.session() as session:
@@ -482,6 +518,25 @@ def _settle(deps: Deps, job: _Claimed, outcome: CallOutcome) -> JobResult:
         session.commit()
     finish_if_done(deps, job.batch_id)
     return JobResult(job.job_id, JobState.FAILED, message)
+
+
+def _hold(
+    deps: Deps, job: _Claimed, hold: HoldCode, reason: str, code: str | None, message: str
+) -> JobResult:
+    """Hold the batch (with the code and reason) and park this job with its error."""
+    with deps.db.session() as session:
+        jobs.hold_batch(session, job.batch_id, hold, reason)
+        jobs.set_state(
+            session,
+            job.job_id,
+            job.token,
+            JobState.HELD,
+            error_code=code,
+            error_message=message,
+        )
+        session.commit()
+    log.warning("batch %s held: %s", job.batch_id, reason)
+    return JobResult(job.job_id, JobState.HELD, reason)
 
 
 def _model_gone_reason(deps: Deps, job: _Claimed, answer: str) -> str:

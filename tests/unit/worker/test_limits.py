@@ -326,8 +326,9 @@ def test_build_limiter_merges_overrides_with_defaults(redis: fakeredis.FakeRedis
     )
     limiter = build_limiter(settings, redis)
     assert isinstance(limiter, RedisLimiter)
-    assert limiter.limit_for("gpt-image-1") == ModelLimit(5, 4)
-    assert limiter.limit_for("gpt-image-1-mini") == ModelLimit(50, 4)
+    account = account_id("")
+    assert limiter.limit_for("openai:gpt-image-1") == ModelLimit(5, 4, account=account)
+    assert limiter.limit_for("openai:gpt-image-1-mini") == ModelLimit(50, 4, account=account)
 
 
 def test_build_limiter_reads_the_environment(
@@ -340,8 +341,9 @@ def test_build_limiter_reads_the_environment(
     )
     limiter = build_limiter(Settings(), redis)
     assert isinstance(limiter, RedisLimiter)
-    assert limiter.limit_for("gpt-image-1") == ModelLimit(7, None)
-    assert limiter.limit_for("gpt-image-1-mini") == ModelLimit(50, 10)
+    account = account_id("")
+    assert limiter.limit_for("openai:gpt-image-1") == ModelLimit(7, None, account=account)
+    assert limiter.limit_for("openai:gpt-image-1-mini") == ModelLimit(50, 10, account=account)
 
 
 @pytest.mark.parametrize(
