@@ -316,3 +316,51 @@ def test_without_configuration_there_is_openai_alone_with_the_old_limits() -> No
     with pytest.raises(ConfigError, match=r"EDITBATCH_MODEL_LIMITS.*unknown field"):
         providers_of(Settings(model_limits={"m": {"image_per_minute": 5}}))
     assert not providers_of(Settings()).any_limit()
+
+
+def documented_toml(name: str) -> str:
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / name).read_text(encoding="utf-8")
+    [example] = re.findall(r"```toml\n(.*?)```", text, re.S)
+    return str(example)
+
+
+def test_the_toml_example_of_docs_providers_md_is_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documented example stays true: it parses into the providers and lanes it describes."""
+    example = documented_toml("docs/providers.md")
+    path = tmp_path / "editbatch.toml"
+    path.write_text(example, encoding="utf-8")
+    monkeypatch.setenv("EDITBATCH_CONFIG", str(path))
+    for name in ("AZURE_EAST_KEY", "AZURE_WEST_KEY", "LITELLM_KEY"):
+        monkeypatch.setenv(name, f"{name.lower()}-0001")
+    providers = providers_of(Settings())
+    assert providers.default == "azure-east"
+    assert providers.names() == ("azure-east", "entra", "gateway", "openai")
+    east = providers.lanes("azure-east", "gpt-image-2")
+    assert [lane.connection.url for lane in east] == [
+        "https://east.openai.azure.com",
+        "https://west.openai.azure.com",
+    ]
+    assert providers.get("entra").connection.auth == Auth.ENTRA_ID
+    assert providers.limit_for("openai:gpt-image-1-mini").per_minute == 50
+
+
+def test_the_toml_example_of_the_readme_is_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "editbatch.toml"
+    path.write_text(documented_toml("README.md"), encoding="utf-8")
+    monkeypatch.setenv("EDITBATCH_CONFIG", str(path))
+    monkeypatch.setenv("AZURE_EAST_KEY", "east-0001")
+    monkeypatch.setenv("LITELLM_KEY", "gw-0001")
+    providers = providers_of(Settings())
+    assert providers.names() == ("azure-east", "gateway", "openai")
+    assert [lane.scope for lane in providers.lanes(None, "gpt-image-2")] == [
+        "azure-east:img2-a",
+        "azure-east:img2-b",
+    ]
+    price = providers.prices(load_prices()).get("gpt-image-2", "azure-east")
+    assert price is not None and price.image_output == Decimal("24.00")
