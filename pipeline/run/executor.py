@@ -42,7 +42,7 @@ from pipeline.files import image_sizes
 from pipeline.intake.catalog import Catalog, load_catalog
 from pipeline.observe import metrics
 from pipeline.output import collector, spool
-from pipeline.providers import Lane, ProviderSet, providers_of
+from pipeline.providers import Lane, ProviderSet
 from pipeline.run.gateway import CallOutcome, Gateway
 from pipeline.run.ratelimit import Limiter
 from pipeline.run.retry import RetryPolicy, hold_code, persist
@@ -63,17 +63,13 @@ class Deps:
     db: Database
     gateway: Gateway
     settings: Settings
-    prices: PriceTable
+    prices: PriceTable  # with each provider's overrides (`ProviderSet.prices`)
     limiter: Limiter
+    providers: ProviderSet
     catalog: Catalog = field(default_factory=load_catalog)
     sleep: Callable[[float], None] = time.sleep
     on_batch_finished: Callable[[int], None] | None = None
     storages: collector.StorageCache = field(default_factory=collector.StorageCache)
-    providers: ProviderSet = field(default=None)  # type: ignore[assignment]  # None: from settings
-
-    def __post_init__(self) -> None:
-        if self.providers is None:
-            self.providers = providers_of(self.settings)
 
     @property
     def policy(self) -> RetryPolicy:
