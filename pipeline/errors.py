@@ -12,6 +12,8 @@
     ├── OutputNameError            a name template cannot give a safe relative name
     ├── StorageError               the output location cannot be written
     ├── NotFoundError              a batch or job id that does not exist
+    │   └── ImageMissing           the dashboard cannot serve an image: no such file, or not
+    │                              where it may be (it answers 404)
     ├── PermitTimeout              no rate permit in time: the job is handed back, not failed
     └── InvalidTransition          code asked for a state change pipeline.states does not allow
 
@@ -69,6 +71,10 @@ class StorageError(EditbatchError):
 
 class NotFoundError(EditbatchError):
     """Raised when a batch or job id does not exist."""
+
+
+class ImageMissing(NotFoundError):
+    """Raised when an image cannot be served: no such file, or it is not where it may be."""
 
 
 class PermitTimeout(EditbatchError):

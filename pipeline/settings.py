@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one POST.")
     webhook_attempts: int = Field(5, ge=1, le=20, description="POSTs before giving up.")
+    dashboard_token: SecretStr | None = Field(
+        None,
+        description="Sign-in token of the dashboard (`editbatch serve`); required to serve "
+        "beyond 127.0.0.1 (docs/dashboard.md).",
+    )
     openai_api_key: SecretStr | None = Field(
         None,
         validation_alias="OPENAI_API_KEY",

@@ -1,4 +1,5 @@
-"""Every state a job, a batch or an attempt can be in, and the moves between them, as data.
+"""Every state a job, a batch or an attempt can be in, and the moves between them, as data
+(and the review decision a person gives an output).
 
 This module is the one place where state names are written. The database stores the values;
 every change of a job's or a batch's state goes through `pipeline.db.jobs`, which refuses a
@@ -15,6 +16,9 @@ Job states:
     failed     permanent error or attempts used up (terminal until `editbatch retry --failed`)
     held       its batch stopped (budget, quota, auth, pause, a model gone); resume queues it
     cancelled  (terminal)
+
+    A job is created queued or rejected (JOB_INITIAL): by submit, one per manifest row, and
+    by a re-run of a rejected output (a new queued job pointing at the one it re-runs).
 
     queued    -> running, failed, held, cancelled
     running   -> queued, running, retrying, succeeded, failed, held, cancelled
@@ -54,6 +58,7 @@ __all__ = [
     "BATCH_OPEN",
     "BATCH_STOPPED",
     "JOB_CLAIMED",
+    "JOB_INITIAL",
     "JOB_MOVES",
     "JOB_PENDING",
     "JOB_TERMINAL",
@@ -63,8 +68,10 @@ __all__ = [
     "HoldCode",
     "InvalidTransition",
     "JobState",
+    "ReviewDecision",
     "batch_diagram",
     "check_batch_move",
+    "check_job_creation",
     "check_job_move",
     "job_diagram",
 ]
@@ -114,6 +121,14 @@ class HoldCode(StrEnum):
     PROVIDER = "provider"  # a provider's setting is wrong (Azure: no such deployment, api-version)
 
 
+class ReviewDecision(StrEnum):
+    """A person's decision on one output in the review gallery (`reviews.decision`); an output
+    without a row in `reviews` is unreviewed. A job with a rejected output can be re-run."""
+
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
 S = TypeVar("S", bound=StrEnum)
 J = JobState
 B = BatchState
@@ -139,6 +154,8 @@ BATCH_MOVES: Mapping[BatchState, frozenset[BatchState]] = {
     B.CANCELLED: frozenset(),
 }
 
+JOB_INITIAL = frozenset({J.QUEUED, J.REJECTED})
+"""States a job is created in (`pipeline.db.jobs.insert_jobs` refuses any other)."""
 JOB_TERMINAL = frozenset({J.SUCCEEDED, J.FAILED, J.REJECTED, J.CANCELLED})
 """States no worker will move a job out of by itself."""
 JOB_CLAIMED = frozenset({J.RUNNING, J.RETRYING})
@@ -167,6 +184,16 @@ def _check(kind: str, moves: Mapping[S, frozenset[S]], sources: Iterable[S], tar
 def check_job_move(sources: Iterable[JobState], target: JobState) -> None:
     """Raise InvalidTransition unless every `source -> target` is in JOB_MOVES."""
     _check("job", JOB_MOVES, sources, target)
+
+
+def check_job_creation(states: Iterable[JobState]) -> None:
+    """Raise InvalidTransition unless every state is one a job may be created in."""
+    bad = sorted(str(s) for s in states if s not in JOB_INITIAL)
+    if bad:
+        raise InvalidTransition(
+            f"a job cannot be created {', '.join(bad)}: new jobs are "
+            f"{' or '.join(sorted(JOB_INITIAL))} (pipeline/states.py)"
+        )
 
 
 def check_batch_move(sources: Iterable[BatchState], target: BatchState) -> None:

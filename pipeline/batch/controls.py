@@ -1,33 +1,50 @@
-"""What a person can do to a batch: pause, cancel, resume, retry failed jobs.
+"""What a person can do to a batch: pause, cancel, resume, retry failed jobs, and re-run the
+rows whose outputs were rejected in review, with an amended prompt.
 
 Each is a few atomic UPDATEs through `pipeline.db.jobs`; workers notice through the batch state
 before every call. `resume` is the one way a stopped batch runs again (the CLI's `resume` and
 `run`, and `retry` on a held batch, all come through it), because it is also where what a dead
 worker left behind is cleaned up: expired claims, and budget reservations that never settled.
+The CLI and the dashboard call these same functions; the caller then sends the queued jobs
+(`pipeline.batch.submit.send`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, exists, func, select
+from sqlalchemy.orm import Session, aliased
 
 from pipeline.cost import budget
 from pipeline.cost.estimate import BatchEstimate, Estimate, estimate_batch, estimate_cost
 from pipeline.cost.pricing import PriceTable
 from pipeline.db import jobs
-from pipeline.db.models import Batch, Job, utcnow
+from pipeline.db.models import Batch, Job, Review, utcnow
 from pipeline.errors import EditbatchError, NotFoundError, RowError
 from pipeline.files import file_sha256, image_sizes
 from pipeline.intake.catalog import Catalog
 from pipeline.intake.preflight import Preflight, PreflightOptions
 from pipeline.providers import ProviderSet
 from pipeline.spec import EditSpec
-from pipeline.states import BATCH_CLOSED, BATCH_STOPPED, JOB_CLAIMED, BatchState, JobState
+from pipeline.states import (
+    BATCH_CLOSED,
+    BATCH_STOPPED,
+    JOB_CLAIMED,
+    BatchState,
+    JobState,
+    ReviewDecision,
+)
+
+# The API's limit on a prompt (../shared/API-FACTS.md).
+MAX_PROMPT_CHARS = 32_000
+# A re-run's outputs go to rerun<N>/<the row's own name>, so they never overwrite the
+# rejected originals; `editbatch export` strips the folder again.
+RERUN_FOLDER = re.compile(r"^rerun(\d+)/")
 
 
 def _batch(session: Session, batch_id: int) -> Batch:
@@ -227,11 +244,108 @@ def retry_failed(
         session.flush()
     count = jobs.requeue_failed(session, batch_id)
     session.commit()
-    if not count:
-        return 0
-    if batch.state in BATCH_STOPPED:
+    if count:
+        _run_again(session, batch_id, BatchState(batch.state))
+    return count
+
+
+def _run_again(session: Session, batch_id: int, was: BatchState) -> None:
+    """New work was queued in the batch (committed): a finished batch reopens (and finishes
+    again, with a new report); a held or paused one is resumed, as `resume` does."""
+    if was in BATCH_STOPPED:
         resume(session, batch_id)
-    elif batch.state == BatchState.FINISHED:
+    elif was == BatchState.FINISHED:
         jobs.reopen_batch(session, batch_id)
         session.commit()
-    return count
+
+
+def rerunnable(batch_id: int) -> Select[int]:
+    """Ids of the batch's rejected rows: jobs with a rejected output and no re-run yet.
+
+    Driven from the reviews' (batch, decision, job) index, never from all the batch's jobs.
+    """
+    child = aliased(Job)
+    return select(Review.job_id).where(
+        Review.batch_id == batch_id,
+        Review.decision == ReviewDecision.REJECTED,
+        ~exists().where(child.rerun_of_job_id == Review.job_id),
+    )
+
+
+def rerun_rejected(
+    session: Session,
+    batch_id: int,
+    prompts: Mapping[int, str] | None = None,
+    amend: str | None = None,
+    job_ids: Collection[int] | None = None,
+) -> list[int]:
+    """A new queued job for each rejected row (a job with a rejected output, not re-run yet).
+
+    `prompts`: job id -> that row's whole new prompt; `amend`: text added to the end of every
+    re-run's prompt; `job_ids`: only these rejected jobs. Each new job copies its original
+    (id, metadata, parameters, estimate), points at it (`rerun_of_job_id`, unique: a job is
+    re-run once, so a second click adds nothing), takes the next free row number of the
+    batch (the manifest row stays in its spec, for names) and writes its outputs under
+    `rerun<N>/`. The batch runs again as after `retry_failed`. Returns the new job ids; the
+    caller sends them (`pipeline.batch.submit.send`).
+    """
+    # FOR UPDATE: two re-runs of one batch take row numbers one after the other (PostgreSQL;
+    # SQLite's write transactions are serial already). populate_existing: its state as it is
+    # now, not as this session last saw it (sessions keep objects across commits).
+    batch = session.get(Batch, batch_id, with_for_update=True, populate_existing=True)
+    if batch is None:
+        raise NotFoundError(f"no batch {batch_id}; `editbatch status` lists the batches")
+    if batch.state == BatchState.CANCELLED:
+        raise EditbatchError(f"batch {batch_id} is cancelled; nothing can run in it")
+    was = BatchState(batch.state)
+    query = select(Job).where(Job.id.in_(rerunnable(batch_id))).order_by(Job.id)
+    if job_ids is not None:
+        query = query.where(Job.id.in_(list(job_ids)))
+    originals = list(session.scalars(query))
+    unknown = set(prompts or ()) - {j.id for j in originals}
+    if unknown:
+        raise EditbatchError(
+            f"jobs {sorted(unknown)} of batch {batch_id} have no rejected output left to "
+            "re-run (not rejected, or re-run already)"
+        )
+    if not originals:
+        session.rollback()
+        return []
+    last_row = session.scalar(select(func.max(Job.row_number)).where(Job.batch_id == batch_id))
+    now = utcnow()
+    rows = []
+    for offset, job in enumerate(originals, start=1):
+        spec = EditSpec.from_json(job.spec)
+        prompt = (prompts or {}).get(job.id, spec.prompt).strip()
+        if amend and amend.strip():
+            prompt = f"{prompt} {amend.strip()}"
+        if not prompt or len(prompt) > MAX_PROMPT_CHARS:
+            raise EditbatchError(
+                f"row {spec.row} (job {job.id}): the prompt must have 1 to "
+                f"{MAX_PROMPT_CHARS:,} characters (it has {len(prompt):,})"
+            )
+        found = RERUN_FOLDER.match(spec.output)
+        generation = int(found.group(1)) + 1 if found else 1
+        template = f"rerun{generation}/{RERUN_FOLDER.sub('', spec.output)}"
+        spec = replace(spec, prompt=prompt, output=template)
+        rows.append(
+            {
+                "batch_id": batch_id,
+                "row_number": int(last_row or 0) + offset,
+                "external_key": job.external_key,
+                "fingerprint": None,  # a changed request is a different edit: never reuse
+                "spec": spec.to_json(),
+                "model": job.model,
+                "provider": job.provider,
+                "quality": job.quality,
+                "state": JobState.QUEUED,
+                "estimated_usd": job.estimated_usd,
+                "rerun_of_job_id": job.id,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    new_ids = jobs.insert_jobs(session, rows, return_ids=True)
+    session.commit()
+    _run_again(session, batch_id, was)
+    return new_ids

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, aliased
 
 from pipeline.db.models import Batch, Job
 from pipeline.errors import NotFoundError
-from pipeline.states import JOB_PENDING, JOB_TERMINAL, JobState
+from pipeline.states import JOB_PENDING, JOB_TERMINAL, JobState, ReviewDecision
 
 
 @dataclass
@@ -47,6 +47,8 @@ class BatchStatus:
     drift_max: float | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
     hold_code: str | None = None
+    # approved / rejected / unreviewed outputs; None when not asked for (with_reviews)
+    reviews: dict[str, int] | None = None
 
     @property
     def cost_per_output_usd(self) -> Decimal | None:
@@ -93,6 +95,7 @@ class BatchStatus:
                 "max": self.drift_max,
             },
             "failures": self.failures,
+            **({} if self.reviews is None else {"reviews": self.reviews}),
         }
 
 
@@ -104,8 +107,49 @@ def _usd(micros: object) -> Decimal:
     return Decimal(int(str(micros or 0))).scaleb(-6)
 
 
-def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> BatchStatus:
-    """Read from the per-batch counters that triggers keep (migration 0005): a few rows."""
+def review_counts(session: Session, batch_id: int, outputs: int) -> dict[str, int]:
+    """Outputs approved, rejected and not reviewed yet (counters kept by triggers, 0007)."""
+    counts = {
+        str(decision): int(n)
+        for decision, n in session.execute(
+            text("SELECT decision, outputs FROM batch_review_counts WHERE batch_id = :b"),
+            {"b": batch_id},
+        )
+    }
+    approved = counts.get(ReviewDecision.APPROVED, 0)
+    rejected = counts.get(ReviewDecision.REJECTED, 0)
+    return {
+        ReviewDecision.APPROVED.value: approved,
+        ReviewDecision.REJECTED.value: rejected,
+        "unreviewed": max(outputs - approved - rejected, 0),
+    }
+
+
+def reuse_figures(session: Session, batch_id: int) -> tuple[int, Decimal]:
+    """(jobs reused from a twin, what their twins cost): the reused jobs joined to their donors
+    (a partial index holds just them; one donor lookup each, so it grows with the reuse)."""
+    donor = aliased(Job)
+    reused, saved = session.execute(
+        select(func.count(Job.id), func.coalesce(func.sum(donor.cost_usd), 0))
+        .join(donor, donor.id == Job.reused_from_job_id)
+        .where(Job.batch_id == batch_id, Job.reused_from_job_id.is_not(None))
+    ).one()
+    return int(reused or 0), Decimal(str(saved))
+
+
+def batch_status(
+    session: Session,
+    batch_id: int,
+    failures_limit: int = 20,
+    with_reviews: bool = False,
+    with_reuse: bool = True,
+) -> BatchStatus:
+    """Read from the per-batch counters that triggers keep (migration 0005): a few rows.
+
+    `with_reviews`: also count the review decisions (status, report, dashboard).
+    `with_reuse=False`: leave `reused`/`saved_usd` at 0 (the dashboard's polled part, which
+    reads them once, apart: `reuse_figures`).
+    """
     batch = session.get(Batch, batch_id)
     if batch is None:
         raise NotFoundError(f"no batch {batch_id}; `editbatch status` lists the batches")
@@ -176,13 +220,7 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         }
         for (model, quality, state), (n, c) in sorted(groups.items(), key=order)
     ]
-    # Reuse: the few reused jobs (a partial index holds just them) joined to their donors.
-    donor = aliased(Job)
-    reused, saved = session.execute(
-        select(func.count(Job.id), func.coalesce(func.sum(donor.cost_usd), 0))
-        .join(donor, donor.id == Job.reused_from_job_id)
-        .where(Job.batch_id == batch_id, Job.reused_from_job_id.is_not(None))
-    ).one()
+    reused, saved = reuse_figures(session, batch_id) if with_reuse else (0, Decimal(0))
     failures = [
         {
             "row": row,
@@ -204,6 +242,7 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
             .limit(failures_limit)
         )
     ]
+    outputs = int(out_total or 0)
     return BatchStatus(
         batch_id=batch.id,
         name=batch.name,
@@ -218,7 +257,7 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         cost_usd=_usd(cost),
         attempts=sum(by_outcome.values()),
         attempts_by_outcome=by_outcome,
-        outputs=int(out_total or 0),
+        outputs=outputs,
         outputs_uncollected=int(out_left or 0),
         drift_outputs=drift_n,
         drift_mean=float(drift_sum) / drift_n if drift_n else None,
@@ -234,9 +273,10 @@ def batch_status(session: Session, batch_id: int, failures_limit: int = 20) -> B
         # Retry waste: what attempts cost that produced nothing kept (billed bad responses,
         # and successes whose job lost its claim) = all attempts - ok attempts of succeeded jobs.
         retry_waste_usd=_usd(attempt_cost - kept),
-        reused=int(reused or 0),
-        saved_usd=Decimal(str(saved)),
+        reused=reused,
+        saved_usd=saved,
         failures=failures,
+        reviews=review_counts(session, batch_id, outputs) if with_reviews else None,
     )
 
 

@@ -23,7 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from pipeline import clock
 from pipeline.cost.estimate import (
@@ -36,7 +36,7 @@ from pipeline.cost.estimate import (
 )
 from pipeline.cost.pricing import PriceTable
 from pipeline.db import jobs
-from pipeline.db.models import Batch, Job, utcnow
+from pipeline.db.models import Batch, utcnow
 from pipeline.db.session import Database
 from pipeline.errors import OutputNameError, RowError, StrictRefusal
 from pipeline.files import file_sha256
@@ -352,7 +352,7 @@ def store(
                 yield row
 
         for chunk in _chunks(job_rows(), CHUNK):
-            session.execute(insert(Job), chunk)
+            jobs.insert_jobs(session, chunk)
         session.commit()
     result.estimate = estimate_batch(estimates)
     return result

@@ -7,6 +7,7 @@ dispatch.py  where jobs go: Celery workers or this process (the one importer of 
 intake.py    check, estimate
 batches.py   submit, run
 control.py   status, resume, pause, cancel, retry, collect
+web.py       serve (the dashboard), export (approved outputs)
 admin.py     nightly, sandbox, prices, config, db
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import admin, batches, control, intake  # noqa: F401  (register the commands)
+from pipeline.cli import admin, batches, control, intake, web  # noqa: F401  (register the commands)
 from pipeline.cli.app import app
 from pipeline.cli.ui import err
 from pipeline.observe.logs import setup_logging
@@ -25,7 +26,7 @@ __all__ = ["app", "main"]
 # `editbatch --help` lists the commands in the order a person meets them.
 ORDER = (
     "check", "estimate", "run", "submit", "status", "resume", "pause", "cancel", "retry",
-    "collect", "nightly", "models", "prices", "config", "sandbox",
+    "collect", "serve", "export", "nightly", "models", "prices", "config", "sandbox",
 )  # fmt: skip
 app.registered_commands.sort(
     key=lambda c: ORDER.index(c.name or c.callback.__name__)  # type: ignore[union-attr]

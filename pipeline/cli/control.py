@@ -67,7 +67,7 @@ def status(
                     )
                 console.print(table)
                 return
-            current = batch_status(session, batch)
+            current = batch_status(session, batch, with_reviews=True)
         if as_json:
             print(json.dumps(current.to_json()))
             return

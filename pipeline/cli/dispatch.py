@@ -36,11 +36,13 @@ def to_workers(db: Database, batch_id: int, settings: Settings) -> int:
     """Send the batch's queued jobs to the Celery workers; how many were sent."""
     from pipeline.batch.submit import send
 
+    # Masked: the dashboard shows this message in a page too.
+    broker = settings.masked()["broker_url"]
     try:
         return send(db, batch_id, celery_enqueue())
     except Exception as exc:  # kombu raises OperationalError and friends
         raise EditbatchError(
-            f"batch {batch_id} is stored, but the broker at {settings.broker_url} refused the "
+            f"batch {batch_id} is stored, but the broker at {broker} refused the "
             f"messages ({type(exc).__name__}: {exc}). Start Redis, then: "
             f"editbatch resume {batch_id}"
         ) from exc

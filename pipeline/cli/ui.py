@@ -72,6 +72,12 @@ def status_table(status: BatchStatus) -> Table:
             "budget", f"${status.budget_usd:.2f} (${in_flight:.4f} reserved by calls in flight)"
         )
     table.add_row("outputs", f"{status.outputs} ({status.outputs_uncollected} not collected)")
+    if status.reviews is not None and status.outputs:
+        r = status.reviews
+        table.add_row(
+            "review",
+            f"{r['approved']} approved, {r['rejected']} rejected, {r['unreviewed']} unreviewed",
+        )
     if status.drift_outputs and status.drift_mean is not None:
         table.add_row(
             "mask drift",

@@ -1,5 +1,6 @@
 """Every change of a job's or a batch's state, as single SQL statements (atomic across workers).
 
+`insert_jobs` is the one way jobs are created (in a state `pipeline.states.JOB_INITIAL` lists);
 `move_jobs` and `move_batch` are the only writers of `jobs.state` and `batches.state`: each
 states the states it moves from, checks every move against `pipeline.states` (raising
 `InvalidTransition` for one the table does not allow), and puts the sources in the WHERE clause,
@@ -11,12 +12,12 @@ hold_batch, ...) are the named moves the rest of the code uses. The diagrams are
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Result, func, or_, select, update
+from sqlalchemy import ColumnElement, Result, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.db.models import Attempt, Batch, Job, utcnow
@@ -33,6 +34,7 @@ from pipeline.states import (
     HoldCode,
     JobState,
     check_batch_move,
+    check_job_creation,
     check_job_move,
 )
 
@@ -42,7 +44,25 @@ def rowcount(result: Result[Any]) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-# -- the two writers ------------------------------------------------------------------------
+# -- the writers ---------------------------------------------------------------------------
+
+
+def insert_jobs(
+    session: Session, rows: Sequence[Mapping[str, Any]], *, return_ids: bool = False
+) -> list[int]:
+    """Create jobs from `rows` (column -> value, the same keys in every row: one executemany).
+
+    Every row's state must be one a job is created in (`InvalidTransition` otherwise, and
+    nothing is written). `return_ids`: the new ids, in the order of `rows`. Caller commits.
+    """
+    if not rows:
+        return []
+    check_job_creation({JobState(r["state"]) for r in rows})
+    if not return_ids:
+        session.execute(insert(Job), list(rows))
+        return []
+    returning = insert(Job).returning(Job.id, sort_by_parameter_order=True)
+    return list(session.scalars(returning, list(rows)))
 
 
 def move_jobs(
@@ -363,6 +383,7 @@ __all__ = [
     "finish_batch_if_done",
     "hold_batch",
     "idle_running_batches",
+    "insert_jobs",
     "mark_interrupted",
     "move_batch",
     "move_jobs",

@@ -1,8 +1,9 @@
 """SQLAlchemy models: the database is the source of truth for batches, jobs, attempts, outputs.
 
 Every table and index the migrations create is declared here, so `alembic check` finds nothing
-to add or drop. The per-batch counter tables are written only by triggers (migration 0005);
-`pipeline.batch.status` reads them. State columns hold the values of `pipeline.states`.
+to add or drop. The per-batch counter tables (migrations 0005 and 0007) and `job_metadata` are
+written only by triggers; `pipeline.batch.status` and the dashboard read them. State columns
+hold the values of `pipeline.states`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# The predicate of the partial index ix_jobs_failures. A query must repeat it word for word to
+# use the index (SQLite matches the expression, never a bound parameter): see web/queries.py.
+FAILURES_WHERE = f"state IN ('{JobState.FAILED}', '{JobState.REJECTED}')"
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -67,7 +73,29 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("batch_id", "row_number", name="uq_jobs_batch_row"),
-        Index("ix_jobs_batch_state", "batch_id", "state"),
+        # The dashboard's pages walk these in id order (keyset pagination, migration 0007).
+        Index("ix_jobs_batch_state_id", "batch_id", "state", "id"),
+        Index("ix_jobs_batch_model", "batch_id", "model", "id"),
+        Index(
+            "ix_jobs_batch_code",
+            "batch_id",
+            "last_error_code",
+            "id",
+            sqlite_where=text("last_error_code IS NOT NULL"),
+            postgresql_where=text("last_error_code IS NOT NULL"),
+        ),
+        Index("ix_jobs_batch_key", "batch_id", "external_key"),
+        Index("ix_jobs_batch_finished", "batch_id", "finished_at"),
+        # Failures grouped by error code: an index-only scan of the few failed/rejected jobs.
+        Index(
+            "ix_jobs_failures",
+            "batch_id",
+            "state",
+            "last_error_code",
+            sqlite_where=text(FAILURES_WHERE),
+            postgresql_where=text(FAILURES_WHERE),
+        ),
+        Index("ix_jobs_rerun_of", "rerun_of_job_id", unique=True),  # a job is re-run once
         Index("ix_jobs_fingerprint_state", "fingerprint", "state"),
         # Jobs reused from a twin are few: status joins just those to their donors.
         Index(
@@ -100,6 +128,8 @@ class Job(Base):
     estimated_usd: Mapped[Decimal | None] = mapped_column(Money)
     cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
     reused_from_job_id: Mapped[int | None] = mapped_column(Integer)
+    # The rejected job this one re-runs with an amended prompt (controls.rerun_rejected).
+    rerun_of_job_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -211,3 +241,48 @@ class BatchOutputCount(Base):
     drift_n: Mapped[int] = mapped_column(BigInteger)
     drift_sum: Mapped[float] = mapped_column(Float)
     drift_max: Mapped[float | None] = mapped_column(Float)
+
+
+class Review(Base):
+    """A person's decision on one output (a `ReviewDecision`, with a note); none: unreviewed."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        Index("ix_reviews_batch_decision", "batch_id", "decision", "job_id", "output_id"),
+    )
+
+    output_id: Mapped[int] = mapped_column(
+        ForeignKey("outputs.id", ondelete="CASCADE"), primary_key=True
+    )
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    job_id: Mapped[int] = mapped_column(Integer)
+    decision: Mapped[str] = mapped_column(String(10))
+    note: Mapped[str | None] = mapped_column(Text)
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobMetadata(Base):
+    """A job's metadata columns, copied from jobs.spec by an INSERT trigger (migration 0007),
+    so a filter on one is an index range; keys cut to 100 characters, values to 200."""
+
+    __tablename__ = "job_metadata"
+
+    batch_id: Mapped[int] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # No foreign key to jobs: a cascade from each deleted job would scan this table.
+    job_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class BatchReviewCount(Base):
+    """Outputs of a batch per review decision, kept by triggers on reviews (migration 0007)."""
+
+    __tablename__ = "batch_review_counts"
+
+    batch_id: Mapped[int] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    decision: Mapped[str] = mapped_column(String(10), primary_key=True)
+    outputs: Mapped[int] = mapped_column(BigInteger)

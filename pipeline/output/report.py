@@ -1,9 +1,11 @@
 """The batch report: one row per job (the user's id, state, outputs, cost, error), CSV and JSON.
 
 Per output, in the order of `outputs`: its sha256, format (png, webp, jpeg, gif, svg), bytes and
-size ("WxH"; empty for an SVG whose size its attributes do not give). `provider` is where the job
-was sent (empty: before providers, i.e. openai), `deployment` the lane its last call took; the
-JSON summary adds jobs, successes, calls and cost per provider (`providers`).
+size ("WxH"; empty for an SVG whose size its attributes do not give), and its review decision
+(approved, rejected or unreviewed) with the reviewers' notes; `rerun_of_row` is the row a re-run
+of a rejected output was made from. `provider` is where the job was sent (empty: before
+providers, i.e. openai), `deployment` the lane its last call took; the JSON summary adds jobs,
+successes, calls and cost per provider (`providers`).
 
 CSV cells that a spreadsheet would run as a formula (starting with = + - @, tab or CR) are
 prefixed with a quote, so a hostile prompt or file name cannot execute in Excel.
@@ -19,9 +21,10 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import aliased
 
 from pipeline.batch.status import batch_status
-from pipeline.db.models import Attempt, Batch, Job, Output
+from pipeline.db.models import Attempt, Batch, Job, Output, Review
 from pipeline.db.session import Database
 from pipeline.output.collector import StorageCache
 from pipeline.states import JobState
@@ -42,6 +45,9 @@ COLUMNS = (
     "bytes",
     "sizes",
     "mask_drift",
+    "review",
+    "review_note",
+    "rerun_of_row",
     "error_code",
     "error_message",
 )
@@ -62,11 +68,13 @@ def _size(width: int | None, height: int | None) -> str:
 def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
     """Yield the report rows in manifest order, a chunk of jobs at a time."""
     last_id = 0
+    original = aliased(Job)
     while True:
         with db.session() as session:
             chunk = list(
                 session.execute(
                     select(
+                        original.row_number.label("rerun_of_row"),
                         Job.id,
                         Job.row_number,
                         Job.external_key,
@@ -79,6 +87,7 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
                         Job.last_error_code,
                         Job.last_error_message,
                     )
+                    .outerjoin(original, original.id == Job.rerun_of_job_id)
                     .where(Job.batch_id == batch_id, Job.id > last_id)
                     .order_by(Job.id)
                     .limit(1000)
@@ -98,7 +107,10 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
                     Output.width,
                     Output.height,
                     Output.drift,
+                    Review.decision,
+                    Review.note,
                 )
+                .outerjoin(Review, Review.output_id == Output.id)
                 .where(Output.job_id.in_(ids))
                 .order_by(Output.job_id, Output.index)
             ):
@@ -128,6 +140,9 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
                 "bytes": ["" if o.bytes is None else str(o.bytes) for o in outs],
                 "sizes": [_size(o.width, o.height) for o in outs],
                 "mask_drift": [f"{o.drift:.4f}" for o in outs if o.drift is not None],
+                "review": [o.decision or "unreviewed" for o in outs],
+                "review_note": [o.note for o in outs if o.note],
+                "rerun_of_row": r.rerun_of_row,
                 "error_code": r.last_error_code,
                 "error_message": r.last_error_message,
             }
@@ -155,7 +170,7 @@ def provider_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def write_report(db: Database, batch_id: int, storages: StorageCache) -> tuple[str, str]:
     """Write report-<batch>.csv and .json at the output root; returns their URIs."""
     with db.session() as session:
-        status = batch_status(session, batch_id)
+        status = batch_status(session, batch_id, with_reviews=True)
         batch = session.get(Batch, batch_id)
         assert batch is not None
         output_uri = batch.output_uri

@@ -30,9 +30,11 @@ DOCKERFILE = REPO / "Dockerfile"
 CI_RUN = REPO / ".ci" / "run"
 DEPLOYMENT_DOC = REPO / "docs" / "deployment.md"
 
-APP_SERVICES = ("worker", "beat", "migrate", "flower")  # run editbatch code with its settings
+# run editbatch code with its settings
+APP_SERVICES = ("worker", "beat", "migrate", "flower", "dashboard")
 REQUIRED_SERVICES = {"redis", "postgres", "migrate", "worker", "beat", "flower", "minio"}
-REQUIRED_SERVICES |= {"minio-init", "sandbox"}
+REQUIRED_SERVICES |= {"minio-init", "sandbox", "dashboard"}
+OPT_IN = {"sandbox": ["sandbox"], "dashboard": ["dashboard"]}  # services behind a profile
 # Besides EDITBATCH_*, editbatch processes read only these (the SDK's, s3fs/botocore's, fsspec's).
 OTHER_APP_VARIABLES = re.compile(r"^(OPENAI_API_KEY|OPENAI_BASE_URL|AWS_[A-Z0-9_]+|FSSPEC_S3_\w+)$")
 EDITBATCH_NAME = re.compile(r"\bEDITBATCH_[A-Z0-9_]+\b")
@@ -192,8 +194,9 @@ def test_sandbox_is_only_in_the_sandbox_profile() -> None:
     assert cmd[:3] == ["python", "-m", "pipeline.sandbox"] or cmd[:2] == ["editbatch", "sandbox"]
     # Reachable from the workers' containers, not only from its own loopback.
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
-    for name in REQUIRED_SERVICES - {"sandbox"}:
-        assert not service(name).get("profiles"), f"{name} must start without a profile"
+    for name in REQUIRED_SERVICES:
+        expected = OPT_IN.get(name)
+        assert service(name).get("profiles") == expected, f"{name}: profiles must be {expected}"
 
 
 def test_worker_runs_the_celery_app_and_scales() -> None:
@@ -227,6 +230,31 @@ def test_flower_monitors_the_same_broker() -> None:
     else:
         assert cmd[:4] == ["celery", "-A", "worker.app", "flower"]
     assert any(str(p).endswith(":5555") for p in flower.get("ports", []))
+
+
+def test_dashboard_needs_a_token_and_is_published_on_localhost_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.web.security import check_bind
+
+    dashboard = service("dashboard")
+    cmd = command(dashboard)
+    assert cmd[:2] == ["editbatch", "serve"]
+    host, port = cmd[cmd.index("--host") + 1], cmd[cmd.index("--port") + 1]
+    assert "EDITBATCH_DASHBOARD_TOKEN" in environment(dashboard)
+    # Without the token in the shell the container's `serve` refuses to start; with it, serves.
+    settings = settings_from(resolved_environment(dashboard), monkeypatch)
+    assert settings.dashboard_token is None
+    with pytest.raises(ConfigError, match="EDITBATCH_DASHBOARD_TOKEN"):
+        check_bind(host, None)
+    check_bind(host, "a-token")
+    published = [interpolate(str(p)) for p in dashboard.get("ports", [])]
+    assert published == [f"127.0.0.1:8700:{port}"]
+    assert "/healthz" in json.dumps(dashboard["healthcheck"]["test"])
+    assert depends(dashboard).get("migrate") == "service_completed_successfully"
+    targets = {interpolate(str(v)).rsplit(":", 1)[1] for v in dashboard.get("volumes", [])}
+    assert {"/data", "/work"} <= targets
 
 
 def test_servers_have_healthchecks_and_volumes() -> None:
@@ -371,6 +399,14 @@ def test_ci_installs_the_servers_compose_runs() -> None:
     installs = " ".join(re.findall(r"apt-get install[^\n]*", script)).split()
     assert "redis-server" in installs and "postgresql" in installs
     assert "scripts/test" in script
+
+
+def test_ci_installs_the_browser_the_dashboard_tests_drive() -> None:
+    script = CI_RUN.read_text(encoding="utf-8")
+    installs = " ".join(re.findall(r"apt-get install[^\n]*", script)).split()
+    assert "chromium" in installs and "chromium-driver" in installs
+    extras = pyproject()["project"]["optional-dependencies"]["dev"]
+    assert any(dep.startswith("selenium") for dep in extras)
 
 
 def test_compose_servers_have_the_major_versions_ci_tests_against() -> None:

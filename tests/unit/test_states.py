@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from pipeline import states
 from pipeline.db import jobs
@@ -82,3 +82,27 @@ def test_a_move_only_happens_from_its_sources(tmp_path: Path, db: Database) -> N
         assert jobs.release_held_jobs(s, batch_id) == 0  # cancelled is terminal
         assert jobs.cancel_batch(s, batch_id)
         assert not jobs.reopen_batch(s, batch_id)  # a cancelled batch never runs again
+
+
+def test_jobs_are_created_only_in_their_initial_states(tmp_path: Path, db: Database) -> None:
+    """insert_jobs creates queued or rejected jobs (ids in row order) and refuses any other
+    state before writing: nothing is born running, succeeded or held."""
+    manifest = write_manifest(tmp_path / "in" / "m.csv", product_rows(tmp_path / "in", 1))
+    batch_id = new_batch(db, manifest, str(tmp_path / "out")).batch_id
+
+    def row(number: int, state: JobState) -> dict[str, object]:
+        return {"batch_id": batch_id, "row_number": number, "spec": "{}", "state": state}
+
+    assert {JobState.QUEUED, JobState.REJECTED} == states.JOB_INITIAL
+    with db.session() as s:
+        for state in set(JobState) - states.JOB_INITIAL:
+            with pytest.raises(InvalidTransition, match=f"cannot be created {state}"):
+                jobs.insert_jobs(s, [row(2, JobState.QUEUED), row(3, state)])
+        s.rollback()
+        assert s.scalar(select(func.count()).select_from(Job)) == 1
+        ids = jobs.insert_jobs(
+            s, [row(5, JobState.REJECTED), row(4, JobState.QUEUED)], return_ids=True
+        )
+        s.commit()
+        created = {j.id: (j.row_number, j.state) for j in s.scalars(select(Job))}
+    assert [created[i] for i in ids] == [(5, "rejected"), (4, "queued")]
