@@ -40,6 +40,8 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import SecretStr
+
 from pipeline.cost.pricing import ModelPrice, PriceTable, parse_price_models
 from pipeline.errors import ConfigError
 from pipeline.settings import Settings
@@ -59,6 +61,7 @@ __all__ = [
     "account_id",
     "parse_deployment_pairs",
     "providers_of",
+    "sandbox_overrides",
 ]
 
 DEFAULT_PROVIDER = "openai"
@@ -321,6 +324,59 @@ class ProviderSet:
         """`base` with each provider's price overrides (`PriceTable.get(model, provider)`)."""
         overrides = {name: dict(p.prices) for name, p in self.providers.items() if p.prices}
         return base.with_providers(overrides, self.default) if overrides else base
+
+
+# -- the sandbox (`editbatch run --sandbox`) -----------------------------------------------------
+
+SANDBOX_KEY = "sk-sandbox-local"
+
+
+def sandbox_overrides(settings: Settings, root: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Field values (for `Settings.model_copy(update=...)`: whole tables, not merged into the
+    TOML's) that send every provider's calls to the sandbox at `root` (its OpenAI path, its
+    Azure paths, with throwaway keys: a rehearsal never spends), and the Azure deployments the
+    sandbox must serve (deployment -> model). A deployment on its own endpoint (another region)
+    goes to the same sandbox under another host name, so it stays a lane of its own."""
+    key = SecretStr(SANDBOX_KEY)
+    overrides: dict[str, Any] = {"openai_base_url": f"{root}/v1", "openai_api_key": key}
+    deployments: dict[str, str] = {}
+    if settings.azure_deployments:
+        overrides.update(azure_openai_endpoint=root, azure_openai_api_key=key, azure_auth="api_key")
+        pairs = parse_deployment_pairs(settings.azure_deployments, "EDITBATCH_AZURE_DEPLOYMENTS")
+        deployments.update({name: model for model, names in pairs.items() for name in names})
+    region = root.replace("://127.0.0.1", "://localhost", 1)
+    tables: dict[str, dict[str, Any]] = {}
+    for name, raw in settings.providers.items():
+        table = {k: v for k, v in dict(raw).items() if k not in ("api_key_env", "token_scope")}
+        table["api_key"] = SANDBOX_KEY
+        if (table.get("kind") or name) == Kind.AZURE:
+            table.update(endpoint=root, auth=Auth.API_KEY.value)
+            entries = table.get("deployments")
+            if isinstance(entries, dict):
+                table["deployments"] = {
+                    model: _sandboxed_entries(value, region, model, deployments)
+                    for model, value in entries.items()
+                }
+        else:
+            table["base_url"] = f"{root}/v1"
+        tables[str(name)] = table
+    overrides["providers"] = tables
+    return overrides, deployments
+
+
+def _sandboxed_entries(value: Any, region: str, model: str, served: dict[str, str]) -> Any:
+    items = value if isinstance(value, list) else [value]
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, dict):
+            item = {k: v for k, v in item.items() if k not in ("api_key_env", "api_key")}
+            if "endpoint" in item:
+                item["endpoint"] = region
+            served[str(item.get("name"))] = model
+        else:
+            served[str(item)] = model
+        out.append(item)
+    return out
 
 
 # -- reading the configuration ------------------------------------------------------------------

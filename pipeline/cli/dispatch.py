@@ -101,6 +101,7 @@ def sandbox_if(enabled: bool, say: Console = console) -> Iterator[dict[str, Any]
     if not enabled:
         yield {}
         return
+    from pipeline.providers import sandbox_overrides
     from pipeline.sandbox import SandboxConfig, SandboxServer
 
     settings = get_settings()
@@ -112,7 +113,8 @@ def sandbox_if(enabled: bool, say: Console = console) -> Iterator[dict[str, Any]
     )
     with SandboxServer(config) as server:
         say.print(f"sandbox API at {server.base_url} (not AI: a deterministic stand-in)")
-        yield {
-            "openai_base_url": server.base_url,
-            "openai_api_key": "sk-sandbox-local",
-        }
+        # Every provider goes to the sandbox (Azure's deployments are served there too), with
+        # throwaway keys: a rehearsal never reaches a real endpoint.
+        overrides, deployments = sandbox_overrides(settings, server.base_url.removesuffix("/v1"))
+        server.config.azure_deployments = deployments
+        yield overrides

@@ -357,3 +357,54 @@ def test_two_providers_and_two_deployments_each_keep_their_limit_and_add_up(
         line = lines[str(a.request_id)]
         assert line["provider"] == a.provider
         assert a.provider == "openai" or line["deployment"] == a.deployment
+
+
+def test_run_sandbox_sends_every_provider_to_the_sandbox_never_to_the_real_endpoints(
+    tmp_path: Path,
+) -> None:
+    """`editbatch run --sandbox` with Azure and a gateway configured (real endpoints, real key
+    variables, Entra ID): every call goes to the bundled sandbox with throwaway keys (its
+    Azure paths serve the configured deployments, a regional one as a lane of its own), so a
+    rehearsal never spends; the bill names each provider and deployment."""
+    toml = tmp_path / "editbatch.toml"
+    toml.write_text(
+        """
+[providers.azure-east]
+kind = "azure"
+endpoint = "https://east.invalid"
+api_version = "2025-04-01-preview"
+auth = "entra_id"
+deployments = { "gpt-image-2" = ["img2", { name = "img2", endpoint = "https://west.invalid" }] }
+
+[providers.gateway]
+kind = "compatible"
+base_url = "https://gateway.invalid/v1"
+api_key_env = "GATEWAY_KEY"
+""",
+        encoding="utf-8",
+    )
+    rows = product_rows(tmp_path / "in", 6, model="gpt-image-2")
+    for i, row in enumerate(rows):
+        row["provider"] = ("azure-east", "gateway", "openai")[i % 3]
+    manifest = write_manifest(tmp_path / "in" / "manifest.csv", rows)
+    env = {
+        "EDITBATCH_HOME": str(tmp_path / "home"),
+        "EDITBATCH_CONFIG": str(toml),
+        "GATEWAY_KEY": "gw-real-key-0000000001",
+        "OPENAI_API_KEY": "sk-real-key-0000000001",
+    }
+    proc = editbatch(
+        ["run", str(manifest), "--sandbox", "--output", str(tmp_path / "out"), "--json"],
+        env,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["counts"]["succeeded"] == 6
+    lines = billing_lines(tmp_path / "home" / "sandbox-billing.jsonl")
+    assert sorted(x["provider"] for x in lines) == ["azure"] * 2 + ["openai"] * 4
+    assert {x.get("deployment") for x in lines if x["provider"] == "azure"} == {"img2"}
+    db = Database(f"sqlite:///{tmp_path / 'home' / 'editbatch.db'}")
+    with db.session() as s:
+        used = sorted(str(p) for p in s.scalars(select(Attempt.provider)))
+    db.dispose()
+    assert used == ["azure-east"] * 2 + ["gateway"] * 2 + ["openai"] * 2

@@ -364,3 +364,35 @@ def test_the_toml_example_of_the_readme_is_valid(
     ]
     price = providers.prices(load_prices()).get("gpt-image-2", "azure-east")
     assert price is not None and price.image_output == Decimal("24.00")
+
+
+def test_sandbox_overrides_send_every_lane_to_the_sandbox_with_throwaway_keys(
+    toml_settings: Settings, azure_env: None
+) -> None:
+    """`run --sandbox`: every provider's connection points at the sandbox (no real endpoint,
+    no real key), the lanes stay the same lanes, and the sandbox learns the deployments."""
+    from pipeline.providers import SANDBOX_KEY, sandbox_overrides
+
+    settings = Settings()  # the TOML and the Azure environment together
+    overrides, deployments = sandbox_overrides(settings, "http://127.0.0.1:9999")
+    rehearsal = providers_of(settings.model_copy(update=overrides))
+    real = providers_of(settings)
+    assert rehearsal.names() == real.names()
+    for name in rehearsal.names():
+        for lane in rehearsal.get(name).all_lanes():
+            assert (lane.connection.url or "").startswith(
+                ("http://127.0.0.1:9999", "http://localhost:9999")
+            )
+            assert lane.connection.api_key == SANDBOX_KEY
+    assert [lane.scope for lane in rehearsal.lanes("azure-east", "gpt-image-2")] == [
+        "azure-east:img2",
+        "azure-east:img2@localhost",
+    ]
+    assert rehearsal.get("gateway").connection.url == "http://127.0.0.1:9999/v1"
+    assert rehearsal.get("openai").connection.api_key == SANDBOX_KEY
+    assert deployments == {
+        "img2": "gpt-image-2",
+        "img2-a": "gpt-image-2",
+        "img2-b": "gpt-image-2",
+        "img15": "gpt-image-1.5",
+    }
