@@ -16,6 +16,7 @@ def test_every_hold_code_has_its_own_fix() -> None:
     assert "billing" in str(held[HoldCode.QUOTA])
     assert "OPENAI_API_KEY" in str(held[HoldCode.AUTH])
     assert "--model-map" in str(held[HoldCode.MODEL_UNAVAILABLE])
+    assert "docs/providers.md" in str(held[HoldCode.PROVIDER])
     forbidden = hold_advice(HoldCode.AUTH, "403 permission_denied: verify the org", "held")
     assert forbidden != held[HoldCode.AUTH] and "organisation" in str(forbidden)
     assert "Resume" in str(hold_advice(HoldCode.PAUSED, "paused by a person", "paused"))
@@ -26,5 +27,6 @@ def test_every_hold_code_has_its_own_fix() -> None:
 
 def test_failure_advice_by_code_and_for_rejected_rows() -> None:
     assert "prompt" in failure_advice("moderation_blocked", JobState.FAILED)
+    assert "content filter" in failure_advice("contentFilter", JobState.FAILED)
     assert failure_advice("invalid_size", JobState.REJECTED) == REJECTED_ADVICE
     assert failure_advice("something_new", JobState.FAILED).startswith("Read the message")
