@@ -407,3 +407,64 @@ class Gateway:
 def _on_lane(outcome: CallOutcome, lane: Lane) -> CallOutcome:
     """`outcome` naming the provider and deployment it came from."""
     return replace(outcome, provider=lane.provider, deployment=lane.deployment)
+
+
+@dataclass(frozen=True)
+class LaneCheck:
+    """What a free probe of one lane found (`Gateway.check_lane`): usable or not, and why."""
+
+    ok: bool
+    status: int | None
+    code: str | None = None
+    message: str = ""
+
+    def describe(self) -> str:
+        head = " ".join(str(p) for p in (self.status, self.code) if p)
+        return f"{head}: {self.message}" if head and self.message else head or self.message
+
+
+def _probe_image() -> tuple[str, bytes, str]:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(buffer, "PNG")
+    return ("probe.png", buffer.getvalue(), "image/png")
+
+
+def check_lane(gateway: Gateway, lane: Lane, timeout: float = 10.0) -> LaneCheck:
+    """Probe `lane` without paying: on OpenAI and compatible gateways, retrieve its model (`GET
+    /models/{model}`); on Azure, send its deployment an edit with n=0, which the model refuses
+    (400) only after the endpoint, the api-version, the credential and the deployment were all
+    accepted (it counts one request against the deployment's per-minute limit)."""
+    client = gateway.client_for(lane.connection).with_options(timeout=timeout)
+    try:
+        if lane.connection.kind == Kind.AZURE:
+            client.images.edit(
+                model=lane.deployment, image=_probe_image(), prompt="editbatch doctor", n=0
+            )
+        else:
+            client.models.retrieve(lane.deployment)
+    except openai.APIStatusError as exc:
+        body = exc.body if isinstance(exc.body, dict) else {}
+        error = body.get("error", body) if isinstance(body, dict) else {}
+        code = exc.code or (error.get("code") if isinstance(error, dict) else None)
+        message = str((error.get("message") if isinstance(error, dict) else None) or exc.message)
+        status = exc.status_code
+        code_text = str(code) if code else None
+        refused_as_expected = lane.connection.kind == Kind.AZURE and (
+            (status == 400 and classify(status, None, code_text, None, message) == "failed")
+            or status == 429  # there, and busy
+        )
+        return LaneCheck(refused_as_expected, status, code_text, gateway._redact(message)[:500])
+    except openai.APITimeoutError:
+        return LaneCheck(False, None, "timeout", f"no answer within {timeout:g} s")
+    except openai.APIConnectionError as exc:
+        cause = exc.__cause__
+        detail = f": {type(cause).__name__}" if cause is not None else ""
+        return LaneCheck(False, None, "connection_error", f"connection failed{detail}")
+    # An Azure edit with n=0 that was answered 200 was not refused: say so, never hide it.
+    if lane.connection.kind == Kind.AZURE:
+        return LaneCheck(False, 200, None, "the deployment accepted an edit with n=0")
+    return LaneCheck(True, 200)

@@ -246,3 +246,41 @@ def test_entra_id_without_azure_identity_says_what_to_install(
     connection = Connection(Kind.AZURE, ROOT, VERSION, Auth.ENTRA_ID)
     with pytest.raises(ConfigError, match=r"pip install 'editbatch\[azure\]'"):
         gateway.build_client(connection, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ok", "status", "code"),
+    [
+        ({}, True, 400, "integer_below_min_value"),
+        ({"azure_deployments": "gpt-image-2=img-typo"}, False, 404, "DeploymentNotFound"),
+        ({"azure_openai_api_key": "wrong-key-000001"}, False, 401, "401"),
+        ({"openai_api_version": "2023-01-01"}, False, 400, "BadRequest"),
+    ],
+)
+def test_check_lane_probes_a_deployment_without_paying(
+    tmp_path: Path,
+    api: InProcessAPI,
+    overrides: dict[str, Any],
+    ok: bool,
+    status: int,
+    code: str,
+) -> None:
+    """The doctor's probe of an Azure deployment: an edit with n=0 that the model refuses
+    proves endpoint, api-version, key and deployment; each wrong setting shows as its own
+    answer; nothing is billed."""
+    settings = azure_settings(tmp_path, **overrides)
+    providers = providers_of(settings)
+    deps = build_deps(settings, LocalLimiter(None, None), http_client=api.client())
+    [lane] = providers.lanes("azure", "gpt-image-2")[:1]
+    result = gateway.check_lane(deps.gateway, lane)
+    assert (result.ok, result.status, result.code) == (ok, status, code), result
+    assert not Path(str(api.config.billing_log)).exists()
+
+
+def test_check_lane_on_openai_retrieves_the_model(tmp_path: Path, api: InProcessAPI) -> None:
+    settings = azure_settings(tmp_path, provider="openai")
+    deps = build_deps(settings, LocalLimiter(None, None), http_client=api.client())
+    [lane] = providers_of(settings).lanes("openai", "gpt-image-2")
+    assert gateway.check_lane(deps.gateway, lane).ok
+    [gone] = providers_of(settings).lanes("openai", "gpt-image-1")
+    assert not gateway.check_lane(deps.gateway, gone).ok
