@@ -15,6 +15,9 @@
     │   └── ImageMissing           the dashboard cannot serve an image: no such file, or not
     │                              where it may be (it answers 404)
     ├── PermitTimeout              no rate permit in time: the job is handed back, not failed
+    ├── ProviderError              the Files or Batches API refused or could not be reached
+    │                              (the batch route); carries the status and the class of it
+    ├── LeaseLost                  another process took over a provider batch (lease lapsed)
     └── InvalidTransition          code asked for a state change pipeline.states does not allow
 
 Three modules keep a private subclass for control flow that never leaves them
@@ -79,6 +82,32 @@ class ImageMissing(NotFoundError):
 
 class PermitTimeout(EditbatchError):
     """Raised when no rate permit came within `max_wait`: hand the job back instead of blocking."""
+
+
+class ProviderError(EditbatchError):
+    """Raised when a Files or Batches API call of the batch route fails.
+
+    `kind` is the retry policy's class of the answer (an `AttemptOutcome` value: transient,
+    hold or failed), so the caller can wait, hold the batch, or give up on one provider batch.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.code = code
+
+
+class LeaseLost(EditbatchError):
+    """Raised when this process's lease on a provider batch lapsed and another process took the
+    provider batch over: stop touching it, the other process finishes the step."""
 
 
 class InvalidTransition(EditbatchError):

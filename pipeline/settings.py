@@ -102,6 +102,21 @@ class Settings(BaseSettings):
         None, ge=0, description="Budget of each nightly batch (held when reached)."
     )
     nightly_cron: str = Field("0 2 * * *", description="When beat submits it (cron, UTC).")
+    nightly_route: str = Field(
+        "sync", description="Route of nightly batches: sync, or batch (OpenAI's Batch API)."
+    )
+    batch_poll_seconds: float = Field(
+        60.0, gt=0, description="How often open provider batches are polled (the batch route)."
+    )
+    batch_max_lines: int = Field(
+        50_000, ge=1, le=50_000, description="Most lines in one provider batch (API: 50,000)."
+    )
+    batch_max_bytes: int = Field(
+        200_000_000,
+        ge=1_000,
+        le=200_000_000,
+        description="Largest input file of one provider batch (API: 200 MB).",
+    )
     webhook_url: str | None = Field(
         None, description="POST a signed JSON summary here when a batch finishes."
     )
@@ -180,6 +195,17 @@ class Settings(BaseSettings):
                 "whose lease ends during a live call would be started (and paid for) twice"
             )
         return self
+
+    @field_validator("nightly_route")
+    @classmethod
+    def _known_route(cls, value: str) -> str:
+        route = value.strip().lower()
+        if route not in ("sync", "batch"):
+            raise ValueError(
+                f"EDITBATCH_NIGHTLY_ROUTE={value!r}: use sync (one call per edit, results in "
+                "minutes) or batch (OpenAI's Batch API: half price, within 24 h)"
+            )
+        return route
 
     @field_validator("log_level")
     @classmethod

@@ -12,6 +12,7 @@ Job states:
     queued     waiting for a worker
     running    claimed by a worker (lease + claim token)
     retrying   claimed, waiting for its next attempt after a transient error
+    submitted  its request is a line of a provider batch (the batch route): the provider has it
     succeeded  outputs recorded (terminal; collection is a separate, re-runnable step)
     failed     permanent error or attempts used up (terminal until `editbatch retry --failed`)
     held       its batch stopped (budget, quota, auth, pause, a model gone); resume queues it
@@ -20,9 +21,10 @@ Job states:
     A job is created queued or rejected (JOB_INITIAL): by submit, one per manifest row, and
     by a re-run of a rejected output (a new queued job pointing at the one it re-runs).
 
-    queued    -> running, failed, held, cancelled
+    queued    -> running, submitted, failed, held, cancelled
     running   -> queued, running, retrying, succeeded, failed, held, cancelled
     retrying  -> queued, running, held, cancelled
+    submitted -> queued, succeeded, failed, held, cancelled
     failed    -> queued
     held      -> queued, failed, cancelled
 
@@ -31,7 +33,9 @@ Job states:
     identical job in flight, a database error, an expired lease); running -> held|cancelled
     parks a claimed job whose batch stopped before its call; failed -> queued is
     `retry --failed`; queued|held -> failed is `resume --model-map` for a job whose parameters
-    do not fit its new model (it fails without a call, naming the field).
+    do not fit its new model (it fails without a call, naming the field). queued -> submitted
+    puts a job's request in a provider batch; its line decides where it goes next (a 5xx or
+    an expired line: queued again; a line never run in a cancelled batch: cancelled).
 
 Batch states:
 
@@ -42,6 +46,22 @@ Batch states:
     cancelled (terminal)
 
     finished -> running reopens a batch for `retry --failed`.
+
+Provider batch states (the batch route: one OpenAI Batch per model and chunk of jobs; the
+provider's own status is kept beside it, in `provider_batches.provider_status`):
+
+    preparing   the intent is recorded (jobs submitted, attempts in flight) before any call:
+                inputs and the JSONL are uploaded, the batch is created (or found again)
+    open        created at the provider; polled until it is completed, expired, cancelled
+                or failed there
+    collecting  its output and error files are read line by line, each line booked once
+    collected   every line booked, the provider's files deleted (terminal)
+    abandoned   the batch was stopped before the provider batch was created: nothing was
+                sent (terminal)
+
+    preparing  -> open, abandoned
+    open       -> collecting
+    collecting -> collected
 """
 
 from __future__ import annotations
@@ -63,17 +83,24 @@ __all__ = [
     "JOB_PENDING",
     "JOB_TERMINAL",
     "JOB_TO_RUN",
+    "PROVIDER_BATCH_MOVES",
+    "PROVIDER_FINAL",
+    "PROVIDER_OPEN",
     "AttemptOutcome",
     "BatchState",
     "HoldCode",
     "InvalidTransition",
     "JobState",
+    "ProviderBatchState",
     "ReviewDecision",
+    "Route",
     "batch_diagram",
     "check_batch_move",
     "check_job_creation",
     "check_job_move",
+    "check_provider_batch_move",
     "job_diagram",
+    "provider_batch_diagram",
 ]
 
 
@@ -83,6 +110,7 @@ class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
+    SUBMITTED = "submitted"
     HELD = "held"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -119,6 +147,29 @@ class HoldCode(StrEnum):
     AUTH = "auth"  # 401 / 403
     MODEL_UNAVAILABLE = "model_unavailable"  # the API says the model does not exist (any more)
     PROVIDER = "provider"  # a provider's setting is wrong (Azure: no such deployment, api-version)
+    PROVIDER_REFUSED = "provider_refused"  # the Batch API refused a whole provider batch
+    INPUT_UNREADABLE = "input_unreadable"  # an input file went missing after preflight
+
+
+class Route(StrEnum):
+    """How a batch's calls reach the provider (`batches.route`; a job may override it)."""
+
+    SYNC = "sync"  # one `images.edit` call per attempt
+    BATCH = "batch"  # OpenAI's Batch API: one JSONL line per attempt, half price, within 24 h
+
+
+class ProviderBatchState(StrEnum):
+    """Where one provider batch of the batch route is, on our side (`provider_batches.state`)."""
+
+    PREPARING = "preparing"
+    OPEN = "open"
+    COLLECTING = "collecting"
+    COLLECTED = "collected"
+    ABANDONED = "abandoned"
+
+
+PROVIDER_FINAL = frozenset({"completed", "expired", "cancelled", "failed"})
+"""The provider's statuses after which a batch's files are final: collect them."""
 
 
 class ReviewDecision(StrEnum):
@@ -134,11 +185,12 @@ J = JobState
 B = BatchState
 
 JOB_MOVES: Mapping[JobState, frozenset[JobState]] = {
-    J.QUEUED: frozenset({J.RUNNING, J.HELD, J.FAILED, J.CANCELLED}),
+    J.QUEUED: frozenset({J.RUNNING, J.SUBMITTED, J.HELD, J.FAILED, J.CANCELLED}),
     J.RUNNING: frozenset(
         {J.RUNNING, J.RETRYING, J.SUCCEEDED, J.FAILED, J.QUEUED, J.HELD, J.CANCELLED}
     ),
     J.RETRYING: frozenset({J.RUNNING, J.QUEUED, J.HELD, J.CANCELLED}),
+    J.SUBMITTED: frozenset({J.QUEUED, J.SUCCEEDED, J.FAILED, J.HELD, J.CANCELLED}),
     J.HELD: frozenset({J.QUEUED, J.FAILED, J.CANCELLED}),
     J.FAILED: frozenset({J.QUEUED}),
     J.SUCCEEDED: frozenset(),
@@ -160,8 +212,8 @@ JOB_TERMINAL = frozenset({J.SUCCEEDED, J.FAILED, J.REJECTED, J.CANCELLED})
 """States no worker will move a job out of by itself."""
 JOB_CLAIMED = frozenset({J.RUNNING, J.RETRYING})
 """A worker holds the job (lease + claim token)."""
-JOB_TO_RUN = frozenset({J.QUEUED, *JOB_CLAIMED})
-"""Work a worker has or will have: queued or claimed."""
+JOB_TO_RUN = frozenset({J.QUEUED, J.SUBMITTED, *JOB_CLAIMED})
+"""Work a worker (or the provider, for a submitted job) has or will have."""
 JOB_PENDING = frozenset({*JOB_TO_RUN, J.HELD})
 """Not finished: a batch with any such job is not done."""
 
@@ -170,6 +222,17 @@ BATCH_OPEN = frozenset({B.RUNNING, B.HELD, B.PAUSED})
 BATCH_STOPPED = frozenset({B.HELD, B.PAUSED})
 """Open, but no new call may start until a person (or the system) resumes it."""
 BATCH_CLOSED = frozenset({B.FINISHED, B.CANCELLED})
+
+P = ProviderBatchState
+PROVIDER_BATCH_MOVES: Mapping[ProviderBatchState, frozenset[ProviderBatchState]] = {
+    P.PREPARING: frozenset({P.OPEN, P.ABANDONED}),
+    P.OPEN: frozenset({P.COLLECTING}),
+    P.COLLECTING: frozenset({P.COLLECTED}),
+    P.COLLECTED: frozenset(),
+    P.ABANDONED: frozenset(),
+}
+PROVIDER_OPEN = frozenset({P.PREPARING, P.OPEN, P.COLLECTING})
+"""Provider batches with lines not yet booked."""
 
 
 def _check(kind: str, moves: Mapping[S, frozenset[S]], sources: Iterable[S], target: S) -> None:
@@ -201,6 +264,13 @@ def check_batch_move(sources: Iterable[BatchState], target: BatchState) -> None:
     _check("batch", BATCH_MOVES, sources, target)
 
 
+def check_provider_batch_move(
+    sources: Iterable[ProviderBatchState], target: ProviderBatchState
+) -> None:
+    """Raise InvalidTransition unless every `source -> target` is in PROVIDER_BATCH_MOVES."""
+    _check("provider batch", PROVIDER_BATCH_MOVES, sources, target)
+
+
 def _diagram(moves: Mapping[S, frozenset[S]], order: Iterable[S]) -> str:
     ranks = {state: i for i, state in enumerate(order)}
     width = max(len(str(s)) for s in moves)
@@ -214,10 +284,24 @@ def _diagram(moves: Mapping[S, frozenset[S]], order: Iterable[S]) -> str:
 
 def job_diagram() -> str:
     """The job moves as the docstring writes them (one line per state that can move)."""
-    order = (J.QUEUED, J.RUNNING, J.RETRYING, J.SUCCEEDED, J.FAILED, J.HELD, J.CANCELLED)
+    order = (
+        J.QUEUED,
+        J.RUNNING,
+        J.RETRYING,
+        J.SUBMITTED,
+        J.SUCCEEDED,
+        J.FAILED,
+        J.HELD,
+        J.CANCELLED,
+    )
     return _diagram(JOB_MOVES, (*order, J.REJECTED))
 
 
 def batch_diagram() -> str:
     """The batch moves as the docstring writes them."""
     return _diagram(BATCH_MOVES, tuple(BatchState))
+
+
+def provider_batch_diagram() -> str:
+    """The provider batch moves as the docstring writes them."""
+    return _diagram(PROVIDER_BATCH_MOVES, tuple(ProviderBatchState))

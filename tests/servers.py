@@ -225,6 +225,52 @@ class CeleryWorker:
         self.fh.close()
 
 
+class CeleryBeat:
+    """A real `celery -A worker.app beat` process (the reaper, the batch route's tick)."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.fh = log.open("wb")
+        schedule = log.parent / f"{log.stem}-schedule"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "beat",
+                "--loglevel=INFO",
+                "--schedule",
+                str(schedule),
+                "--max-interval",
+                "1",
+            ],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=self.fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while b"beat: Starting" not in log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"celery beat did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.fh.close()
+
+
 def wait_until(predicate: object, timeout: float, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

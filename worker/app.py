@@ -38,6 +38,11 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": settings.lease_seconds + 300},
     beat_schedule={
         "reap-expired-leases": {"task": "editbatch.reap", "schedule": 60.0},
+        # The batch route: poll open provider batches, collect finished ones, dispatch.
+        "batch-route-tick": {
+            "task": "editbatch.batch_tick",
+            "schedule": settings.batch_poll_seconds,
+        },
     },
 )
 if settings.nightly_manifest:

@@ -11,7 +11,8 @@ Celery beat sends `editbatch.nightly` on `nightly_cron` (UTC). The task calls `r
 3. No manifest at that address yet: nothing to do (logged). A cron that fires several times in
    a window ("*/15 2-5 * * *") picks it up when it arrives.
 4. The manifest and its images are fetched (`pipeline.intake.remote`), preflighted, stored with
-   `nightly_budget_usd` as the batch budget, and its jobs enqueued.
+   `nightly_budget_usd` as the batch budget and `nightly_route` as its route, and its jobs
+   enqueued (on the batch route: one message, and a worker creates the provider batches).
 
 When the batch finishes, `Deps.on_batch_finished` writes the report at the output root and
 POSTs the signed summary to `webhook_url` (`pipeline.observe.webhook`).
@@ -72,6 +73,7 @@ class NightlyPlan:
     budget_usd: Decimal | None
     cron: str
     webhook: str | None  # scheme://host only: a webhook URL's path may be a secret
+    route: str = "sync"  # EDITBATCH_NIGHTLY_ROUTE
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -147,6 +149,7 @@ def plan(settings: Settings, now: datetime) -> NightlyPlan:
         budget_usd=settings.nightly_budget_usd,
         cron=settings.nightly_cron,
         webhook=webhook,
+        route=settings.nightly_route,
     )
 
 
@@ -186,16 +189,18 @@ def run_nightly(
     *,
     db: Database | None = None,
     on_finished: Callable[[int], None] | None = None,
+    dispatch_batch: submit.DispatchBatch | None = None,
 ) -> int | None:
     """Submit tonight's manifest once; the new batch id, or None when there is nothing to do.
 
     `on_finished` is called for a batch that is finished as soon as it is stored (every row
-    rejected), since no worker will ever finish it.
+    rejected), since no worker will ever finish it. With EDITBATCH_NIGHTLY_ROUTE=batch the
+    batch runs on the batch route: `dispatch_batch(batch_id)` sends it.
     """
     tonight = plan(settings, now)
     database = db or Database(settings.effective_database_url)
     try:
-        return _run(settings, tonight, enqueue, database, on_finished)
+        return _run(settings, tonight, enqueue, database, on_finished, dispatch_batch)
     finally:
         if db is None:
             database.dispose()
@@ -207,6 +212,7 @@ def _run(
     enqueue: Enqueue,
     db: Database,
     on_finished: Callable[[int], None] | None,
+    dispatch_batch: submit.DispatchBatch | None = None,
 ) -> int | None:
     earlier = existing_batch(db, tonight)
     if earlier is not None:
@@ -222,6 +228,7 @@ def _run(
         name=tonight.name,
         budget_usd=tonight.budget_usd,
         extra={"nightly": {"date": tonight.date.isoformat(), "manifest": tonight.manifest_uri}},
+        route=tonight.route,
     )
     result = submit.store(db, prepared, options, load_prices(settings.prices_file))
     batch_id = result.batch_id
@@ -233,7 +240,7 @@ def _run(
             controls.cancel(session, batch_id)
         log.warning("%s: batch %s was submitted first; cancelled %s", tonight.name, first, batch_id)
         return None
-    sent = submit.send(db, batch_id, enqueue, on_finished)
+    sent = submit.send(db, batch_id, enqueue, on_finished, dispatch_batch)
     log.info(
         "%s: batch %s from %s: %s jobs queued, %s rejected",
         tonight.name,

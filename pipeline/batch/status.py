@@ -1,4 +1,10 @@
-"""Batch status from per-batch counters kept by triggers (never by aggregating every job)."""
+"""Batch status from per-batch counters kept by triggers (never by aggregating every job).
+
+On the batch route it also lists the provider batches (a few rows: one per model and 50,000
+lines) with the provider's status and request counts as last polled. Attempts `interrupted`
+(a worker died mid-call) are shown as lost answers: booked at their estimated cost, since the
+API bills an answer once it is made.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,9 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, aliased
 
-from pipeline.db.models import Batch, Job
+from pipeline.db.models import Batch, Job, ProviderBatch
 from pipeline.errors import NotFoundError
-from pipeline.states import JOB_PENDING, JOB_TERMINAL, JobState, ReviewDecision
+from pipeline.states import JOB_PENDING, JOB_TERMINAL, AttemptOutcome, JobState, ReviewDecision
 
 
 @dataclass
@@ -49,6 +55,10 @@ class BatchStatus:
     hold_code: str | None = None
     # approved / rejected / unreviewed outputs; None when not asked for (with_reviews)
     reviews: dict[str, int] | None = None
+    route: str = "sync"
+    provider_batches: list[dict[str, Any]] = field(default_factory=list)
+    lost_answers: int = 0  # attempts interrupted mid-call: answers billed but never received
+    lost_answers_usd: Decimal = Decimal(0)  # what they were booked at (estimated)
 
     @property
     def cost_per_output_usd(self) -> Decimal | None:
@@ -96,6 +106,12 @@ class BatchStatus:
             },
             "failures": self.failures,
             **({} if self.reviews is None else {"reviews": self.reviews}),
+            "route": self.route,
+            "provider_batches": self.provider_batches,
+            "lost_answers": {
+                "attempts": self.lost_answers,
+                "estimated_usd": str(self.lost_answers_usd),
+            },
         }
 
 
@@ -180,7 +196,7 @@ def batch_status(
                 group[0] += n
                 group[1] += c
     by_outcome: dict[str, int] = {}
-    unpriced = estimated = attempt_cost = 0
+    unpriced = estimated = attempt_cost = lost = lost_cost = 0
     for outcome, n, n_unpriced, n_estimated, c in session.execute(
         text(
             "SELECT outcome, attempts, unpriced, estimated, cost_micros "
@@ -193,6 +209,8 @@ def batch_status(
         unpriced += int(n_unpriced)
         estimated += int(n_estimated)
         attempt_cost += int(c)
+        if outcome == AttemptOutcome.INTERRUPTED:
+            lost, lost_cost = int(n), int(c)
     out = session.execute(
         text(
             "SELECT outputs, uncollected, drift_n, drift_sum, drift_max "
@@ -277,7 +295,38 @@ def batch_status(
         saved_usd=saved,
         failures=failures,
         reviews=review_counts(session, batch_id, outputs) if with_reviews else None,
+        route=batch.route,
+        provider_batches=provider_batches(session, batch_id),
+        lost_answers=lost,
+        lost_answers_usd=_usd(lost_cost),
     )
+
+
+def provider_batches(session: Session, batch_id: int) -> list[dict[str, Any]]:
+    """The batch route's provider batches of a batch, oldest first, as last polled."""
+    rows = session.scalars(
+        select(ProviderBatch).where(ProviderBatch.batch_id == batch_id).order_by(ProviderBatch.id)
+    )
+    return [
+        {
+            "id": pb.id,
+            "provider_id": pb.provider_id,
+            "model": pb.model,
+            "state": pb.state,
+            "provider_status": pb.provider_status,
+            "lines": pb.lines,
+            "completed": pb.completed,
+            "failed": pb.failed,
+            "booked": pb.booked,
+            "cost_usd": str(Decimal(str(pb.cost_usd or 0)).quantize(MICRO)),
+            "expires_at": pb.expires_at.isoformat(timespec="seconds") if pb.expires_at else None,
+            "refreshed_at": pb.refreshed_at.isoformat(timespec="seconds")
+            if pb.refreshed_at
+            else None,
+            "error": pb.error,
+        }
+        for pb in rows
+    ]
 
 
 def list_batches(session: Session, limit: int = 50) -> list[dict[str, Any]]:

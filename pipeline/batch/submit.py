@@ -5,7 +5,8 @@
                                            `estimate` stop here)
     store(db, prepared, options, prices)   the batch and every job in one transaction
                                            (rejected rows kept with the reason), nothing sent
-    send(db, batch_id, enqueue)            one message per queued job id, after the commit
+    send(db, batch_id, enqueue)            one message per queued job id, after the commit (a
+                                           batch-route batch: one "dispatch this batch" message)
     submit(...)                            store + send (`submit`; `run` sends to its own pool;
                                            the nightly task stores, checks for a racing twin,
                                            then sends)
@@ -38,22 +39,24 @@ from pipeline.cost.pricing import PriceTable
 from pipeline.db import jobs
 from pipeline.db.models import Batch, utcnow
 from pipeline.db.session import Database
-from pipeline.errors import OutputNameError, RowError, StrictRefusal
+from pipeline.errors import ConfigError, OutputNameError, RowError, StrictRefusal
 from pipeline.files import file_sha256
 from pipeline.intake.catalog import ShutdownNotice, load_catalog, shutdown_notices
 from pipeline.intake.manifest import Defaults
 from pipeline.intake.naming import render_name
 from pipeline.intake.preflight import Preflight, PreflightOptions
 from pipeline.intake.remote import LocalManifest, is_remote, localize_manifest
-from pipeline.providers import ProviderSet, providers_of
+from pipeline.providers import DEFAULT_PROVIDER, ProviderSet, providers_of
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
-from pipeline.states import BATCH_OPEN, BatchState, JobState
+from pipeline.states import BATCH_OPEN, BatchState, JobState, Route
 
 log = logging.getLogger("editbatch.submit")
 
 Enqueue = Callable[[list[int]], None]
+DispatchBatch = Callable[[int], None]
 CHUNK = 1000
+FALLBACKS = ("sync",)
 
 
 @dataclass
@@ -140,6 +143,24 @@ def check_rows(
         yield CheckedRow(row, errs[0].key, None, errs)
 
 
+def _batch_route_refusal(row: CheckedRow, default_provider: str | None) -> list[RowError]:
+    """The batch route is OpenAI's Batch API, reached with OPENAI_API_KEY: a row sent to
+    another provider cannot take it (refused by row, before anything is stored as queued)."""
+    assert row.spec is not None
+    provider = row.spec.provider or default_provider or DEFAULT_PROVIDER
+    if provider == DEFAULT_PROVIDER:
+        return []
+    return [
+        RowError(
+            row.row,
+            "provider",
+            f"provider {provider} has no batch route (OpenAI's Batch API runs on provider "
+            "openai only): send this batch with --route sync, or this row to openai",
+            row.key,
+        )
+    ]
+
+
 def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
     chunk: list[dict[str, Any]] = []
     for item in items:
@@ -221,6 +242,21 @@ class BatchOptions:
     strict: bool = False
     reuse: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)  # more of the settings snapshot
+    route: str = Route.SYNC  # sync, or batch (OpenAI's Batch API)
+    fallback: str | None = None  # batch route: "sync" sends an expired batch's leftovers sync
+    keep_provider_files: bool = False  # batch route: keep uploads and output files
+
+    def __post_init__(self) -> None:
+        if self.route not in tuple(Route):
+            raise ConfigError(
+                f"--route {self.route!r}: use sync (one call per edit) or batch (OpenAI's "
+                "Batch API: half price, within 24 h)"
+            )
+        if self.fallback is not None and self.fallback not in FALLBACKS:
+            raise ConfigError(f"--fallback {self.fallback!r}: the only fallback is sync")
+        if self.route == Route.SYNC and (self.fallback or self.keep_provider_files):
+            what = "--fallback" if self.fallback else "--keep-provider-files"
+            raise ConfigError(f"{what} applies to the batch route only: add --route batch")
 
 
 def shutdown_notices_for(
@@ -290,23 +326,30 @@ def store(
             output_uri=options.output_uri,
             state=BatchState.RUNNING,
             budget_usd=options.budget_usd,
+            route=options.route,
             settings={
                 "defaults": dict(defaults.values),
                 "model": defaults.model,
                 "provider": defaults.provider or default_provider,
                 "reuse": options.reuse,
+                "route": options.route,
+                "fallback": options.fallback,
+                "keep_provider_files": options.keep_provider_files,
                 **options.extra,
             },
         )
         session.add(batch)
         session.flush()
         result = SubmitResult(batch_id=batch.id)
+        route_prices = prices.for_route(options.route)  # what the batch's calls will cost
         now = utcnow()
         estimates: list[tuple[Estimate, int]] = []
 
         def job_rows() -> Iterator[dict[str, Any]]:
             # Every row dict has the same keys, so each chunk is one executemany.
             for r in checked_rows:
+                if options.route == Route.BATCH and r.spec is not None and not r.errors:
+                    r.errors.extend(_batch_route_refusal(r, default_provider))
                 for note in r.notes:
                     result.notes.append(f"row {r.row}: {note}")
                 row: dict[str, Any] = {
@@ -333,7 +376,7 @@ def store(
                     )
                 else:
                     result.accepted += 1
-                    est = estimate_cost(r.spec, r.pixels, prices)
+                    est = estimate_cost(r.spec, r.pixels, route_prices)
                     estimates.append((est, r.spec.n))
                     model = r.spec.model
                     result.rows_by_model[model] = result.rows_by_model.get(model, 0) + 1
@@ -363,16 +406,28 @@ def send(
     batch_id: int,
     enqueue: Enqueue,
     on_finished: Callable[[int], None] | None = None,
+    dispatch_batch: DispatchBatch | None = None,
 ) -> int:
     """Send one message per queued job of the batch; returns how many were sent.
 
-    A batch with nothing to send (every row rejected) is finished here, since no worker will
-    ever finish it; `on_finished` then reports it.
+    A batch-route batch is sent as one message instead (`dispatch_batch(batch_id)`: a worker
+    cuts its queued jobs into provider batches); the count is of its queued jobs then. A batch
+    with nothing to send (every row rejected) is finished here, since no worker will ever
+    finish it; `on_finished` then reports it.
     """
     sent = 0
-    for ids in jobs.queued_job_ids(db, batch_id):
-        enqueue(ids)
-        sent += len(ids)
+    with db.session() as session:
+        route = session.scalar(select(Batch.route).where(Batch.id == batch_id))
+    if route == Route.BATCH:
+        if dispatch_batch is None:
+            raise ConfigError(f"batch {batch_id} runs on the batch route: nothing can send it here")
+        sent = sum(len(ids) for ids in jobs.queued_job_ids(db, batch_id))
+        if sent:
+            dispatch_batch(batch_id)
+    else:
+        for ids in jobs.queued_job_ids(db, batch_id):
+            enqueue(ids)
+            sent += len(ids)
     if sent == 0:
         with db.session() as session:
             finished = jobs.finish_batch_if_done(session, batch_id)
@@ -388,8 +443,9 @@ def submit(
     prices: PriceTable,
     enqueue: Enqueue,
     on_finished: Callable[[int], None] | None = None,
+    dispatch_batch: DispatchBatch | None = None,
 ) -> SubmitResult:
     """Store the batch, then send its jobs (see `send`)."""
     result = store(db, prepared, options, prices)
-    result.sent = send(db, result.batch_id, enqueue, on_finished)
+    result.sent = send(db, result.batch_id, enqueue, on_finished, dispatch_batch)
     return result

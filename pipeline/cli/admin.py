@@ -43,7 +43,12 @@ def nightly(
 
             finished = build_deps(settings, LocalLimiter(None, None), db).on_batch_finished
             batch_id = nights.run_nightly(
-                settings, now, dispatch.celery_enqueue(), db=db, on_finished=finished
+                settings,
+                now,
+                dispatch.celery_enqueue(),
+                db=db,
+                on_finished=finished,
+                dispatch_batch=dispatch.celery_dispatch_batch(),
             )
             info = {**nights.preview(settings, now, db), "batch_id": batch_id}
     if as_json:
@@ -103,8 +108,13 @@ def prices(as_json: JsonOpt = False) -> None:
         }
         for provider, p in listed
     ]
+    batch = {
+        "factor": str(table_data.batch.factor),
+        "as_of": table_data.batch.as_of,
+        "source": table_data.batch.source,
+    }
     if as_json:
-        print(json.dumps({"as_of": table_data.as_of, "models": rows}))
+        print(json.dumps({"as_of": table_data.as_of, "models": rows, "batch": batch}))
         return
     table = Table(
         title=f"Prices, USD per 1M tokens (as of {table_data.as_of}; cached input in brackets)",
@@ -126,6 +136,10 @@ def prices(as_json: JsonOpt = False) -> None:
             r["source"],
         )
     console.print(table)
+    console.print(
+        f"batch route (--route batch): x{batch['factor']} of these, as of {batch['as_of']} "
+        f"({batch['source']})"
+    )
 
 
 @app.command()

@@ -34,6 +34,9 @@ from pipeline.states import BatchState, JobState
 if TYPE_CHECKING:
     from pipeline.batch.submit import Prepared, SubmitResult
 
+# The bundled sandbox finishes a provider batch in seconds: poll it often.
+SANDBOX_POLL_SECONDS = 0.5
+
 
 def _store(
     settings: Settings,
@@ -56,12 +59,20 @@ def _store(
             budget_usd=budget,
             strict=batch.strict,
             reuse=not batch.no_reuse,
+            route=batch.route,
+            fallback=batch.fallback,
+            keep_provider_files=batch.keep_provider_files,
         ),
         load_prices(settings.prices_file),
     )
     if result.estimate is not None:
         print_estimate(
-            result.estimate, settings, result.models, budget, out=err if quiet else console
+            result.estimate,
+            settings,
+            result.models,
+            budget,
+            out=err if quiet else console,
+            route=batch.route,
         )
     notices = shutdown_notices_for(settings, result.rows_by_model, result.estimate)
     print_shutdown_notices(notices, result.batch_id)
@@ -121,7 +132,9 @@ def run(
 ) -> None:
     """Submit, run and collect on this machine: no Redis, no other server.
 
-    Ctrl-C stops after the calls in flight; run the same command again to continue.
+    Ctrl-C stops after the calls in flight; run the same command again to continue. With
+    `--route batch` it uploads, creates the provider batches and polls them until every line
+    is collected (Ctrl-C leaves them running at the provider; the same command continues).
     """
     from pipeline.batch import controls
     from pipeline.batch.submit import find_resumable, prepare
@@ -145,7 +158,13 @@ def run(
             say.print(
                 f"batch {batch_id}: {result.accepted} jobs to run, {result.rejected} rejected"
             )
-        status = dispatch.in_process(settings, db, batch_id, concurrency or settings.concurrency)
+        status = dispatch.in_process(
+            settings,
+            db,
+            batch_id,
+            concurrency or settings.concurrency,
+            poll_seconds=SANDBOX_POLL_SECONDS if sandbox else None,
+        )
     if as_json:
         print(json.dumps(status.to_json()))
     else:

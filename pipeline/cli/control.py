@@ -31,7 +31,7 @@ from pipeline.cli.ui import (
 )
 from pipeline.db.session import Database
 from pipeline.errors import ConfigError
-from pipeline.settings import get_settings
+from pipeline.settings import Settings, get_settings
 from pipeline.states import BatchState, JobState
 
 if TYPE_CHECKING:
@@ -68,6 +68,9 @@ def status(
                 console.print(table)
                 return
             current = batch_status(session, batch, with_reviews=True)
+        if _refresh_provider_batches(current.provider_batches, db, batch):
+            with db.session() as session:
+                current = batch_status(session, batch, with_reviews=True)
         if as_json:
             print(json.dumps(current.to_json()))
             return
@@ -82,15 +85,52 @@ def status(
         print_status(current)
 
 
+def _refresh_provider_batches(listed: list[dict[str, object]], db: Database, batch: int) -> bool:
+    """Poll the batch's open provider batches once (nothing is booked or billed by a poll);
+    True if any was refreshed. Unreachable API: the stored values are shown, with a note."""
+    if not any(pb["state"] == "open" for pb in listed):
+        return False
+    from pipeline.errors import ProviderError
+    from pipeline.run.batchroute.poll import refresh
+
+    settings = get_settings()
+    try:
+        ctx = dispatch.route_context(dispatch.local_deps(settings, db), settings.concurrency)
+        return refresh(ctx, [batch]) > 0
+    except ProviderError as exc:
+        err.print(f"[yellow]provider batches not refreshed:[/] {exc}")
+        return False
+
+
+def _collect_provider_batches(settings: Settings, db: Database, batch: int) -> None:
+    """The batch route: poll the batch's provider batches and collect the finished ones here
+    (what beat does; for a machine without it, or after a cancel)."""
+    from pipeline.run.batchroute import collect as provider
+    from pipeline.run.batchroute.poll import collectable, refresh
+
+    ctx = dispatch.route_context(dispatch.local_deps(settings, db), settings.concurrency)
+    refresh(ctx, [batch])
+    for pb_id in collectable(ctx, [batch]):
+        done = provider.collect(ctx, pb_id)
+        if done is not None:
+            console.print(f"provider batch {pb_id}: {done.booked} lines booked")
+
+
 @app.command()
 def collect(batch: BatchArg) -> None:
-    """Retry writing spooled outputs to the output location (after a storage failure)."""
+    """Retry writing spooled outputs to the output location (after a storage failure); on the
+    batch route, collect the provider batches that finished."""
     from pipeline.output.collector import StorageCache, collect_batch
     from pipeline.output.report import write_report
 
     with friendly_errors():
-        db = Database(get_settings().effective_database_url)
+        settings = get_settings()
+        db = Database(settings.effective_database_url)
         storages = StorageCache()
+        with db.session() as session:
+            listed = batch_status(session, batch, failures_limit=0).provider_batches
+        if any(pb["state"] in ("open", "collecting") for pb in listed):
+            _collect_provider_batches(settings, db, batch)
         written, left = collect_batch(db, batch, storages)
         console.print(f"collected {written} outputs; {left} still waiting")
         with db.session() as session:
@@ -199,10 +239,26 @@ def cancel(batch: BatchArg) -> None:
     from pipeline.batch import controls
 
     with friendly_errors():
-        db = Database(get_settings().effective_database_url)
+        settings = get_settings()
+        db = Database(settings.effective_database_url)
         with db.session() as session:
             n = controls.cancel(session, batch)
+            listed = batch_status(session, batch, failures_limit=0).provider_batches
     console.print(f"batch {batch} cancelled ({n} jobs not started)")
+    if any(pb["state"] == "open" for pb in listed):
+        from pipeline.errors import ProviderError
+        from pipeline.run.batchroute.poll import cancel_open
+
+        try:
+            ctx = dispatch.route_context(dispatch.local_deps(settings, db), settings.concurrency)
+            asked = cancel_open(ctx, [batch])
+        except ProviderError as exc:
+            asked = []
+            err.print(f"[yellow]provider batches not cancelled yet:[/] {exc} (the poll retries)")
+        console.print(
+            f"{len(asked)} provider batches cancelled at the provider: the lines they finished "
+            "are billed, and are collected and booked by the next poll"
+        )
 
 
 @app.command()

@@ -1,12 +1,13 @@
 """Where a batch's jobs go: to the Celery workers through the broker, or to a pool of threads
-in this process (`run`, `--local`). The one module of `pipeline` that imports `worker`."""
+in this process (`run`, `--local`); a batch-route batch to a worker that cuts it into provider
+batches, or to this process's poll loop. The one module of `pipeline` that imports `worker`."""
 
 from __future__ import annotations
 
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,9 @@ from pipeline.errors import EditbatchError
 from pipeline.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from pipeline.batch.submit import Enqueue
-    from pipeline.run.localpool import LocalPool
+    from pipeline.batch.submit import DispatchBatch, Enqueue
+    from pipeline.run.batchroute.context import RouteContext
+    from pipeline.run.executor import Deps
 
 
 def celery_enqueue() -> Enqueue:
@@ -32,6 +34,14 @@ def celery_enqueue() -> Enqueue:
     return enqueue
 
 
+def celery_dispatch_batch() -> DispatchBatch:
+    """The function that asks a Celery worker to cut a batch-route batch into provider
+    batches (imports Celery when called)."""
+    from worker.tasks import dispatch_later
+
+    return dispatch_later
+
+
 def to_workers(db: Database, batch_id: int, settings: Settings) -> int:
     """Send the batch's queued jobs to the Celery workers; how many were sent."""
     from pipeline.batch.submit import send
@@ -39,7 +49,7 @@ def to_workers(db: Database, batch_id: int, settings: Settings) -> int:
     # Masked: the dashboard shows this message in a page too.
     broker = settings.masked()["broker_url"]
     try:
-        return send(db, batch_id, celery_enqueue())
+        return send(db, batch_id, celery_enqueue(), dispatch_batch=celery_dispatch_batch())
     except Exception as exc:  # kombu raises OperationalError and friends
         raise EditbatchError(
             f"batch {batch_id} is stored, but the broker at {broker} refused the "
@@ -48,31 +58,82 @@ def to_workers(db: Database, batch_id: int, settings: Settings) -> int:
         ) from exc
 
 
-def in_process(settings: Settings, db: Database, batch_id: int, concurrency: int) -> BatchStatus:
-    """Run the batch's jobs in this process, collect, finish if done; the status afterwards."""
+def in_process(
+    settings: Settings,
+    db: Database,
+    batch_id: int,
+    concurrency: int,
+    poll_seconds: float | None = None,
+) -> BatchStatus:
+    """Run the batch's jobs in this process, collect, finish if done; the status afterwards.
+
+    A batch-route batch is dispatched and polled from here (every `poll_seconds`, default
+    EDITBATCH_BATCH_POLL_SECONDS) until every provider batch is collected."""
+    from pipeline.db.models import Batch
     from pipeline.output.collector import collect_batch
-    from pipeline.providers import providers_of
-    from pipeline.run.deps import build_deps
     from pipeline.run.executor import finish_if_done
     from pipeline.run.localpool import LocalPool
-    from pipeline.run.ratelimit import local_limiter
+    from pipeline.states import Route
 
-    deps = build_deps(settings, local_limiter(providers_of(settings).limit_for), db)
-    _run_with_progress(LocalPool(deps, concurrency), db, batch_id)
+    deps = local_deps(settings, db)
+    with db.session() as session:
+        batch = session.get(Batch, batch_id)
+        route = batch.route if batch is not None else Route.SYNC
+    stop = threading.Event()
+    if route == Route.BATCH:
+        from pipeline.run.batchroute.poll import run_local
+
+        ctx = route_context(deps, concurrency, stop)
+        every = poll_seconds or settings.batch_poll_seconds
+        _run_with_progress(
+            lambda: run_local(ctx, batch_id, stop.is_set, every, sleep=stop.wait),
+            stop,
+            db,
+            batch_id,
+        )
+    else:
+        pool = LocalPool(deps, concurrency, stop=stop)
+        _run_with_progress(lambda: pool.run_batch(batch_id), stop, db, batch_id)
     collect_batch(db, batch_id, deps.storages)  # outputs a storage failure left in the spool
     finish_if_done(deps, batch_id)
     with db.session() as session:
         return batch_status(session, batch_id)
 
 
-def _run_with_progress(pool: LocalPool, db: Database, batch_id: int) -> None:
-    """Run the pool in a thread and show a live status with an ETA; Ctrl-C stops gracefully."""
-    runner = threading.Thread(target=pool.run_batch, args=(batch_id,), daemon=True)
+def local_deps(settings: Settings, db: Database) -> Deps:
+    """The executor's dependencies for this process (an in-process rate limiter, with each
+    provider lane's own limits)."""
+    from pipeline.providers import providers_of
+    from pipeline.run.deps import build_deps
+    from pipeline.run.ratelimit import local_limiter
+
+    return build_deps(settings, local_limiter(providers_of(settings).limit_for), db)
+
+
+def route_context(
+    deps: Deps, concurrency: int, stop: threading.Event | None = None
+) -> RouteContext:
+    """The batch route run from this process: jobs sent back to the sync route (`--fallback
+    sync`) run on a pool of threads here."""
+    from pipeline.run.batchroute.context import RouteContext
+    from pipeline.run.localpool import LocalPool
+
+    def run_sync(job_ids: list[int]) -> None:
+        LocalPool(deps, concurrency, stop=stop or threading.Event()).run_ids(job_ids)
+
+    return RouteContext.build(deps, run_sync)
+
+
+def _run_with_progress(
+    run: Callable[[], None], stop: threading.Event, db: Database, batch_id: int
+) -> None:
+    """Run `run` in a thread and show a live status with an ETA; Ctrl-C sets `stop`."""
+    runner = threading.Thread(target=run, daemon=True)
     stop_requested = {"n": 0}
 
     def on_sigint(_sig: int, _frame: Any) -> None:
         stop_requested["n"] += 1
-        pool.stop.set()
+        stop.set()
         if stop_requested["n"] > 1:
             raise KeyboardInterrupt
         err.print(

@@ -10,17 +10,20 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.app import app
-from pipeline.cli.options import JsonOpt, ManifestArg, ManifestOptions, shared
+from pipeline.cli.options import JsonOpt, ManifestArg, ManifestOptions, RouteOpt, shared
 from pipeline.cli.ui import (
     console,
+    duration,
     friendly_errors,
     print_estimate,
     print_row_errors,
     print_shutdown_notices,
 )
-from pipeline.errors import RowError
+from pipeline.errors import ConfigError, RowError
 from pipeline.settings import get_settings
 from pipeline.states import JobState
+
+BATCH_WINDOW_S = 24 * 3600  # the Batch API's completion window: the most a batch can take
 
 # Commands import Pillow, fsspec and the submit path when they run, so that `editbatch status`
 # starts fast (docs/performance.md).
@@ -78,9 +81,11 @@ def estimate(
     manifest: ManifestArg,
     opts: ManifestOptions,
     rows: Annotated[int, typer.Option(help="Rows to list (0: all).")] = 50,
+    route: RouteOpt = "sync",
     as_json: JsonOpt = False,
 ) -> None:
-    """What a manifest will cost (per row and in total, low-high) and how long it will take."""
+    """What a manifest will cost (per row and in total, low-high) and how long it will take,
+    on the sync route and the batch route side by side (rows at the prices of `--route`)."""
     from pipeline.batch.submit import prepare, shutdown_notices_for
     from pipeline.cost.estimate import (
         estimate_batch,
@@ -91,10 +96,14 @@ def estimate(
     from pipeline.cost.pricing import load_prices
 
     with friendly_errors():
+        if route not in ("sync", "batch"):
+            raise ConfigError(f"--route {route!r}: use sync or batch")
         settings = get_settings()
         prepared = prepare(settings, manifest, opts.intake(settings))
-        table_data = load_prices(settings.prices_file)
+        sync_prices = load_prices(settings.prices_file)
+        table_data = sync_prices.for_route(route)
         per_row = []
+        other = []
         rejected = 0
         for r in prepared.rows():
             if r.spec is None or r.errors:
@@ -102,8 +111,18 @@ def estimate(
                 continue
             est = estimate_cost(r.spec, r.pixels, table_data)
             per_row.append((r, est))
+            alt = "batch" if route == "sync" else "sync"
+            other.append((estimate_cost(r.spec, r.pixels, sync_prices.for_route(alt)), r.spec.n))
         total = estimate_batch((est, r.spec.n) for r, est in per_row if r.spec)
+        totals = {route: total, ("batch" if route == "sync" else "sync"): estimate_batch(other)}
         models = {est.model for _, est in per_row}
+        sync_seconds = estimate_duration(
+            total.calls,
+            total.images,
+            settings.images_per_minute,
+            settings.max_in_flight or settings.concurrency,
+            typical_latency(models),
+        )
         rows_by_model = {m: sum(1 for _, e in per_row if e.model == m) for m in models}
         notices = shutdown_notices_for(settings, rows_by_model, total)
 
@@ -137,13 +156,19 @@ def estimate(
                     },
                     "rejected_rows": rejected,
                     "shutdowns": [n.text() for n in notices],
-                    "duration_s": estimate_duration(
-                        total.calls,
-                        total.images,
-                        settings.images_per_minute,
-                        settings.max_in_flight or settings.concurrency,
-                        typical_latency(models),
-                    ),
+                    "route": route,
+                    "duration_s": sync_seconds if route == "sync" else BATCH_WINDOW_S,
+                    "routes": {
+                        name: {
+                            "expected_usd": str(t.expected),
+                            "low_usd": str(t.low),
+                            "high_usd": str(t.high),
+                            "duration": f"about {duration(sync_seconds)}"
+                            if name == "sync"
+                            else "within 24 h",
+                        }
+                        for name, t in totals.items()
+                    },
                 }
             )
         )
@@ -171,5 +196,19 @@ def estimate(
         console.print(f"... {len(per_row) - len(shown)} more rows (--rows 0 lists all)")
     if rejected:
         console.print(f"{rejected} rows rejected by preflight (see: editbatch check)")
-    print_estimate(total, settings, models, None)
+    print_estimate(total, settings, models, None, route=route)
     print_shutdown_notices(notices)
+    side = Table(title="Both routes", title_justify="left")
+    for col in ("route", "expected $", "low-high $", "duration"):
+        side.add_column(col, justify="right" if "$" in col else "left")
+    for name in ("sync", "batch"):
+        t = totals[name]
+        side.add_row(
+            name + (" (chosen)" if name == route else ""),
+            f"{t.expected:.4f}",
+            f"{t.low:.4f}-{t.high:.4f}",
+            f"about {duration(sync_seconds)} at the configured limits"
+            if name == "sync"
+            else "within 24 h (OpenAI's Batch API)",
+        )
+    console.print(side)

@@ -40,6 +40,14 @@ BudgetOpt = Annotated[
 LocalOpt = Annotated[
     bool, typer.Option("--local", help="Run the jobs in this process instead of sending them.")
 ]
+RouteOpt = Annotated[
+    str,
+    typer.Option(
+        "--route",
+        help="sync: one call per edit (minutes). batch: OpenAI's Batch API, half price, "
+        "within 24 h (docs/batch-route.md).",
+    ),
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +175,23 @@ class BatchCliOptions:
     strict: Annotated[bool, typer.Option(help="Refuse the whole manifest if any row is bad.")] = (
         False
     )
+    route: RouteOpt = "sync"
+    fallback: Annotated[
+        str | None,
+        typer.Option(
+            "--fallback",
+            help="Batch route: send the leftovers of an expired provider batch on this route "
+            "(sync) instead of a later provider batch.",
+        ),
+    ] = None
+    keep_provider_files: Annotated[
+        bool,
+        typer.Option(
+            "--keep-provider-files",
+            help="Batch route: keep the uploaded inputs and the provider's output files after "
+            "collection (the provider deletes output files after 30 days).",
+        ),
+    ] = False
 
     @property
     def output_uri(self) -> str:

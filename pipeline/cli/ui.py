@@ -39,8 +39,10 @@ def print_row_errors(errors: list[RowError], manifest: str | Path, limit: int = 
 
 
 def status_table(status: BatchStatus) -> Table:
+    route = " · batch route" if status.route == "batch" else ""
     table = Table(
-        title=f"Batch {status.batch_id} · {status.name} · {status.state}", title_justify="left"
+        title=f"Batch {status.batch_id} · {status.name} · {status.state}{route}",
+        title_justify="left",
     )
     table.add_column("state")
     table.add_column("jobs", justify="right")
@@ -64,6 +66,12 @@ def status_table(status: BatchStatus) -> Table:
         table.add_row("per output", f"${status.cost_per_output_usd:.6f}")
     if status.retry_waste_usd:
         table.add_row("retry waste", f"${status.retry_waste_usd:.6f} (attempts that gave nothing)")
+    if status.lost_answers:
+        table.add_row(
+            "lost in flight",
+            f"{status.lost_answers} answers, ${status.lost_answers_usd:.6f} estimated (a worker "
+            "died mid-call: the API billed answers nobody received)",
+        )
     if status.reused:
         table.add_row("reused", f"{status.reused} jobs, saved ${status.saved_usd:.6f}")
     if status.budget_usd is not None:
@@ -94,6 +102,8 @@ def print_status(status: BatchStatus) -> None:
         console.print(f"[yellow]{status.state}{why}:[/] {status.hold_reason}")
         if status.hold_code != HoldCode.MODEL_UNAVAILABLE:  # its reason names the --model-map
             console.print(f"resume with: editbatch resume {status.batch_id}")
+    if status.provider_batches:
+        console.print(provider_table(status))
     if len(status.breakdown) > 1:
         table = Table(title="Cost by model, quality and state", title_justify="left")
         for col in ("model", "quality", "state", "jobs", "cost $"):
@@ -114,32 +124,63 @@ def print_status(status: BatchStatus) -> None:
         console.print(table)
 
 
+def provider_table(status: BatchStatus) -> Table:
+    """The batch route's provider batches: where each is, at the provider and here."""
+    table = Table(title="Provider batches (OpenAI Batch API)", title_justify="left")
+    for col in ("#", "provider id", "model", "status", "done/failed/lines", "booked", "cost $"):
+        table.add_column(col, justify="right" if col in ("booked", "cost $") else "left")
+    table.add_column("expires (UTC)")
+    for pb in status.provider_batches:
+        where = pb["provider_status"] or "-"
+        if pb["state"] != "open":
+            where = f"{where} ({pb['state']})"
+        table.add_row(
+            str(pb["id"]),
+            pb["provider_id"] or "-",
+            pb["model"],
+            where,
+            f"{pb['completed']}/{pb['failed']}/{pb['lines']}",
+            str(pb["booked"]),
+            pb["cost_usd"],
+            pb["expires_at"] or "",
+        )
+    return table
+
+
 def print_estimate(
     est: BatchEstimate,
     settings: Settings,
     models: set[str],
     budget: Decimal | None,
     out: Console | None = None,
+    route: str = "sync",
 ) -> None:
     from pipeline.cost.estimate import estimate_duration, typical_latency
 
     if not est.calls:
         return
     out = out or console
-    latency = typical_latency(models)
-    seconds = estimate_duration(
-        est.calls,
-        est.images,
-        settings.images_per_minute,
-        settings.max_in_flight or settings.concurrency,
-        latency,
-    )
-    out.print(
-        f"estimate: ${est.expected:.2f} (range ${est.low:.2f}-${est.high:.2f}) for "
-        f"{est.calls} calls, {est.images} images; about {duration(seconds)} at "
-        f"{settings.images_per_minute or 'unlimited'} images/min, "
-        f"{settings.max_in_flight or settings.concurrency} in flight, ~{latency:.0f} s per call"
-    )
+    if route == "batch":
+        out.print(
+            f"estimate: ${est.expected:.2f} (range ${est.low:.2f}-${est.high:.2f}) for "
+            f"{est.calls} calls, {est.images} images at batch prices (half the sync price); "
+            "within 24 h (OpenAI's Batch API)"
+        )
+    else:
+        latency = typical_latency(models)
+        seconds = estimate_duration(
+            est.calls,
+            est.images,
+            settings.images_per_minute,
+            settings.max_in_flight or settings.concurrency,
+            latency,
+        )
+        out.print(
+            f"estimate: ${est.expected:.2f} (range ${est.low:.2f}-${est.high:.2f}) for "
+            f"{est.calls} calls, {est.images} images; about {duration(seconds)} at "
+            f"{settings.images_per_minute or 'unlimited'} images/min, "
+            f"{settings.max_in_flight or settings.concurrency} in flight, ~{latency:.0f} s per call"
+        )
     if est.unpriced:
         err.print(
             f"[yellow]warning:[/] {est.unpriced} calls use models with no price "
@@ -185,4 +226,12 @@ def progress_table(status: BatchStatus, elapsed: float) -> Table:
     rate = finished_now / elapsed if elapsed > 0 else 0
     eta = f"{todo / rate:.0f} s" if rate > 0 and todo else "-"
     table.caption = f"elapsed {elapsed:.0f} s · {todo} to go · ETA {eta}"
+    if status.provider_batches:
+        open_ = [pb for pb in status.provider_batches if pb["state"] != "collected"]
+        answered = sum(pb["completed"] + pb["failed"] for pb in open_)
+        lines = sum(pb["lines"] for pb in open_)
+        table.caption = (
+            f"elapsed {elapsed:.0f} s · {todo} to go · provider batches: {len(open_)} open, "
+            f"{answered}/{lines} lines answered (within 24 h)"
+        )
     return table

@@ -216,16 +216,19 @@ def daily_spent(session: Session, day: date) -> Decimal:
 def reconcile(session: Session, batch_id: int) -> bool:
     """Drop reservations leaked by workers that died mid-call: set the batch's counter to its
     committed spend (sum of its jobs' costs), in one statement, only while none of its jobs is
-    running. True if reset. Call after expired leases are requeued (e.g. on resume). Caller
-    commits. The day's counter is left as it is: a leak there only makes the cap stricter, and
-    only until the day ends.
+    running or submitted (a line of a provider batch). True if reset. Call after expired
+    leases are requeued (e.g. on resume). Caller commits. The day's counter is left as it is:
+    a leak there only makes the cap stricter, and only until the day ends.
     """
     committed = (
         select(func.coalesce(func.sum(Job.cost_usd), 0))
         .where(Job.batch_id == batch_id)
         .scalar_subquery()
     )
-    running = exists().where(Job.batch_id == batch_id, Job.state == JobState.RUNNING)
+    # A submitted job's line (the batch route) holds a reservation until it is booked.
+    running = exists().where(
+        Job.batch_id == batch_id, Job.state.in_((JobState.RUNNING, JobState.SUBMITTED))
+    )
     result = session.execute(
         update(Batch)
         .where(Batch.id == batch_id, ~running)

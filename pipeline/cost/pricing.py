@@ -2,6 +2,11 @@
 
 All money is `decimal.Decimal`. A cost is summed from unrounded products and rounded once, to
 the micro-dollar (ROUND_HALF_UP), so 100k jobs add up without float drift.
+
+Batch prices (the batch route, OpenAI's Batch API) are the sync prices times the `[batch]`
+factor of the same file (0.5), dated and sourced beside them: `PriceTable.for_route("batch")`.
+A line's cost at batch prices is kept exactly (`exact_cost`: at most 9 decimal places), never
+rounded per line, so a provider batch of 50,000 lines adds up to the provider's bill.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class ModelPrice:
 
     def cost(self, usage: Usage) -> Decimal:
         """Exact cost of `usage`, rounded once to the micro-dollar."""
+        return quantize(self.exact_cost(usage))
+
+    def exact_cost(self, usage: Usage) -> Decimal:
+        """Cost of `usage`, not rounded (tokens x USD per 1M / 1M is exact in Decimal)."""
         cached_text = (
             self.cached_text_input if self.cached_text_input is not None else (self.text_input)
         )
@@ -63,7 +72,36 @@ class ModelPrice:
             + usage.image_output * self.image_output
             + usage.text_output * self.text_output
         )
-        return quantize(total / PER_TOKEN)
+        return total / PER_TOKEN
+
+    def scaled(self, factor: Decimal, source: str) -> ModelPrice:
+        """These prices times `factor` (batch prices), with `source` saying where that is from."""
+
+        def times(value: Decimal | None) -> Decimal | None:
+            return None if value is None else value * factor
+
+        return ModelPrice(
+            model=self.model,
+            text_input=self.text_input * factor,
+            image_input=self.image_input * factor,
+            image_output=self.image_output * factor,
+            text_output=self.text_output * factor,
+            cached_text_input=times(self.cached_text_input),
+            cached_image_input=times(self.cached_image_input),
+            source=source,
+        )
+
+
+@dataclass(frozen=True)
+class BatchDiscount:
+    """What the batch route pays: the sync prices times `factor`, as of a date, from a source."""
+
+    factor: Decimal
+    as_of: str
+    source: str
+
+
+NO_DISCOUNT = BatchDiscount(Decimal(1), "unknown", "no [batch] table: batch priced as sync")
 
 
 def quantize(value: Decimal) -> Decimal:
@@ -78,8 +116,40 @@ class PriceTable:
     as_of: str
     source: str
     models: dict[str, ModelPrice]
+    batch: BatchDiscount = NO_DISCOUNT
+    route: str = "sync"
     providers: Mapping[str, Mapping[str, ModelPrice]] = field(default_factory=dict)
     default_provider: str | None = None  # whose overrides apply to a call naming no provider
+
+    def for_route(self, route: str) -> PriceTable:
+        """The prices a route pays: this table for sync, every price (a provider's own too) x
+        the batch factor for batch."""
+        if route == "sync" or self.route == route:
+            return self
+        if route != "batch":
+            raise ValueError(f"unknown route {route!r}")
+        source = f"{self.batch.source} (x{self.batch.factor}, as of {self.batch.as_of})"
+        factor = self.batch.factor
+        models = {name: p.scaled(factor, source) for name, p in self.models.items()}
+        providers = {
+            provider: {name: p.scaled(factor, source) for name, p in own.items()}
+            for provider, own in self.providers.items()
+        }
+        as_of = f"{self.batch.as_of} (batch) / {self.as_of}"
+        return PriceTable(
+            as_of,
+            self.source,
+            models,
+            self.batch,
+            route="batch",
+            providers=providers,
+            default_provider=self.default_provider,
+        )
+
+    def exact_cost(self, model: str, usage: Usage, provider: str | None = None) -> Decimal | None:
+        """Unrounded cost of `usage` on `model`; None when the model has no price."""
+        price = self.get(model, provider)
+        return None if price is None else price.exact_cost(usage)
 
     def get(self, model: str, provider: str | None = None) -> ModelPrice | None:
         provider = provider or self.default_provider
@@ -110,6 +180,20 @@ def _decimal(model: str, name: str, value: Any, origin: str) -> Decimal:
     if result < 0:
         raise ConfigError(f"{origin}: model {model!r}: {name} must not be negative")
     return result
+
+
+def _batch(data: dict[str, Any], origin: str) -> BatchDiscount | None:
+    table = data.get("batch")
+    if table is None:
+        return None
+    if not isinstance(table, dict) or "factor" not in table:
+        raise ConfigError(f'{origin}: [batch] needs factor = "0.5" (and as_of, source)')
+    factor = _decimal("[batch]", "factor", table["factor"], origin)
+    if not 0 < factor <= 1:
+        raise ConfigError(f"{origin}: [batch] factor must be above 0 and at most 1")
+    return BatchDiscount(
+        factor, str(table.get("as_of", "unknown")), str(table.get("source", origin))
+    )
 
 
 def _parse(data: dict[str, Any], origin: str) -> tuple[str, str, dict[str, ModelPrice]]:
@@ -162,9 +246,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def load_prices(override: Path | None = None) -> PriceTable:
     """The built-in table, with the models of `override` (a TOML file) replacing or adding."""
     builtin = resources.files("pipeline") / "data" / "prices.toml"
-    as_of, source, models = _parse(tomllib.loads(builtin.read_text("utf-8")), "built-in prices")
+    data = tomllib.loads(builtin.read_text("utf-8"))
+    as_of, source, models = _parse(data, "built-in prices")
+    batch = _batch(data, "built-in prices") or NO_DISCOUNT
     if override is not None:
-        o_as_of, o_source, o_models = _parse(_read_toml(override), str(override))
+        extra = _read_toml(override)
+        o_as_of, o_source, o_models = _parse(extra, str(override))
         models = {**models, **o_models}
         as_of, source = f"{o_as_of} (overrides) / {as_of}", f"{o_source}; {source}"
-    return PriceTable(as_of=as_of, source=source, models=models)
+        batch = _batch(extra, str(override)) or batch
+    return PriceTable(as_of=as_of, source=source, models=models, batch=batch)

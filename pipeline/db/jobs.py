@@ -1,7 +1,8 @@
 """Every change of a job's or a batch's state, as single SQL statements (atomic across workers).
 
 `insert_jobs` is the one way jobs are created (in a state `pipeline.states.JOB_INITIAL` lists);
-`move_jobs` and `move_batch` are the only writers of `jobs.state` and `batches.state`: each
+`move_jobs`, `move_batch` and `move_provider_batch` are the only writers of `jobs.state`,
+`batches.state` and `provider_batches.state`: each
 states the states it moves from, checks every move against `pipeline.states` (raising
 `InvalidTransition` for one the table does not allow), and puts the sources in the WHERE clause,
 so the database never makes a move the table does not list. The helpers below (claim, set_state,
@@ -20,7 +21,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Result, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from pipeline.db.models import Attempt, Batch, Job, utcnow
+from pipeline.db.models import Attempt, Batch, Job, ProviderBatch, utcnow
 from pipeline.db.session import Database
 from pipeline.states import (
     BATCH_OPEN,
@@ -33,9 +34,11 @@ from pipeline.states import (
     BatchState,
     HoldCode,
     JobState,
+    ProviderBatchState,
     check_batch_move,
     check_job_creation,
     check_job_move,
+    check_provider_batch_move,
 )
 
 
@@ -124,6 +127,31 @@ def move_batch(
         .execution_options(synchronize_session=False)
     )
     return rowcount(result) == 1
+
+
+def move_provider_batch(
+    session: Session,
+    target: ProviderBatchState,
+    *where: ColumnElement[bool],
+    sources: Collection[ProviderBatchState],
+    values: Mapping[str, Any] | None = None,
+) -> int:
+    """Move the provider batches matching `where` that are in one of `sources` to `target`;
+    how many moved. Reaching collected or abandoned stamps `finished_at`. Caller commits."""
+    check_provider_batch_move(sources, target)
+    row: dict[str, Any] = {"state": target}
+    if target in (ProviderBatchState.COLLECTED, ProviderBatchState.ABANDONED):
+        row["finished_at"] = utcnow()
+        row["lease_until"] = None
+        row["lease_token"] = None
+    row.update(values or {})
+    result = session.execute(
+        update(ProviderBatch)
+        .where(ProviderBatch.state.in_(list(sources)), *where)
+        .values(**row)
+        .execution_options(synchronize_session=False)
+    )
+    return rowcount(result)
 
 
 # -- jobs -----------------------------------------------------------------------------------
@@ -265,18 +293,53 @@ def requeue_expired(
     return ids
 
 
-def mark_interrupted(session: Session, job_ids: list[int]) -> None:
-    """Attempts left `in_flight` by a dead worker: the call's fate is unknown. Caller commits."""
-    session.execute(
-        update(Attempt)
-        .where(Attempt.job_id.in_(job_ids), Attempt.outcome == AttemptOutcome.IN_FLIGHT)
-        .values(
-            outcome=AttemptOutcome.INTERRUPTED,
-            finished_at=utcnow(),
-            error_message="the worker stopped during the call (killed or lost)",
+ANSWER_LOST = "answer_lost"
+"""error_code of an interrupted attempt: its answer, made and billed by the API, never came."""
+
+
+def mark_interrupted(session: Session, job_ids: list[int]) -> int:
+    """Attempts left `in_flight` by a dead worker become `interrupted`; how many. Caller commits.
+
+    The API bills an answer once it is made, whether or not the client is still there to
+    receive it, so each is booked at its job's estimated cost, flagged as estimated, with
+    error_code `answer_lost`: the ledger stays within the estimate's error of the bill instead
+    of missing those answers. (A call killed before it reached the API was not billed: the
+    estimate then over-counts; status and the report list these attempts.)
+    """
+    if not job_ids:
+        return 0
+    lost = list(
+        session.execute(
+            select(Attempt.id, Attempt.job_id, Job.estimated_usd)
+            .join(Job, Job.id == Attempt.job_id)
+            .where(
+                Attempt.job_id.in_(job_ids),
+                Attempt.outcome == AttemptOutcome.IN_FLIGHT,
+                Attempt.provider_batch_id.is_(None),  # batch-route lines are at the provider
+            )
         )
-        .execution_options(synchronize_session=False)
     )
+    for attempt_id, job_id, estimate in lost:
+        cost = Decimal(0) if estimate is None else Decimal(estimate)
+        result = session.execute(
+            update(Attempt)
+            .where(Attempt.id == attempt_id, Attempt.outcome == AttemptOutcome.IN_FLIGHT)
+            .values(
+                outcome=AttemptOutcome.INTERRUPTED,
+                finished_at=utcnow(),
+                error_code=ANSWER_LOST,
+                error_message="the worker stopped during the call (killed or lost): the answer "
+                "was lost; booked at the job's estimated cost, since the API bills an answer "
+                "once it is made",
+                cost_usd=cost,
+                cost_estimated=estimate is not None,
+                priced=estimate is not None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if rowcount(result) == 1:
+            add_cost(session, job_id, cost)
+    return len(lost)
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -374,6 +437,7 @@ def idle_running_batches(db: Database) -> list[int]:
 
 
 __all__ = [
+    "ANSWER_LOST",
     "add_cost",
     "batch_stop_state",
     "cancel_batch",
@@ -387,6 +451,7 @@ __all__ = [
     "mark_interrupted",
     "move_batch",
     "move_jobs",
+    "move_provider_batch",
     "owned",
     "pause_batch",
     "queued_job_ids",

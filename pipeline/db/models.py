@@ -1,4 +1,5 @@
-"""SQLAlchemy models: the database is the source of truth for batches, jobs, attempts, outputs.
+"""SQLAlchemy models: the database is the source of truth for batches, jobs, attempts, outputs,
+and the provider batches and uploaded files of the batch route.
 
 Every table and index the migrations create is declared here, so `alembic check` finds nothing
 to add or drop. The per-batch counter tables (migrations 0005 and 0007) and `job_metadata` are
@@ -29,10 +30,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from pipeline.states import BatchState, JobState
+from pipeline.states import BatchState, JobState, ProviderBatchState, Route
 
 # USD with micro-dollar precision; Numeric keeps it exact on both SQLite and PostgreSQL.
 Money = Numeric(18, 6, asdecimal=True)
+# What a call cost, exactly: tokens x a batch price (half of a sync price) can have 9 decimal
+# places, and rounding each line would drift from the provider's bill over 50,000 lines.
+ExactMoney = Numeric(20, 9, asdecimal=True)
 
 
 def utcnow() -> datetime:
@@ -65,6 +69,7 @@ class Batch(Base):
     reserved_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
     settings: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
     report_uri: Mapped[str | None] = mapped_column(Text)
+    route: Mapped[str] = mapped_column(String(8), default=Route.SYNC, server_default=Route.SYNC)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="batch", lazy="raise")
 
@@ -126,10 +131,11 @@ class Job(Base):
     last_error_code: Mapped[str | None] = mapped_column(String(100))
     last_error_message: Mapped[str | None] = mapped_column(Text)
     estimated_usd: Mapped[Decimal | None] = mapped_column(Money)
-    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    cost_usd: Mapped[Decimal] = mapped_column(ExactMoney, default=Decimal(0))
     reused_from_job_id: Mapped[int | None] = mapped_column(Integer)
     # The rejected job this one re-runs with an amended prompt (controls.rerun_rejected).
     rerun_of_job_id: Mapped[int | None] = mapped_column(Integer)
+    route: Mapped[str | None] = mapped_column(String(8))  # overrides the batch's (a fallback)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -160,12 +166,15 @@ class Attempt(Base):
     cached_input_tokens: Mapped[int | None] = mapped_column(Integer)
     image_output_tokens: Mapped[int | None] = mapped_column(Integer)
     text_output_tokens: Mapped[int | None] = mapped_column(Integer)
-    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    cost_usd: Mapped[Decimal] = mapped_column(ExactMoney, default=Decimal(0))
     cost_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     priced: Mapped[bool] = mapped_column(Boolean, default=True)
     # Where the call went: the provider and the deployment (lane) it took (migration 0010).
     provider: Mapped[str | None] = mapped_column(String(64))
     deployment: Mapped[str | None] = mapped_column(String(128))
+    # The batch route: the provider batch this attempt is a line of, and the budget it holds.
+    provider_batch_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    reserved_usd: Mapped[Decimal | None] = mapped_column(Money)
 
 
 class Output(Base):
@@ -185,6 +194,88 @@ class Output(Base):
     drift: Mapped[float | None] = mapped_column(Float)
     collected_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     collect_error: Mapped[str | None] = mapped_column(Text)
+
+
+class ProviderBatch(Base):
+    """One OpenAI Batch of the batch route: one model, at most 50,000 lines and 200 MB.
+
+    Recorded (`preparing`, with its `token`) before anything is uploaded or created, so a crash
+    between `batches.create` and the commit finds it again by the token in its metadata.
+    `output_offset` / `error_offset` are the bytes of each file already booked: reading starts
+    again there. `lease_*`: the process preparing or collecting it.
+    """
+
+    __tablename__ = "provider_batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    token: Mapped[str] = mapped_column(String(32), unique=True)
+    model: Mapped[str] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(16), default=ProviderBatchState.PREPARING, index=True)
+    provider_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    provider_status: Mapped[str | None] = mapped_column(String(20))
+    lines: Mapped[int] = mapped_column(Integer, default=0)
+    input_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    input_file_id: Mapped[str | None] = mapped_column(String(100))
+    output_file_id: Mapped[str | None] = mapped_column(String(100))
+    error_file_id: Mapped[str | None] = mapped_column(String(100))
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    booked: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(ExactMoney, default=Decimal(0))
+    reserved_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    reserved_on: Mapped[date | None] = mapped_column(Date)
+    output_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    error_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    create_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    refreshed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+
+
+class ProviderFile(Base):
+    """An input image or mask uploaded to the provider's Files API, keyed by its sha256.
+
+    At most one live row per sha256 (`deleted_at` NULL): every line that sends those bytes
+    refers to its `file_id`, across batches, until it is deleted (after collection, unless the
+    batch keeps its provider files) or found gone.
+    """
+
+    __tablename__ = "provider_files"
+    __table_args__ = (
+        Index(
+            "uq_provider_files_live_sha256",
+            "sha256",
+            unique=True,
+            sqlite_where=text("deleted_at IS NULL"),
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    file_id: Mapped[str] = mapped_column(String(100), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    purpose: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ProviderBatchFile(Base):
+    """Which uploaded files the lines of a provider batch refer to (not deleted while in use)."""
+
+    __tablename__ = "provider_batch_files"
+
+    provider_batch_id: Mapped[int] = mapped_column(
+        ForeignKey("provider_batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    provider_file_id: Mapped[int] = mapped_column(
+        ForeignKey("provider_files.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
 
 
 class DailySpend(Base):

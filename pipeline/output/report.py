@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
 from pipeline.batch.status import batch_status
+from pipeline.db.jobs import ANSWER_LOST
 from pipeline.db.models import Attempt, Batch, Job, Output, Review
 from pipeline.db.session import Database
 from pipeline.output.collector import StorageCache
@@ -167,6 +168,27 @@ def provider_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: {**e, "cost_usd": str(e["cost_usd"])} for name, e in sorted(totals.items())}
 
 
+def lost_answers(db: Database, batch_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+    """Calls a dead worker left unanswered, booked at their estimated cost (the API bills an
+    answer once it is made): row, id, attempt, what was booked."""
+    with db.session() as session:
+        return [
+            {
+                "row": row,
+                "id": key,
+                "attempt": number,
+                "estimated_usd": str(Decimal(str(cost)).quantize(Decimal("0.000001"))),
+            }
+            for row, key, number, cost in session.execute(
+                select(Job.row_number, Job.external_key, Attempt.number, Attempt.cost_usd)
+                .join(Job, Job.id == Attempt.job_id)
+                .where(Job.batch_id == batch_id, Attempt.error_code == ANSWER_LOST)
+                .order_by(Job.row_number, Attempt.number)
+                .limit(limit)
+            )
+        ]
+
+
 def write_report(db: Database, batch_id: int, storages: StorageCache) -> tuple[str, str]:
     """Write report-<batch>.csv and .json at the output root; returns their URIs."""
     with db.session() as session:
@@ -184,6 +206,7 @@ def write_report(db: Database, batch_id: int, storages: StorageCache) -> tuple[s
         )
     summary = status.to_json()
     summary["providers"] = provider_totals(rows)
+    summary["lost_answers"]["list"] = lost_answers(db, batch_id)
     storage = storages.get(output_uri)
     csv_uri = storage.write(f"report-{batch_id}.csv", text.getvalue().encode("utf-8"))
     body = json.dumps({"summary": summary, "jobs": rows}, indent=2, default=str)

@@ -48,7 +48,7 @@ from pipeline.run.ratelimit import Limiter
 from pipeline.run.retry import RetryPolicy, hold_code, persist
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
-from pipeline.states import AttemptOutcome, HoldCode, JobState
+from pipeline.states import AttemptOutcome, HoldCode, JobState, Route
 
 log = logging.getLogger("editbatch.executor")
 
@@ -111,6 +111,7 @@ class _Claimed:
     provider: str
     lanes: tuple[Lane, ...]  # empty: the provider lacks the model (`no_lane` says why)
     no_lane: str = ""
+    route: str = Route.SYNC
 
 
 class _Stop(EditbatchError):
@@ -142,6 +143,10 @@ def process_job(job_id: int, deps: Deps) -> JobResult:
 
 
 def _run_claimed(job: _Claimed, deps: Deps) -> JobResult:
+    if job.route != Route.SYNC:
+        # Its request goes as a line of a provider batch (pipeline.run.batchroute), not as a
+        # call from here: a message for it (a stale one, a resend) leaves it queued for that.
+        return _park(deps, job, JobState.QUEUED, "sent on the batch route")
     stop = _stop_state(deps, job.batch_id)
     if stop is not None:
         return _park(deps, job, stop)
@@ -202,6 +207,7 @@ def _load(deps: Deps, job_id: int, token: str) -> _Claimed:
             provider=provider,
             lanes=lanes,
             no_lane=no_lane,
+            route=row.route or batch.route or Route.SYNC,
         )
 
 
@@ -213,11 +219,31 @@ def _stop_state(deps: Deps, batch_id: int) -> JobState | None:
         return jobs.batch_stop_state(session, batch_id)
 
 
-def _park(deps: Deps, job: _Claimed, state: JobState) -> JobResult:
+def _park(
+    deps: Deps, job: _Claimed, state: JobState, why: str = "batch is not running"
+) -> JobResult:
     with deps.db.session() as session:
         jobs.set_state(session, job.job_id, job.token, state)
         session.commit()
-    return JobResult(job.job_id, state, "batch is not running")
+    return JobResult(job.job_id, state, why)
+
+
+def reuse_if_done(job_id: int, deps: Deps) -> JobResult | None:
+    """Succeed a queued job with copies of an identical job's outputs, at $0, if one already
+    succeeded (the batch route's reuse, before its lines are cut). None, with the job left
+    queued as it was, when there is none or the job is not claimable."""
+    with deps.db.session() as session:
+        token = jobs.claim(session, job_id, deps.settings.lease_seconds)
+    if token is None:
+        return None
+    job = _load(deps, job_id, token)
+    donor = _identical_jobs(deps, job_id, job.fingerprint)[0] if job.fingerprint else None
+    if donor is None or not job.reuse:
+        with deps.db.session() as session:
+            jobs.set_state(session, job_id, token, JobState.QUEUED)
+            session.commit()
+        return None
+    return _reuse(deps, job, donor)
 
 
 def _identical_jobs(deps: Deps, job_id: int, fingerprint: str) -> tuple[int | None, bool]:
@@ -433,8 +459,9 @@ def _record(
     spec = job.spec
     usage = outcome.usage
     estimated = False
-    if usage is None and outcome.http_status == 200:
-        # Billed, but the API said nothing about tokens: estimate from the published tables.
+    if usage is None and (outcome.http_status == 200 or outcome.maybe_billed):
+        # Billed, but the API said nothing about tokens (or we never got the answer: a timeout,
+        # a body cut off): estimate from the published tables.
         usage = fallback_usage(spec, len(outcome.images) or spec.n, job.pixels)
         estimated = True
     cost = deps.prices.cost(spec.model, usage, job.provider) if usage is not None else None
@@ -451,6 +478,9 @@ def _record(
         assert attempt is not None
         if attempt.outcome not in (AttemptOutcome.IN_FLIGHT, AttemptOutcome.INTERRUPTED):
             return  # an earlier try committed before its error reached us: count it once
+        # The reaper may have booked this call as lost at its estimate while it was still
+        # running: the real answer replaces the estimate in the job's cost.
+        booked = attempt.cost_usd if attempt.outcome == AttemptOutcome.INTERRUPTED else 0
         attempt.finished_at = utcnow()
         attempt.outcome = outcome.kind
         attempt.http_status = outcome.http_status
@@ -469,7 +499,7 @@ def _record(
         attempt.cost_usd = cost if cost is not None else Decimal(0)
         attempt.cost_estimated = estimated
         attempt.priced = (usage is None and outcome.svg_usage is None) or cost is not None
-        jobs.add_cost(session, job.job_id, attempt.cost_usd)
+        jobs.add_cost(session, job.job_id, attempt.cost_usd - (booked or Decimal(0)))
         if reservation.active:
             if cost is not None:
                 actual = cost

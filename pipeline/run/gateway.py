@@ -69,6 +69,9 @@ class CallOutcome:
     # table has that model; otherwise the attempt is flagged unpriced).
     svg_usage: Usage | None = None
     svg_author: str | None = None
+    # No answer came back, but the API may have made one and billed it (we timed out, or the
+    # body was cut off): booked at its estimated cost.
+    maybe_billed: bool = False
     # Where the call went (None: a call without a lane, to the gateway's own client).
     provider: str | None = None
     deployment: str | None = None
@@ -224,6 +227,11 @@ def decode_images(data: list[Any]) -> tuple[bytes, ...] | str:
     return tuple(images)
 
 
+def answer_cut_off(cause: BaseException | None) -> bool:
+    """The connection closed after the answer's headers, in its body: the answer was made."""
+    return isinstance(cause, httpx2.RemoteProtocolError) and "complete message body" in str(cause)
+
+
 def _files(spec: EditSpec) -> dict[str, Any]:
     def file_tuple(path: str) -> tuple[str, bytes, str]:
         p = Path(path)
@@ -295,6 +303,10 @@ class Gateway:
                 text = text.replace(secret, "sk-****")
         return text
 
+    def redact(self, text: str) -> str:
+        """Remove the API key from text (the batch route's API calls share the client)."""
+        return self._redact(text)
+
     def close(self) -> None:
         for client in set(self._clients.values()):
             client.close()
@@ -355,11 +367,25 @@ class Gateway:
                 latency_ms=elapsed(),
                 error_type="timeout",
                 error_code="timeout",
-                error_message="the request timed out",
+                error_message="the request timed out (the API may still make and bill the "
+                "answer: booked at its estimated cost)",
+                maybe_billed=True,
             )
         except openai.APIConnectionError as exc:
             cause = exc.__cause__
             detail = f": {type(cause).__name__}" if cause is not None else ""
+            if answer_cut_off(cause):
+                # The answer was being sent when the connection closed: the API made it and
+                # bills it.
+                return CallOutcome(
+                    kind=AttemptOutcome.TRANSIENT,
+                    latency_ms=elapsed(),
+                    error_type="connection",
+                    error_code="truncated_response",
+                    error_message="the answer was cut off mid-body (billed by the API: booked "
+                    "at its estimated cost)",
+                    maybe_billed=True,
+                )
             return CallOutcome(
                 kind=AttemptOutcome.TRANSIENT,
                 latency_ms=elapsed(),

@@ -32,10 +32,14 @@ class LocalPool:
 
     def run_batch(self, batch_id: int) -> None:
         """Run every queued job of the batch; returns when all are done or `stop` is set."""
+        self.run_ids([i for ids in queued_job_ids(self.deps.db, batch_id) for i in ids])
+
+    def run_ids(self, job_ids: list[int]) -> None:
+        """Run these jobs (the batch route's fallback to sync); returns when all are done or
+        `stop` is set."""
         work: queue.Queue[int] = queue.Queue()
-        for ids in queued_job_ids(self.deps.db, batch_id):
-            for job_id in ids:
-                work.put(job_id)
+        for job_id in job_ids:
+            work.put(job_id)
         self._pending = work.qsize()
         self._lock = threading.Lock()
         threads = [

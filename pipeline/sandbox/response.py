@@ -36,9 +36,11 @@ def usage_for(edit: EditRequest) -> dict[str, Any] | None:
 def cost_for(
     edit: EditRequest, usage: dict[str, Any] | None, factor: Decimal = Decimal(1)
 ) -> Decimal:
+    """What an answer is billed: a sync answer rounded to the micro-dollar, a batch line
+    (`factor` below 1) exactly."""
     if usage is None:
         return tokens.per_image_cost(edit.model, edit.size_text, edit.n, factor)
-    return tokens.cost_usd(edit.model, usage, factor)
+    return tokens.cost_usd(edit.model, usage, factor, exact=factor != 1)
 
 
 def corrupt_b64(value: str) -> str:

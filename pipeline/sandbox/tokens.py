@@ -149,9 +149,12 @@ def per_image_cost(model: str, size: str, n: int, factor: Decimal = Decimal(1)) 
     return _rounded(PER_IMAGE_PRICES[model][size] * n * factor)
 
 
-def cost_usd(model: str, usage_: dict[str, Any], factor: Decimal = Decimal(1)) -> Decimal:
+def cost_usd(
+    model: str, usage_: dict[str, Any], factor: Decimal = Decimal(1), *, exact: bool = False
+) -> Decimal:
     """Exact sum of tokens x price / 1e6, times `factor` (0.5 for the Batch API), rounded once,
-    half up, to 0.000001 USD."""
+    half up, to 0.000001 USD; `exact` (batch lines): not rounded at all (at most 9 decimal
+    places), since the provider bills a batch's usage as a whole, not line by line."""
     price = PRICES[model]
     inp = usage_["input_tokens_details"]
     out = usage_["output_tokens_details"]
@@ -161,4 +164,5 @@ def cost_usd(model: str, usage_: dict[str, Any], factor: Decimal = Decimal(1)) -
         + out["image_tokens"] * price.image_out
         + out["text_tokens"] * price.text_in
     )
-    return _rounded(total * factor / MILLION)
+    cost = total * factor / MILLION
+    return cost if exact else _rounded(cost)

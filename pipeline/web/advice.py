@@ -90,4 +90,14 @@ def hold_advice(code: str | None, reason: str | None, state: str) -> str | None:
             "not know, or a provider the workers lack): fix it as the reason says "
             "(docs/providers.md), restart the workers, then Resume."
         )
+    if code == HoldCode.PROVIDER_REFUSED:
+        return (
+            "The Batch API refused a whole provider batch (the reason gives its error): fix "
+            "that, or send the rest on the synchronous route, then Resume."
+        )
+    if code == HoldCode.INPUT_UNREADABLE:
+        return (
+            "An input file went missing after preflight: put it back where the manifest says "
+            "(or cancel and resubmit without it), then Resume."
+        )
     return "Fix the cause named in the reason, then Resume."

@@ -4,9 +4,19 @@ Real redis-server, real `celery -A worker.app worker` processes, PostgreSQL, the
 to the sandbox injecting 20% server errors, 5% timeouts, 5% connection resets, 429 bursts,
 truncated bodies and invalid base64. Mid-run one worker is SIGKILLed (and replaced), and later
 Redis loses every message (FLUSHALL), followed by `editbatch resume`. At the end it prints one
-line and holds it to: nothing lost, nothing twice, the ledger equal to the bill.
+line and holds it to: nothing lost, nothing twice, and the ledger against the bill with the
+answers lost in flight named:
 
-    jobs N, succeeded S, failed F, lost 0, duplicate outputs 0, ledger mismatch $0.000000
+    jobs N, succeeded S, failed F, lost 0, duplicate outputs 0, ledger $L vs bill $B: mismatch
+    $M (x%); answers lost in flight: K booked at $E estimated, U billed with no trace ($T);
+    answers received vs their bills $0.000000
+
+The API bills an answer once it is made (the sandbox's `bill_undelivered`): the calls the
+killed worker had in flight, and bodies cut off mid-way, are billed with no request id we ever
+saw. They are booked at their estimated cost, so the ledger is within the estimate's error of
+the bill (here the estimate of these fixed-size rows is exact: what remains is calls killed
+before the API received them, booked but never billed), and every answer received is booked at
+exactly its bill.
 """
 
 from __future__ import annotations
@@ -52,11 +62,9 @@ def _chaos_config() -> SandboxConfig:
         bad_b64_rate=0.02,
         burst_429_rate=0.02,
         seed=20261121,
-        # The sandbox now bills an answer once it is made, as the API does, even when the
-        # client is gone or the body is cut off; the ledger books such lost answers only once
-        # the Batch API route's "a call lost in flight is still paid for" lands (issue 12).
-        # Until then this suite compares the ledger with the bill of delivered answers.
-        bill_undelivered=False,
+        # The sandbox bills an answer once it is made, as the API does, even when the client
+        # is gone or the body is cut off (bill_undelivered, its default): the ledger books
+        # those lost answers at their estimate, and the line names them.
     )
 
 
@@ -97,9 +105,10 @@ def test_chaos_1000_jobs_lose_nothing_duplicate_nothing_and_match_the_bill(
                 )
 
         # 1. SIGKILL a worker with calls in flight; a new worker takes its place. The sandbox
-        # is stalled for a moment first, so that every call the victim has in flight is waiting
-        # in the API (which bills nothing for a client that goes away while it waits); a call
-        # killed while its answer is already being sent would be billed with no trace.
+        # is stalled for a moment first, so that the calls the victim has in flight are waiting
+        # in the API: it makes and bills them all the same, and nobody receives them (answers
+        # lost in flight, booked at their estimate once the reaper finds the dead worker's
+        # attempts).
         wait_for(lambda: done() >= KILL_AT, 120, f"{KILL_AT} jobs done", interval=0.5)
         calm = (st.sandbox.config.latency_ms, st.sandbox.config.latency_sigma)
         st.sandbox.config.update({"latency_ms": 5000, "latency_sigma": 0.0})
@@ -132,8 +141,12 @@ def test_chaos_1000_jobs_lose_nothing_duplicate_nothing_and_match_the_bill(
     assert result.jobs == JOBS
     assert not result.lost, f"lost jobs {result.lost[:20]}"
     assert not result.duplicates, f"duplicate outputs {result.duplicates[:20]}"
-    assert result.mismatch == 0, result.summary()
-    assert not result.unrecorded_bills, result.unrecorded_bills
+    assert result.known_mismatch == 0, result.summary()
+    # Every answer billed with no trace is one we booked at its estimate, and the ledger is
+    # over the bill by at most what lost calls were booked at (those the API never received).
+    assert len(result.unrecorded_bills) <= result.estimated_calls, result.summary()
+    assert result.ledger_usd >= result.billed_usd, result.summary()
+    assert result.ledger_usd - result.billed_usd <= result.estimated_usd, result.summary()
     assert result.in_flight == 0
     assert not result.failed_without_message, result.failed_without_message
     assert result.succeeded + result.failed == JOBS
@@ -144,3 +157,4 @@ def test_chaos_1000_jobs_lose_nothing_duplicate_nothing_and_match_the_bill(
         assert stats["faults"].get(fault, 0) > 0, (fault, stats["faults"])
     assert any(a.outcome == "interrupted" for a in result.attempts)
     assert stats["by_status"].get("disconnected", 0) > 0
+    assert stats["billed_undelivered"] > 0 and result.unrecorded_bills

@@ -7,7 +7,7 @@ from decimal import Decimal
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, aliased
 
-from pipeline.batch.status import BatchStatus
+from pipeline.batch.status import BatchStatus, provider_batches
 from pipeline.db.models import Attempt, Batch, Job, Output
 from pipeline.errors import NotFoundError
 from pipeline.states import JobState
@@ -131,6 +131,11 @@ def reference_status(session: Session, batch_id: int, failures_limit: int = 20) 
             .limit(failures_limit)
         )
     ]
+    lost, lost_usd = session.execute(
+        select(func.count(Attempt.id), func.coalesce(func.sum(Attempt.cost_usd), 0))
+        .join(Job, Job.id == Attempt.job_id)
+        .where(Job.batch_id == batch_id, Attempt.outcome == "interrupted")
+    ).one()
     return BatchStatus(
         batch_id=batch.id,
         name=batch.name,
@@ -162,4 +167,8 @@ def reference_status(session: Session, batch_id: int, failures_limit: int = 20) 
         reused=int(reused or 0),
         saved_usd=Decimal(str(saved)),
         failures=failures,
+        route=batch.route,
+        provider_batches=provider_batches(session, batch_id),
+        lost_answers=lost,
+        lost_answers_usd=Decimal(str(lost_usd)).quantize(Decimal("0.000001")),
     )

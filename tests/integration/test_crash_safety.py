@@ -229,7 +229,13 @@ def stack(
 
 @dataclass
 class Audit:
-    """What a finished batch left behind, measured from the database, the folder and the bill."""
+    """What a finished batch left behind, measured from the database, the folder and the bill.
+
+    An answer the API made but nobody received (a worker killed mid-call, a body cut off) is
+    billed with no request id we know: it is booked at its estimated cost (`answer_lost`, or
+    an estimated 200), so the ledger stays within the estimate's error of the bill. Every
+    answer we did receive is booked at exactly what it was billed.
+    """
 
     jobs: int
     succeeded: int
@@ -243,25 +249,44 @@ class Audit:
     in_flight: int  # attempts still `in_flight` (the ledger would be incomplete)
     failed_without_message: list[int]
     attempts: list[Attempt]
+    unrecorded_usd: Decimal = Decimal(0)  # what the unrecorded bills cost
+    estimated_usd: Decimal = Decimal(0)  # attempts booked at an estimate (answers not received)
+    estimated_calls: int = 0
+    temporaries: list[str] = field(default_factory=list)  # left by a kill mid-write
 
     @property
     def mismatch(self) -> Decimal:
         return abs(self.ledger_usd - self.billed_usd)
 
+    @property
+    def known_mismatch(self) -> Decimal:
+        """Answers received against their bills: must be exactly 0."""
+        known = self.ledger_usd - self.estimated_usd
+        return abs(known - (self.billed_usd - self.unrecorded_usd))
+
     def summary(self) -> str:
+        share = self.mismatch / self.billed_usd if self.billed_usd else Decimal(0)
         return (
             f"jobs {self.jobs}, succeeded {self.succeeded}, failed {self.failed}, "
             f"lost {len(self.lost)}, duplicate outputs {len(self.duplicates)}, "
-            f"ledger mismatch ${self.mismatch:.6f}"
+            f"temporary files left by a kill {len(self.temporaries)}, "
+            f"ledger ${self.ledger_usd:.6f} vs bill ${self.billed_usd:.6f}: "
+            f"mismatch ${self.mismatch:.6f} ({share:.4%}); answers lost in flight: "
+            f"{self.estimated_calls} booked at ${self.estimated_usd:.6f} estimated, "
+            f"{len(self.unrecorded_bills)} billed with no trace (${self.unrecorded_usd:.6f}); "
+            f"answers received vs their bills ${self.known_mismatch:.6f}"
         )
 
     def assert_clean(self) -> None:
-        """Nothing lost, nothing twice, the ledger equals the bill to the micro-dollar."""
+        """Nothing lost, nothing twice; every answer received is booked at exactly its bill,
+        and every answer billed with no trace is one booked at an estimate."""
         assert not self.lost, f"lost jobs {self.lost}"
         assert not self.duplicates, f"duplicate outputs {self.duplicates}"
         assert self.in_flight == 0, f"{self.in_flight} attempts left in_flight"
-        assert self.ledger_usd == self.billed_usd, (self.ledger_usd, self.billed_usd)
-        assert not self.unrecorded_bills, f"billed but not in the ledger: {self.unrecorded_bills}"
+        assert self.known_mismatch == 0, self.summary()
+        assert len(self.unrecorded_bills) <= self.estimated_calls, self.summary()
+        if not self.estimated_calls:
+            assert self.ledger_usd == self.billed_usd, (self.ledger_usd, self.billed_usd)
         assert not self.failed_without_message, self.failed_without_message
 
 
@@ -301,13 +326,18 @@ def audit(db: Database, batch_id: int, out_dir: Path, billing_log: Path) -> Audi
             if good != set(range(1, expected + 1)):
                 lost.append(job.id)
     recorded = {str(Path(o.uri).resolve()) for o in outputs if o.uri}
+    litter: list[str] = []
     if out_dir.is_dir():
         for path in sorted(out_dir.rglob("*")):
             report = path.name.startswith("report-")
             if path.is_file() and not report and str(path.resolve()) not in recorded:
-                duplicates.append(str(path))
+                # A process killed inside an atomic write leaves its temporary file: not an
+                # output (the final name is written once, by whoever collects it next).
+                (litter if path.name.startswith(".tmp-") else duplicates).append(str(path))
     billed, per_request = billed_total(billing_log)
     paid_ids = {a.request_id for a in attempts if a.cost_usd and a.request_id}
+    unrecorded = set(per_request) - paid_ids
+    guessed = [a for a in attempts if a.cost_estimated]
     return Audit(
         jobs=len(jobs),
         succeeded=sum(1 for j in jobs if j.state == "succeeded"),
@@ -317,12 +347,16 @@ def audit(db: Database, batch_id: int, out_dir: Path, billing_log: Path) -> Audi
         ledger_usd=sum((a.cost_usd for a in attempts), start=Decimal(0)),
         billed_usd=billed,
         billed_calls=len(per_request),
-        unrecorded_bills=set(per_request) - paid_ids,
+        unrecorded_bills=unrecorded,
         in_flight=sum(1 for a in attempts if a.outcome == "in_flight"),
         failed_without_message=[
             j.id for j in jobs if j.state == "failed" and not (j.last_error_message or "").strip()
         ],
         attempts=attempts,
+        temporaries=litter,
+        unrecorded_usd=sum((per_request[r] for r in unrecorded), start=Decimal(0)),
+        estimated_usd=sum((a.cost_usd for a in guessed), start=Decimal(0)),
+        estimated_calls=len(guessed),
     )
 
 
@@ -348,8 +382,9 @@ def test_worker_sigkilled_mid_call_is_retried_once_and_billed_once(
     tmp_path: Path, redis_url: str, database_url: str
 ) -> None:
     """SIGKILL a worker while its call hangs in the API; a second worker plus the reaper finish
-    the job: one set of outputs, the first attempt `interrupted` ($0, the sandbox does not bill a
-    call whose client went away before the answer was ready), the second `ok`."""
+    the job: one set of outputs, the first attempt `interrupted` and booked at the job's
+    estimate as a lost answer (here the API made none: its hang ends in a 500, so the ledger is
+    over the bill by exactly that estimate), the second `ok`."""
     config = SandboxConfig(latency_ms=20, hang_seconds=60)
     rows = small_rows(tmp_path / "in", 4)
     # The first request with this prompt hangs (the sandbox's timeout fault); a retry does not.
@@ -412,12 +447,15 @@ def test_worker_sigkilled_mid_call_is_retried_once_and_billed_once(
         assert result.billed_calls == 4
         slow = [a for a in result.attempts if a.job_id == slow_id]
         assert [a.outcome for a in slow] == ["interrupted", "ok"]
-        assert slow[0].cost_usd == 0 and slow[0].finished_at is not None
-        assert "worker stopped" in (slow[0].error_message or "")
-        assert slow[1].cost_usd > 0 and slow[1].request_id
         with st.db.session() as s:
             job = s.get(Job, slow_id)
-            assert job is not None and job.attempts == 2 and job.cost_usd == slow[1].cost_usd
+            assert job is not None and job.attempts == 2
+            assert slow[0].cost_usd == job.estimated_usd and slow[0].cost_estimated
+            assert slow[0].error_code == "answer_lost" and slow[0].finished_at is not None
+            assert "worker stopped" in (slow[0].error_message or "")
+            assert slow[1].cost_usd > 0 and slow[1].request_id
+            assert job.cost_usd == slow[0].cost_usd + slow[1].cost_usd
+        assert result.ledger_usd - result.billed_usd == slow[0].cost_usd
         files = sorted(p.name for p in st.out.iterdir() if not p.name.startswith("report-"))
         assert files == [f"SKU{i:04d}_1.png" for i in range(4)]
 

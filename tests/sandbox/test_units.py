@@ -171,15 +171,18 @@ def test_config_update_checks_types() -> None:
             config.update(bad)
 
 
-def test_batch_cost_halves_the_exact_amount_then_rounds_once() -> None:
+def test_batch_cost_halves_the_exact_amount_and_is_not_rounded() -> None:
     usage = {
         "input_tokens_details": {"text_tokens": 1, "image_tokens": 1},
         "output_tokens_details": {"text_tokens": 0, "image_tokens": 0},
     }
-    # mini: 1 x 2.00 + 1 x 2.50 = 4.5 per 1M; sync rounds to 5e-6, the batch line to
-    # round(2.25e-6) = 2e-6 (halving the rounded sync cost would give 3e-6).
+    # mini: 1 x 2.00 + 1 x 2.50 = 4.5 per 1M; sync rounds to 5e-6; a batch line is billed
+    # exactly 2.25e-6 (halving the rounded sync cost would give 2.5e-6, rounding it 2e-6).
     assert tokens.cost_usd("gpt-image-1-mini", usage) == Decimal("0.000005")
-    assert tokens.cost_usd("gpt-image-1-mini", usage, Decimal("0.5")) == Decimal("0.000002")
+    line = tokens.cost_usd("gpt-image-1-mini", usage, Decimal("0.5"), exact=True)
+    assert line == Decimal("0.00000225")
+    # 10,000 such lines bill 0.0225, where rounding each would have billed 0.02.
+    assert line * 10_000 == Decimal("0.0225")
 
 
 @pytest.mark.parametrize(

@@ -106,3 +106,30 @@ def test_jobs_are_created_only_in_their_initial_states(tmp_path: Path, db: Datab
         s.commit()
         created = {j.id: (j.row_number, j.state) for j in s.scalars(select(Job))}
     assert [created[i] for i in ids] == [(5, "rejected"), (4, "queued")]
+
+
+def test_provider_batch_diagram_is_the_table_and_final_states_do_not_move() -> None:
+    doc = states.__doc__ or ""
+    for line in states.provider_batch_diagram().splitlines():
+        assert f"    {line}\n" in doc, f"states.py docstring lacks: {line}"
+    assert set(states.PROVIDER_BATCH_MOVES) == set(states.ProviderBatchState)
+    for final in (states.ProviderBatchState.COLLECTED, states.ProviderBatchState.ABANDONED):
+        assert not states.PROVIDER_BATCH_MOVES[final]
+    with pytest.raises(InvalidTransition, match="provider batch"):
+        states.check_provider_batch_move([states.ProviderBatchState.OPEN], "abandoned")  # type: ignore[list-item, arg-type]
+
+
+def test_a_submitted_job_is_pending_and_leaves_only_by_its_line() -> None:
+    """A job in a provider batch is not finished, is work to do, and moves when its line is
+    booked: succeeded, failed, held, queued again, or cancelled."""
+    assert JobState.SUBMITTED in states.JOB_PENDING and JobState.SUBMITTED in states.JOB_TO_RUN
+    assert JobState.SUBMITTED not in states.JOB_CLAIMED
+    assert states.JOB_MOVES[JobState.SUBMITTED] == {
+        JobState.QUEUED,
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.HELD,
+        JobState.CANCELLED,
+    }
+    with pytest.raises(InvalidTransition):
+        states.check_job_move([JobState.SUBMITTED], JobState.RUNNING)

@@ -219,7 +219,7 @@ def test_unreadable_image_data_is_retried_and_cost_recorded(
             "quality": "low",
             "state": "succeeded",
             "jobs": 1,
-            "cost_usd": str(job.cost_usd),
+            "cost_usd": str(job.cost_usd.quantize(Decimal("0.000001"))),
         }
     ]
 

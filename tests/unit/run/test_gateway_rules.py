@@ -171,3 +171,20 @@ def test_parse_reset() -> None:
     assert parse_reset("1m30s") == 90.0
     assert parse_reset("120ms") == pytest.approx(0.12)
     assert parse_reset("garbage") is None
+
+
+def test_a_body_cut_off_is_an_answer_made_a_reset_is_not() -> None:
+    """httpx2's words for a connection closed inside the body (the answer was made: billed)
+    against one reset before any answer (nothing made)."""
+    import httpx2
+
+    from pipeline.run.gateway import answer_cut_off
+
+    cut = httpx2.RemoteProtocolError(
+        "peer closed connection without sending complete message body (received 2440 bytes, "
+        "expected 4880)"
+    )
+    assert answer_cut_off(cut)
+    assert not answer_cut_off(httpx2.ReadError("[Errno 104] Connection reset by peer"))
+    assert not answer_cut_off(httpx2.RemoteProtocolError("Server disconnected"))
+    assert not answer_cut_off(None)
