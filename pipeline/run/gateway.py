@@ -27,6 +27,7 @@ import openai
 
 from pipeline.cost.pricing import Usage
 from pipeline.errors import ConfigError
+from pipeline.observe.logs import add_secret
 from pipeline.output.formats import unreadable
 from pipeline.providers import Auth, Connection, Kind, Lane
 from pipeline.run.retry import classify, content_blocked, parse_retry_after
@@ -294,6 +295,7 @@ class Gateway:
                 self._clients[connection] = client
                 if connection.api_key:
                     self._secrets.add(connection.api_key)
+                    add_secret(connection.api_key)  # an Azure key is not `sk-` shaped
             return client
 
     def _redact(self, text: str) -> str:
