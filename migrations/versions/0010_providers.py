@@ -1,7 +1,7 @@
 """Which provider and deployment: `jobs.provider`, `attempts.provider`, `attempts.deployment`
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-11-30
 
 A job names the provider it was sent to (pipeline/providers.py: openai, an Azure OpenAI
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0010"
-down_revision: str | None = "0008"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -80,7 +80,7 @@ class BatchStatus:
             "hold_reason": self.hold_reason,
             "counts": self.counts,
             "jobs_total": self.jobs_total,
-            "cost_usd": str(self.cost_usd),
+            "cost_usd": usd_text(self.cost_usd),
             "budget_usd": None if self.budget_usd is None else str(self.budget_usd),
             "attempts": self.attempts,
             "attempts_by_outcome": self.attempts_by_outcome,
@@ -88,16 +88,16 @@ class BatchStatus:
             "outputs_uncollected": self.outputs_uncollected,
             "unpriced_attempts": self.unpriced_attempts,
             "unpriced_jobs": self.unpriced_jobs,
-            "estimated_usd": str(self.estimated_usd),
-            "estimated_remaining_usd": str(self.estimated_remaining_usd),
+            "estimated_usd": usd_text(self.estimated_usd),
+            "estimated_remaining_usd": usd_text(self.estimated_remaining_usd),
             "in_flight_reserved_usd": str(max(self.reserved_usd - self.cost_usd, Decimal(0))),
             "cost_per_output_usd": None
             if self.cost_per_output_usd is None
             else str(self.cost_per_output_usd),
-            "retry_waste_usd": str(self.retry_waste_usd),
+            "retry_waste_usd": usd_text(self.retry_waste_usd),
             "cost_breakdown": self.breakdown,
             "reused": self.reused,
-            "saved_usd": str(self.saved_usd),
+            "saved_usd": usd_text(self.saved_usd),
             "output_uri": self.output_uri,
             "mask_drift": {
                 "outputs": self.drift_outputs,
@@ -110,7 +110,7 @@ class BatchStatus:
             "provider_batches": self.provider_batches,
             "lost_answers": {
                 "attempts": self.lost_answers,
-                "estimated_usd": str(self.lost_answers_usd),
+                "estimated_usd": usd_text(self.lost_answers_usd),
             },
         }
 
@@ -118,9 +118,28 @@ class BatchStatus:
 MICRO = Decimal("0.000001")
 
 
-def _usd(micros: object) -> Decimal:
-    """Integer micro-dollars from the counters as USD with six decimals."""
-    return Decimal(int(str(micros or 0))).scaleb(-6)
+NANO = Decimal("0.000000001")
+
+
+def usd_of_nanos(nanos: object) -> Decimal:
+    """Integer nano-dollars from the counters (migration 0009) as exact USD: six decimals when
+    that is exact (every sync-route cost), up to nine for batch-route lines at half price."""
+    return usd_exact(Decimal(int(str(nanos or 0))).scaleb(-9))
+
+
+def usd_exact(value: Decimal) -> Decimal:
+    """`value` with at least six decimals and no trailing zeros past them (exact, never rounded
+    beyond the nano-dollar)."""
+    micro = value.quantize(MICRO)
+    return micro if micro == value else value.quantize(NANO).normalize()
+
+
+def usd_text(value: Decimal) -> str:
+    """A dollar amount as text, exact, without an exponent (`0.0000005`, never `5E-7`)."""
+    return format(value, "f")
+
+
+_usd = usd_of_nanos
 
 
 def review_counts(session: Session, batch_id: int, outputs: int) -> dict[str, int]:
@@ -176,8 +195,8 @@ def batch_status(
     groups: dict[tuple[str | None, str | None, str], list[int]] = {}
     for model, quality, state, n, c, est, unest, k in session.execute(
         text(
-            "SELECT model, quality, state, jobs, cost_micros, estimated_micros, unestimated, "
-            "kept_micros FROM batch_job_counts WHERE batch_id = :b"
+            "SELECT model, quality, state, jobs, cost_nanos, estimated_nanos, unestimated, "
+            "kept_nanos FROM batch_job_counts WHERE batch_id = :b"
         ),
         b,
     ):
@@ -199,7 +218,7 @@ def batch_status(
     unpriced = estimated = attempt_cost = lost = lost_cost = 0
     for outcome, n, n_unpriced, n_estimated, c in session.execute(
         text(
-            "SELECT outcome, attempts, unpriced, estimated, cost_micros "
+            "SELECT outcome, attempts, unpriced, estimated, cost_nanos "
             "FROM batch_attempt_counts WHERE batch_id = :b"
         ),
         b,
@@ -234,7 +253,7 @@ def batch_status(
             "quality": quality,
             "state": state,
             "jobs": n,
-            "cost_usd": str(_usd(c)),
+            "cost_usd": usd_text(_usd(c)),
         }
         for (model, quality, state), (n, c) in sorted(groups.items(), key=order)
     ]
@@ -318,7 +337,7 @@ def provider_batches(session: Session, batch_id: int) -> list[dict[str, Any]]:
             "completed": pb.completed,
             "failed": pb.failed,
             "booked": pb.booked,
-            "cost_usd": str(Decimal(str(pb.cost_usd or 0)).quantize(MICRO)),
+            "cost_usd": usd_text(usd_exact(Decimal(str(pb.cost_usd or 0)))),
             "expires_at": pb.expires_at.isoformat(timespec="seconds") if pb.expires_at else None,
             "refreshed_at": pb.refreshed_at.isoformat(timespec="seconds")
             if pb.refreshed_at
@@ -334,7 +353,7 @@ def list_batches(session: Session, limit: int = 50) -> list[dict[str, Any]]:
     rows = session.execute(
         text(
             "SELECT b.id, b.name, b.state, b.created_at, coalesce(sum(c.jobs), 0), "
-            "coalesce(sum(c.cost_micros), 0) "
+            "coalesce(sum(c.cost_nanos), 0) "
             "FROM (SELECT id, name, state, created_at FROM batches ORDER BY id DESC LIMIT :n) b "
             "LEFT JOIN batch_job_counts c ON c.batch_id = b.id "
             "GROUP BY b.id, b.name, b.state, b.created_at ORDER BY b.id DESC"
@@ -348,7 +367,7 @@ def list_batches(session: Session, limit: int = 50) -> list[dict[str, Any]]:
             "state": state,
             "created_at": created.isoformat(timespec="seconds"),
             "jobs_total": int(total),
-            "cost_usd": str(_usd(cost)),
+            "cost_usd": usd_text(_usd(cost)),
         }
         for bid, name, state, created, total, cost in rows
     ]

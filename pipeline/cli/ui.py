@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.batch.status import BatchStatus
+from pipeline.batch.status import BatchStatus, usd_text
 from pipeline.errors import EditbatchError, RowError
 from pipeline.settings import Settings
 from pipeline.states import BATCH_STOPPED, JOB_TO_RUN, HoldCode
@@ -52,7 +52,7 @@ def status_table(status: BatchStatus) -> Table:
     table.add_section()
     table.add_row("total", str(status.jobs_total))
     table.add_row("attempts", str(status.attempts))
-    cost = f"${status.cost_usd:.6f}"
+    cost = f"${usd_text(status.cost_usd)}"
     if status.unpriced_attempts:
         cost += f" + {status.unpriced_attempts} unpriced attempts (cost unknown)"
     table.add_row("cost", cost)

@@ -289,7 +289,7 @@ class DailySpend(Base):
     )
 
 
-# -- counters kept by triggers (migration 0005); money in integer micro-dollars -------------
+# -- counters kept by triggers (migrations 0005, 0009); money in integer nano-dollars --------
 
 
 class BatchJobCount(Base):
@@ -302,10 +302,10 @@ class BatchJobCount(Base):
     quality: Mapped[str] = mapped_column(String(20), primary_key=True)  # '' for none
     state: Mapped[str] = mapped_column(String(16), primary_key=True)
     jobs: Mapped[int] = mapped_column(BigInteger)
-    cost_micros: Mapped[int] = mapped_column(BigInteger)
-    estimated_micros: Mapped[int] = mapped_column(BigInteger)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger)
+    estimated_nanos: Mapped[int] = mapped_column(BigInteger)
     unestimated: Mapped[int] = mapped_column(BigInteger)
-    kept_micros: Mapped[int] = mapped_column(BigInteger)
+    kept_nanos: Mapped[int] = mapped_column(BigInteger)
 
 
 class BatchAttemptCount(Base):
@@ -318,7 +318,7 @@ class BatchAttemptCount(Base):
     attempts: Mapped[int] = mapped_column(BigInteger)
     unpriced: Mapped[int] = mapped_column(BigInteger)
     estimated: Mapped[int] = mapped_column(BigInteger)
-    cost_micros: Mapped[int] = mapped_column(BigInteger)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger)
 
 
 class BatchOutputCount(Base):

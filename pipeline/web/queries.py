@@ -20,7 +20,7 @@ from sqlalchemy import Select, and_, bindparam, exists, func, select, text, tupl
 from sqlalchemy.orm import Session, aliased
 
 from pipeline.batch.controls import rerunnable
-from pipeline.batch.status import BatchStatus, batch_status, review_counts
+from pipeline.batch.status import BatchStatus, batch_status, review_counts, usd_of_nanos
 from pipeline.db.models import (
     FAILURES_WHERE,
     Attempt,
@@ -107,7 +107,7 @@ def batches_page(session: Session, before: int | None = None) -> tuple[list[Batc
         for bid, jobs, finished, cost, left in session.execute(
             text(
                 "SELECT batch_id, sum(jobs), "
-                f"sum(CASE WHEN state IN ({done}) THEN jobs ELSE 0 END), sum(cost_micros), "
+                f"sum(CASE WHEN state IN ({done}) THEN jobs ELSE 0 END), sum(cost_nanos), "
                 f"sum(CASE WHEN state IN ({active}) THEN jobs ELSE 0 END) "
                 "FROM batch_job_counts WHERE batch_id IN :ids GROUP BY batch_id"
             ).bindparams(bindparam("ids", expanding=True)),
@@ -127,7 +127,7 @@ def batches_page(session: Session, before: int | None = None) -> tuple[list[Batc
                 finished_at=b.finished_at,
                 jobs=jobs,
                 done=finished,
-                cost_usd=Decimal(cost).scaleb(-6),
+                cost_usd=usd_of_nanos(cost),
                 budget_usd=b.budget_usd,
                 eta_s=eta_seconds(session, b, left),
             )
