@@ -287,8 +287,11 @@ def requeue_expired(
     claimed = Job.state.in_(list(JOB_CLAIMED))
     ids = list(session.scalars(select(Job.id).where(claimed, *cond)))
     if ids:
-        move_jobs(session, JobState.QUEUED, Job.id.in_(ids), *cond, sources=JOB_CLAIMED)
+        # Attempts first, then jobs: the order in which the executor writes them, so that
+        # PostgreSQL's counter triggers lock the counter rows in one order (no deadlock with a
+        # worker recording an attempt at the same moment; migration 0005).
         mark_interrupted(session, ids)
+        move_jobs(session, JobState.QUEUED, Job.id.in_(ids), *cond, sources=JOB_CLAIMED)
     session.commit()
     return ids
 

@@ -136,8 +136,8 @@ def process_job(job_id: int, deps: Deps) -> JobResult:
         return _run_claimed(_load(deps, job_id, token), deps)
     except DBAPIError:
         with contextlib.suppress(DBAPIError), deps.db.session() as session:
+            jobs.mark_interrupted(session, [job_id])  # attempts before jobs: one lock order
             jobs.set_state(session, job_id, token, JobState.QUEUED)
-            jobs.mark_interrupted(session, [job_id])
             session.commit()
         raise
 
