@@ -18,7 +18,7 @@ COPY worker/ worker/
 COPY migrations/ migrations/
 # postgres: the psycopg driver; s3: s3fs for s3:// outputs (MinIO); monitor: flower.
 # constraints.txt pins every version (scripts/lock; docs/dependencies.md), as CI installs them.
-RUN /opt/editbatch/bin/pip install -c constraints.txt ".[postgres,s3,monitor]"
+RUN /opt/editbatch/bin/pip install -c constraints.txt ".[postgres,s3,monitor,azure]"
 
 
 FROM python:3.11-slim-bookworm

@@ -2,4 +2,4 @@
 
 # The newest revision: lets a process see that the schema is current without importing alembic.
 # tests/unit/test_migrations_head.py checks it against the revision files.
-HEAD = "0010"
+HEAD = "0011"

@@ -16,6 +16,7 @@ import string
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -45,6 +46,7 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 _BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 MODEL_LIMIT_FIELDS = ("images_per_minute", "max_in_flight", "burst")
+_API_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class Settings(BaseSettings):
@@ -194,6 +196,43 @@ class Settings(BaseSettings):
     openai_base_url: str | None = Field(
         None, validation_alias="OPENAI_BASE_URL", description="API base URL (OPENAI_BASE_URL)."
     )
+    # Providers (pipeline/providers.py reads these; docs/providers.md).
+    provider: str = Field(
+        "openai", description="Provider of batches and rows that name none (openai, azure, ...)."
+    )
+    providers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Providers by name, [providers.NAME] tables in the TOML file "
+        "(docs/providers.md).",
+    )
+    azure_deployments: str | None = Field(
+        None,
+        description='Azure deployments per model: "gpt-image-2=my-deployment,..." (a model '
+        "named twice gets two deployments); makes the provider `azure` from AZURE_OPENAI_*.",
+    )
+    azure_requests_per_minute: int | None = Field(
+        None, ge=1, description="Requests per minute of each deployment of provider `azure`."
+    )
+    azure_auth: str = Field(
+        "api_key",
+        description="How provider `azure` signs in: api_key (AZURE_OPENAI_API_KEY) or entra_id "
+        "(azure-identity's DefaultAzureCredential; pip install 'editbatch[azure]').",
+    )
+    azure_openai_endpoint: str | None = Field(
+        None,
+        validation_alias="AZURE_OPENAI_ENDPOINT",
+        description="Azure OpenAI resource, https://NAME.openai.azure.com (AZURE_OPENAI_ENDPOINT).",
+    )
+    azure_openai_api_key: SecretStr | None = Field(
+        None,
+        validation_alias="AZURE_OPENAI_API_KEY",
+        description="Azure OpenAI key (AZURE_OPENAI_API_KEY; never stored or logged).",
+    )
+    openai_api_version: str | None = Field(
+        None,
+        validation_alias="OPENAI_API_VERSION",
+        description="Azure OpenAI api-version, e.g. 2025-04-01-preview (OPENAI_API_VERSION).",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -257,16 +296,49 @@ class Settings(BaseSettings):
     @classmethod
     def _model_limits(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
         for model, limits in value.items():
-            unknown = sorted(set(limits) - set(MODEL_LIMIT_FIELDS))
-            if unknown:
-                raise ValueError(
-                    f"model {model!r} has unknown field(s) {', '.join(unknown)}: "
-                    f"allowed are {', '.join(MODEL_LIMIT_FIELDS)}"
-                )
-            low = sorted(name for name, number in limits.items() if number < 1)
-            if low:
-                raise ValueError(f"model {model!r}: {', '.join(low)} must be at least 1")
+            problem = limit_problem(limits)
+            if problem:
+                raise ValueError(f"model {model!r} {problem}")
         return value
+
+    @field_validator("provider")
+    @classmethod
+    def _provider_name(cls, value: str) -> str:
+        _provider_rule(lambda providers: providers.check_name(value, "provider"))
+        return value
+
+    @field_validator("azure_deployments")
+    @classmethod
+    def _deployment_pairs(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _provider_rule(lambda providers: providers.parse_deployment_pairs(value, "pairs"))
+        return value
+
+    @field_validator("azure_auth")
+    @classmethod
+    def _azure_auth(cls, value: str) -> str:
+        auth = value.strip().lower()
+        if auth not in ("api_key", "entra_id"):
+            raise ValueError(
+                "not a way to sign in: use api_key (AZURE_OPENAI_API_KEY) or entra_id "
+                "(DefaultAzureCredential; pip install 'editbatch[azure]')"
+            )
+        return auth
+
+    @field_validator("azure_openai_endpoint")
+    @classmethod
+    def _azure_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return _url(value, ("http", "https"), "an https:// URL, e.g. https://NAME.openai.azure.com")
+
+    @field_validator("openai_api_version")
+    @classmethod
+    def _api_version(cls, value: str | None) -> str | None:
+        if value is not None and not _API_VERSION.match(value.strip()):
+            raise ValueError("not an api-version: e.g. 2025-04-01-preview, or v1")
+        return None if value is None else value.strip()
 
     @field_validator("nightly_manifest", "nightly_output")
     @classmethod
@@ -295,7 +367,9 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
 
-    @field_validator("openai_api_key", "openai_admin_key", "dashboard_token")
+    @field_validator(
+        "openai_api_key", "openai_admin_key", "dashboard_token", "azure_openai_api_key"
+    )
     @classmethod
     def _key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and any(ch.isspace() for ch in value.get_secret_value()):
@@ -392,6 +466,7 @@ class Settings(BaseSettings):
             if isinstance(value, SecretStr):
                 value = "****" if value.get_secret_value() else None
             out[name] = None if value is None else str(value)
+        out["providers"] = None if not self.providers else str(_mask_secrets(self.providers))
         out["database_url"] = _mask_url_password(self.effective_database_url)
         out["broker_url"] = _mask_url_password(self.broker_url)
         if self.webhook_url:  # a webhook URL's path or query often is a token itself
@@ -399,6 +474,15 @@ class Settings(BaseSettings):
             port = f":{parts.port}" if parts.port else ""
             out["webhook_url"] = f"{parts.scheme}://{parts.hostname}{port}/****"
         return out
+
+
+def _mask_secrets(value: Any) -> Any:
+    """A copy of nested TOML tables with every `api_key` value masked."""
+    if isinstance(value, dict):
+        return {k: ("****" if k == "api_key" and v else _mask_secrets(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_secrets(v) for v in value]
+    return value
 
 
 def _mask_url_password(url: str) -> str:
@@ -436,6 +520,35 @@ def config_file() -> Path | None:
     if not path.is_file():
         raise ConfigError(f"{CONFIG_VARIABLE}={name!r}: no such file; accepted: a TOML file")
     return path
+
+
+def limit_problem(values: Mapping[str, Any], fields: tuple[str, ...] = MODEL_LIMIT_FIELDS) -> str:
+    """What is wrong with one model's (or lane's) limits, `{images_per_minute, max_in_flight,
+    burst}`, or "" (pure). The one check of limits: EDITBATCH_MODEL_LIMITS here, and the
+    [providers.NAME] tables' `model_limits` (`pipeline.providers`)."""
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        return f"has unknown field(s) {', '.join(unknown)}: allowed are {', '.join(fields)}"
+    low = sorted(
+        name
+        for name, number in values.items()
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1
+    )
+    if low:
+        return f"{', '.join(low)}: must be a whole number, at least 1"
+    return ""
+
+
+def _provider_rule(check: Callable[[types.ModuleType], object]) -> None:
+    """Run `check(pipeline.providers)`, whose ConfigError becomes this setting's error: the
+    providers module holds the rule (imported here, when a setting is read, as it imports
+    this module)."""
+    from pipeline import providers
+
+    try:
+        check(providers)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _url(value: str, schemes: tuple[str, ...], accepted: str) -> str:

@@ -74,6 +74,10 @@ class EditSpec:
     frame_duration_ms: int | None = None
     svg_model: str | None = None
     svg_effort: str | None = None
+    # Where the call goes (pipeline/providers.py; None: the default provider). Not an API
+    # parameter, and not in the fingerprint: an edit bought through one provider is the same
+    # edit through another, and is reused rather than bought twice.
+    provider: str | None = None
 
     @property
     def ext(self) -> str:

@@ -147,6 +147,7 @@ class HoldCode(StrEnum):
     QUOTA = "quota"  # 429 insufficient_quota and friends
     AUTH = "auth"  # 401 / 403
     MODEL_UNAVAILABLE = "model_unavailable"  # the API says the model does not exist (any more)
+    PROVIDER = "provider"  # a provider's setting is wrong (Azure: no such deployment, api-version)
     PROVIDER_REFUSED = "provider_refused"  # the Batch API refused a whole provider batch
     INPUT_UNREADABLE = "input_unreadable"  # an input file went missing after preflight
     API_UNREACHABLE = "api_unreachable"  # the outage breaker tripped: probing, resumes by itself

@@ -17,16 +17,19 @@ from pipeline.db.session import check_driver
 from pipeline.errors import ConfigError
 from pipeline.observe.logs import setup_logging
 from pipeline.observe.metrics import start_metrics_server, state_counts
+from pipeline.providers import providers_of
 from pipeline.settings import Settings, cron_fields, get_settings
 from worker.constants import QUEUE
 
 
 def _settings() -> Settings:
     """The worker's settings, or the one-line error and exit status 2 (as the CLI does): a
-    traceback from inside Celery's app loader would hide which setting is wrong."""
+    traceback from inside Celery's app loader would hide which setting is wrong. The providers
+    are read here too, so a bad [providers.NAME] table stops the worker before its first job."""
     try:
         current = get_settings()
         check_driver(current.effective_database_url)
+        providers_of(current)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any
 
 from redis import Redis, RedisError
 
-from pipeline.run.breaker import Breaker, BreakerPolicy, Trip, scope_of
+from pipeline.run.breaker import Breaker, Trip, breaker_of
 from pipeline.settings import Settings
 from worker.constants import BREAKER_PROBE_PREFIX, BREAKER_STREAK_PREFIX, BREAKER_TRIP_PREFIX
 
@@ -153,10 +153,9 @@ class RedisBreakerStore:
 
 
 def build_breaker(settings: Settings, redis: Redis | None = None) -> Breaker:
-    """The outage breaker every worker shares, on the limiter's Redis (EDITBATCH_REDIS_URL)."""
+    """The outage breakers (one per provider) every worker shares, on the limiter's Redis
+    (EDITBATCH_REDIS_URL)."""
     client = redis or Redis.from_url(
         settings.effective_redis_url, socket_timeout=5, socket_connect_timeout=5
     )
-    return Breaker(
-        RedisBreakerStore(client), BreakerPolicy.from_settings(settings), scope_of(settings)
-    )
+    return breaker_of(RedisBreakerStore(client), settings)

@@ -1,28 +1,27 @@
 """The limiter shared by every worker process on every machine, in Redis.
 
-`RedisLimiter` implements `pipeline.run.ratelimit.Limiter`: images per minute (GCRA), a cap on calls
-in flight and a shared pause after a 429, per (API key, model). Each permit attempt is ONE Lua
-script call that reads Redis server time, so workers with skewed clocks agree. See
+`RedisLimiter` implements `pipeline.run.ratelimit.Limiter`: images (or requests) per minute
+(GCRA), a cap on calls in flight and a shared pause after a 429, per lane (one provider's
+deployment, or one model on OpenAI: `pipeline.providers.Lane.scope`). Each permit attempt on a
+lane is ONE Lua script call that reads Redis server time, so workers with skewed clocks agree;
+`permit_any` tries the lanes of a job in turn (`pipeline.run.ratelimit.LaneLimiter`). See
 docs/ratelimit.md for the design.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import random
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis, RedisError
 
 from pipeline.errors import PermitTimeout
-from pipeline.run.ratelimit import Limiter, LocalLimiter, parse_reset
+from pipeline.providers import LaneLimit, ProviderSet, account_id, providers_of
+from pipeline.run.ratelimit import LaneLimiter, Limiter, LocalLimiter
 from pipeline.settings import Settings
 from worker.constants import RATE_PAUSE_PREFIX, RATE_SLOTS_PREFIX, RATE_TAT_PREFIX
 
@@ -31,10 +30,12 @@ __all__ = [
     "RedisLimiter",
     "account_id",
     "build_limiter",
-    "limits_from_settings",
 ]
 
 log = logging.getLogger("editbatch.limits")
+
+ModelLimit = LaneLimit
+"""The limits of one lane (the name from when lanes were models)."""
 
 SLOT_LEASE_MARGIN = 60.0
 """Seconds a slot outlives the request timeout before a crashed holder's slot frees itself."""
@@ -117,60 +118,32 @@ return math.ceil((current - now) / 1000)
 
 
 @dataclass(frozen=True)
-class ModelLimit:
-    """Limits of one (account, model) scope; None means no limit of that kind."""
-
-    images_per_minute: int | None = None
-    max_in_flight: int | None = None
-    burst: int = 1
-
-    @property
-    def active(self) -> bool:
-        return bool(self.images_per_minute or self.max_in_flight)
-
-
-def limits_from_settings(settings: Settings) -> tuple[ModelLimit, dict[str, ModelLimit]]:
-    """The default limit and per-model overrides (a model's override inherits unset fields).
-    The overrides were checked when the settings were read (`Settings._model_limits`)."""
-    default = ModelLimit(settings.images_per_minute, settings.max_in_flight)
-    overrides = {
-        model: ModelLimit(
-            images_per_minute=values.get("images_per_minute", default.images_per_minute),
-            max_in_flight=values.get("max_in_flight", default.max_in_flight),
-            burst=values.get("burst", default.burst),
-        )
-        for model, values in settings.model_limits.items()
-    }
-    return default, overrides
-
-
-def account_id(api_key: str) -> str:
-    """The short, one-way id of an API key used in Redis key names (never the key itself)."""
-    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
 class _Reply:
     granted: bool
     wait: float  # seconds
     reason: str
 
 
-class RedisLimiter:
+class RedisLimiter(LaneLimiter):
     """Images per minute, calls in flight and 429 pauses shared by every worker through Redis.
 
-    `slot_lease` (seconds) bounds how long a slot of a crashed worker stays taken: make it the
-    request timeout plus a margin. `max_wait` applies when `permit()` is given none.
-    `clock` and `sleep` measure and spend the local wait; rate decisions use Redis server time.
+    A lane's limits come from `limits(scope)` when given (`ProviderSet.limit_for`), else from
+    `overrides` by scope, else `default`. Its keys are `<prefix>{<account>:<scope>}`, where
+    `<account>` is the lane's `LaneLimit.account` (a hash of its endpoint or key) or, when it
+    has none, the hash of `api_key`. `slot_lease` (seconds) bounds how long a slot of a crashed
+    worker stays taken: make it the request timeout plus a margin. `max_wait` applies when
+    `permit()` is given none. `clock` and `sleep` measure and spend the local wait; rate
+    decisions use Redis server time.
     """
 
     def __init__(
         self,
         redis: Redis,
         api_key: str,
-        default: ModelLimit,
-        overrides: Mapping[str, ModelLimit] | None = None,
+        default: LaneLimit,
+        overrides: Mapping[str, LaneLimit] | None = None,
         *,
+        limits: Callable[[str], LaneLimit] | None = None,
         slot_lease: float = 300.0 + SLOT_LEASE_MARGIN,
         max_wait: float | None = None,
         slot_poll: float = 0.25,
@@ -180,38 +153,39 @@ class RedisLimiter:
     ) -> None:
         if slot_lease <= 0 or slot_poll <= 0:
             raise ValueError("slot_lease and slot_poll must be positive")
+        super().__init__(max_wait=max_wait, jitter=jitter, clock=clock, sleep=sleep)
         self._redis = redis
         self.account = account_id(api_key)
         self._default = default
         self._overrides = dict(overrides or {})
+        self._limits = limits
         self._lease_ms = math.ceil(slot_lease * 1000)
-        self._max_wait = max_wait
         self._poll_ms = math.ceil(slot_poll * 1000)
-        self._jitter = jitter
-        self._clock = clock
-        self._sleep = sleep
         self._permit_script = redis.register_script(PERMIT_SCRIPT)
         self._backoff_script = redis.register_script(BACKOFF_SCRIPT)
 
-    def limit_for(self, model: str) -> ModelLimit:
-        return self._overrides.get(model, self._default)
+    def limit_for(self, scope: str) -> LaneLimit:
+        if self._limits is not None:
+            return self._limits(scope)
+        return self._overrides.get(scope, self._default)
 
-    def keys(self, model: str) -> tuple[str, str, str]:
-        """The (tat, slots, pause) Redis keys of `model` for this account."""
-        scope = f"{{{self.account}:{model}}}"
-        return (RATE_TAT_PREFIX + scope, RATE_SLOTS_PREFIX + scope, RATE_PAUSE_PREFIX + scope)
+    def keys(self, scope: str) -> tuple[str, str, str]:
+        """The (tat, slots, pause) Redis keys of lane `scope`."""
+        account = self.limit_for(scope).account or self.account
+        tag = f"{{{account}:{scope}}}"
+        return (RATE_TAT_PREFIX + tag, RATE_SLOTS_PREFIX + tag, RATE_PAUSE_PREFIX + tag)
 
-    def try_acquire(self, model: str, images: int, token: str = "") -> tuple[bool, float, str]:
+    def try_acquire(self, scope: str, images: int, token: str = "") -> tuple[bool, float, str]:
         """One atomic attempt: (granted, seconds to wait, reason). A granted slot holds `token`."""
-        reply = self._attempt(model, images, token)
+        reply = self._attempt(scope, images, token)
         return reply.granted, reply.wait, reply.reason
 
-    def _attempt(self, model: str, images: int, token: str) -> _Reply:
-        limit = self.limit_for(model)
-        interval_us = round(60_000_000 / limit.images_per_minute) if limit.images_per_minute else 0
+    def _attempt(self, scope: str, images: int, token: str) -> _Reply:
+        limit = self.limit_for(scope)
+        interval_us = round(60_000_000 / limit.per_minute) if limit.per_minute else 0
         try:
             raw: Any = self._permit_script(
-                keys=list(self.keys(model)),
+                keys=list(self.keys(scope)),
                 args=[
                     interval_us,
                     max(limit.burst, 1),
@@ -230,71 +204,30 @@ class RedisLimiter:
         text = reason.decode() if isinstance(reason, bytes) else str(reason)
         return _Reply(bool(int(granted)), int(wait_ms) / 1000.0, text)
 
-    @contextmanager
-    def permit(self, model: str, images: int, max_wait: float | None = None) -> Iterator[None]:
-        """Wait (sleeping exactly what Redis says, plus jitter) for rate and a slot; release after.
-
-        Raises PermitTimeout as soon as the wait is known to end after `max_wait`.
-        """
-        limit_wait = self._max_wait if max_wait is None else max_wait
-        deadline = None if limit_wait is None else self._clock() + limit_wait
-        token = uuid.uuid4().hex
-        while True:
-            reply = self._attempt(model, images, token)
-            if reply.granted:
-                break
-            pause = reply.wait + random.uniform(0.0, self._jitter)
-            if deadline is not None:
-                left = deadline - self._clock()
-                # A pause or a rate wait cannot end early: give the job back now, not later.
-                if left <= 0 or (reply.reason != "slots" and reply.wait > left):
-                    raise PermitTimeout(
-                        f"no permit for {model} within {limit_wait:g} s "
-                        f"({_EXPLAIN.get(reply.reason, reply.reason)}, next try in "
-                        f"{reply.wait:.1f} s); the job can be retried later"
-                    )
-                pause = min(pause, left)
-            log.debug("permit %s waits %.3f s (%s)", model, pause, reply.reason)
-            self._sleep(pause)
+    def release(self, scope: str, token: str) -> None:
+        if not self.limit_for(scope).max_in_flight:
+            return
         try:
-            yield
-        finally:
-            if self.limit_for(model).max_in_flight:
-                self._release(model, token)
-
-    def _release(self, model: str, token: str) -> None:
-        try:
-            self._redis.zrem(self.keys(model)[1], token)
+            self._redis.zrem(self.keys(scope)[1], token)
         except RedisError as exc:
             # The slot lease frees it anyway; do not hide the outcome of the call.
-            log.warning("could not release an in-flight slot for %s: %s", model, exc)
+            log.warning("could not release an in-flight slot for %s: %s", scope, exc)
 
-    def backoff(self, model: str, seconds: float) -> None:
+    def backoff(self, scope: str, seconds: float) -> None:
         if seconds <= 0:
             return
         ms = math.ceil(seconds * 1000)
-        self._backoff_script(keys=[self.keys(model)[2]], args=[ms])
-        log.info("calls to %s paused for %.1f s by every worker", model, seconds)
-
-    def observe(self, model: str, headers: Mapping[str, str]) -> None:
-        lower = {k.lower(): v for k, v in headers.items()}
-        remaining = lower.get("x-ratelimit-remaining-requests")
-        reset = parse_reset(lower.get("x-ratelimit-reset-requests"))
-        if remaining is not None and remaining.strip() == "0" and reset:
-            self.backoff(model, reset)
+        self._backoff_script(keys=[self.keys(scope)[2]], args=[ms])
+        log.info("calls on %s paused for %.1f s by every worker", scope, seconds)
 
 
-_EXPLAIN = {
-    "pause": "paused after a 429 from the API",
-    "rate": "images-per-minute limit",
-    "slots": "every in-flight slot is taken",
-}
-
-
-def build_limiter(settings: Settings, redis: Redis | None = None) -> Limiter:
-    """A RedisLimiter when any limit is set, else a no-op; the Redis client is built once here."""
-    default, overrides = limits_from_settings(settings)
-    if not default.active and not any(limit.active for limit in overrides.values()):
+def build_limiter(
+    settings: Settings, redis: Redis | None = None, providers: ProviderSet | None = None
+) -> Limiter:
+    """A RedisLimiter when any lane of any provider is limited, else a no-op; the Redis client
+    is built once here."""
+    lanes = providers if providers is not None else providers_of(settings)
+    if not lanes.any_limit():
         return LocalLimiter(None, None)
     client = redis
     if client is None:
@@ -314,8 +247,8 @@ def build_limiter(settings: Settings, redis: Redis | None = None) -> Limiter:
     return RedisLimiter(
         client,
         settings.api_key(),
-        default,
-        overrides,
+        LaneLimit(),
+        limits=lanes.limit_for,
         slot_lease=settings.request_timeout_seconds + SLOT_LEASE_MARGIN,
         max_wait=max_wait,
     )

@@ -2,9 +2,10 @@
 
 editbatch.edit            a job id -> `pipeline.run.executor.process_job`
 editbatch.reap            (beat, every minute) expired leases, lost messages, missed finishes,
-                          and a probe chain for batches held for an outage when none is alive
-editbatch.probe           one probe of an unreachable API (`pipeline.run.breaker.probe`); sends
-                          the jobs of the batches it resumed, or schedules the next probe
+                          and a probe chain for each provider with an open breaker or batches
+                          held for its outage when none is alive
+editbatch.probe           one probe of an unreachable provider (`pipeline.run.breaker.probe`);
+                          sends the jobs of the batches it resumed, or schedules the next probe
 editbatch.reconcile       a finished nightly batch's days against the provider's figures
 editbatch.nightly         tonight's dated manifest (beat, EDITBATCH_NIGHTLY_CRON)
 editbatch.batch_dispatch  a batch-route batch -> provider batches (sent by submit/resume)
@@ -145,48 +146,53 @@ def reap() -> int:
     # with nothing to do: finish it (collect what it spooled, write the report).
     for batch_id in jobs.idle_running_batches(d.db):
         finish_if_done(d, batch_id)
-    if d.breaker.open() is not None or held_for_outage(d):
-        probe.delay()  # does nothing while another probe chain holds the lease
+    held = held_for_outage(d)
+    for b in d.breaker.every():
+        if b.open() is not None or b.provider in held:
+            probe.delay(None, b.provider)  # nothing while another chain holds its lease
     return len(ids)
 
 
-def start_probing(batch_id: int) -> None:
-    """This worker held `batch_id` for an outage: probe the API after the first wait."""
+def start_probing(batch_id: int, provider: str) -> None:
+    """This worker held `batch_id` for `provider`'s outage: probe it after the first wait."""
     d = deps()
-    log.info("batch %s held for an outage; probing the API", batch_id)
-    probe.apply_async(countdown=d.breaker.policy.probe_first)
+    log.info("batch %s held for an outage of %s; probing it", batch_id, provider)
+    probe.apply_async((None, provider), countdown=d.breaker.policy.probe_first)
 
 
 @app.task(name="editbatch.probe")  # type: ignore[untyped-decorator]
-def probe(token: str | None = None) -> str:
-    """One probe of the API for the batches held for an outage. One chain probes at a time (a
-    lease in Redis); it sends the jobs of the batches it resumed or schedules its next probe."""
+def probe(token: str | None = None, provider: str | None = None) -> str:
+    """One probe of `provider` (None: the default) for the batches held for its outage. One
+    chain per provider probes at a time (a lease in Redis); it sends the jobs of the batches
+    it resumed or schedules its next probe."""
     d = deps()
-    b = d.breaker
+    b = d.breaker.of(provider)
     token = token or uuid.uuid4().hex
     first_wait = b.policy.probe_first + PROBE_LEASE_MARGIN
     if not b.store.lease_probe(b.scope, token, first_wait):
-        return "another probe chain is running"
-    result = breaker.probe(b, d.db, lambda: d.gateway.probe(d.settings.default_model))
+        return f"another probe chain of {b.provider} is running"
+    result = breaker.probe(b, d.db, lambda: d.probe(b.provider))
     for batch_id in result.resumed:
         send(d.db, batch_id, celery_enqueue, d.on_batch_finished, dispatch_batch=dispatch_later)
     if result.retry_in is None:
         b.store.release_probe(b.scope, token)
-        return f"resumed {result.resumed}, gave up {result.gave_up}"
+        return f"{b.provider}: resumed {result.resumed}, gave up {result.gave_up}"
     b.store.lease_probe(b.scope, token, result.retry_in + PROBE_LEASE_MARGIN)
-    probe.apply_async((token,), countdown=result.retry_in)
-    return f"no answer; next probe in {result.retry_in:.0f} s"
+    probe.apply_async((token, b.provider), countdown=result.retry_in)
+    return f"{b.provider}: no answer; next probe in {result.retry_in:.0f} s"
 
 
-def held_for_outage(d: Deps) -> bool:
-    """Any batch held for an outage (api_unreachable)?"""
+def held_for_outage(d: Deps) -> set[str]:
+    """The providers whose outage holds a batch (api_unreachable)."""
     with d.db.session() as session:
-        found = session.scalar(
-            select(Batch.id)
-            .where(Batch.state == BatchState.HELD, Batch.hold_code == HoldCode.API_UNREACHABLE)
-            .limit(1)
+        ids = list(
+            session.scalars(
+                select(Batch.id).where(
+                    Batch.state == BatchState.HELD, Batch.hold_code == HoldCode.API_UNREACHABLE
+                )
+            )
         )
-    return found is not None
+    return {p for batch_id in ids if (p := breaker.held_for(d.db, batch_id)) is not None}
 
 
 @app.task(name="editbatch.nightly")  # type: ignore[untyped-decorator]

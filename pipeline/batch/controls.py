@@ -30,6 +30,7 @@ from pipeline.errors import EditbatchError, NotFoundError, RowError
 from pipeline.files import file_sha256, image_sizes
 from pipeline.intake.catalog import Catalog
 from pipeline.intake.preflight import Preflight, PreflightOptions
+from pipeline.providers import ProviderSet
 from pipeline.spec import EditSpec
 from pipeline.states import (
     BATCH_CLOSED,
@@ -89,13 +90,15 @@ def remap_models(
     model_map: Mapping[str, str],
     catalog: Catalog,
     prices: PriceTable,
+    providers: ProviderSet | None = None,
 ) -> Remap:
     """Move the unfinished jobs of each OLD model to NEW (`--model-map OLD=NEW`). Caller commits.
 
     Each job's parameters are checked again against the new model's rules (sizes, fidelity,
-    qualities differ): a job that no longer fits fails now, naming the field, and is never sent.
-    Fingerprints follow the new model, so no output of the old model is reused for it. Refused
-    while a call to an OLD model is in flight (its answer would hold the batch again).
+    qualities differ), and, given `providers`, against its provider (which must deploy NEW): a
+    job that no longer fits fails now, naming the field, and is never sent. Fingerprints follow
+    the new model, so no output of the old model is reused for it. Refused while a call to an
+    OLD model is in flight (its answer would hold the batch again).
     """
     _batch(session, batch_id)
     unknown = [new for new in model_map.values() if new not in catalog]
@@ -120,7 +123,10 @@ def remap_models(
             f"batch {batch_id}: {in_flight} calls to {', '.join(old_models)} are still in "
             "flight; wait for them to end (`editbatch status`), then run this again"
         )
-    checker = Preflight(PreflightOptions(allowed_roots=(Path.cwd(),), catalog=catalog))
+    # With the providers, a job whose provider has no deployment of NEW is refused too.
+    checker = Preflight(
+        PreflightOptions(allowed_roots=(Path.cwd(),), catalog=catalog, providers=providers)
+    )
     report = Remap()
     estimates: list[tuple[Estimate, int]] = []
     digests: dict[str, str | None] = {}
@@ -338,6 +344,7 @@ def rerun_rejected(
                 "fingerprint": None,  # a changed request is a different edit: never reuse
                 "spec": spec.to_json(),
                 "model": job.model,
+                "provider": job.provider,
                 "quality": job.quality,
                 "state": JobState.QUEUED,
                 "estimated_usd": job.estimated_usd,

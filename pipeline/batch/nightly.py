@@ -207,9 +207,8 @@ def _run(
     if not remote.exists(tonight.manifest_uri):
         log.warning("%s: no manifest at %s (yet)", tonight.name, tonight.manifest_uri)
         return None
-    prepared = submit.prepare(
-        settings, tonight.manifest_uri, submit.Intake(Defaults(model=settings.default_model))
-    )
+    defaults = Defaults(model=settings.default_model, provider=settings.provider)
+    prepared = submit.prepare(settings, tonight.manifest_uri, submit.Intake(defaults))
     options = submit.BatchOptions(
         output_uri=tonight.output_uri,
         name=tonight.name,

@@ -46,6 +46,7 @@ from pipeline.intake.manifest import Defaults
 from pipeline.intake.naming import render_name
 from pipeline.intake.preflight import Preflight, PreflightOptions
 from pipeline.intake.remote import LocalManifest, is_remote, localize_manifest
+from pipeline.providers import DEFAULT_PROVIDER, ProviderSet, providers_of
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
 from pipeline.states import BATCH_OPEN, BatchState, JobState, Route
@@ -142,6 +143,24 @@ def check_rows(
         yield CheckedRow(row, errs[0].key, None, errs)
 
 
+def _batch_route_refusal(row: CheckedRow, default_provider: str | None) -> list[RowError]:
+    """The batch route is OpenAI's Batch API, reached with OPENAI_API_KEY: a row sent to
+    another provider cannot take it (refused by row, before anything is stored as queued)."""
+    assert row.spec is not None
+    provider = row.spec.provider or default_provider or DEFAULT_PROVIDER
+    if provider == DEFAULT_PROVIDER:
+        return []
+    return [
+        RowError(
+            row.row,
+            "provider",
+            f"provider {provider} has no batch route (OpenAI's Batch API runs on provider "
+            "openai only): send this batch with --route sync, or this row to openai",
+            row.key,
+        )
+    ]
+
+
 def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
     chunk: list[dict[str, Any]] = []
     for item in items:
@@ -180,6 +199,11 @@ class Prepared:
         return check_rows(self.manifest, self.defaults, self.preflight)
 
     @property
+    def providers(self) -> ProviderSet | None:
+        """The providers the rows were checked against (None: OpenAI only)."""
+        return self.preflight.options.providers
+
+    @property
     def sha256(self) -> str:
         return file_sha256(str(self.manifest.path))
 
@@ -202,6 +226,7 @@ def prepare(settings: Settings, manifest: str | Path, intake: Intake) -> Prepare
             convert=intake.convert,
             allow_unknown_model=intake.allow_unknown_model,
             work_dir=settings.home.resolve() / "preflight",
+            providers=providers_of(settings),
         )
     )
     return Prepared(local, intake.defaults, preflight)
@@ -289,6 +314,10 @@ def store(
             )
         checked_rows = materialised
     defaults = prepared.defaults
+    providers = prepared.providers
+    if providers is not None:
+        prices = providers.prices(prices)  # a provider's own prices estimate its rows
+    default_provider = providers.default if providers is not None else None
     with db.session() as session:
         batch = Batch(
             name=options.name or Path(prepared.manifest.path).stem,
@@ -301,6 +330,7 @@ def store(
             settings={
                 "defaults": dict(defaults.values),
                 "model": defaults.model,
+                "provider": defaults.provider or default_provider,
                 "reuse": options.reuse,
                 "route": options.route,
                 "fallback": options.fallback,
@@ -318,6 +348,8 @@ def store(
         def job_rows() -> Iterator[dict[str, Any]]:
             # Every row dict has the same keys, so each chunk is one executemany.
             for r in checked_rows:
+                if options.route == Route.BATCH and r.spec is not None and not r.errors:
+                    r.errors.extend(_batch_route_refusal(r, default_provider))
                 for note in r.notes:
                     result.notes.append(f"row {r.row}: {note}")
                 row: dict[str, Any] = {
@@ -333,6 +365,7 @@ def store(
                     row.update(
                         spec="{}",
                         model=None,
+                        provider=None,
                         quality=None,
                         state=JobState.REJECTED,
                         fingerprint=None,
@@ -350,6 +383,7 @@ def store(
                     row.update(
                         spec=r.spec.to_json(),
                         model=r.spec.model,
+                        provider=r.spec.provider or default_provider,
                         quality=r.spec.quality,
                         state=JobState.QUEUED,
                         fingerprint=r.fingerprint,

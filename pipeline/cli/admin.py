@@ -13,7 +13,7 @@ from pipeline.cli import dispatch
 from pipeline.cli.app import app, db_app
 from pipeline.cli.options import JsonOpt
 from pipeline.cli.ui import console, friendly_errors
-from pipeline.cost.pricing import load_prices
+from pipeline.cost.pricing import ModelPrice, load_prices
 from pipeline.db.session import Database, upgrade
 from pipeline.settings import get_settings
 
@@ -80,16 +80,24 @@ def sandbox(ctx: typer.Context) -> None:
 
 @app.command()
 def prices(as_json: JsonOpt = False) -> None:
-    """Print the price table in use (USD per 1M tokens), each row with its date and source."""
+    """Print the price table in use (USD per 1M tokens), each row with its date and source;
+    a provider's own prices (its `prices` overrides) follow, naming the provider."""
+    from pipeline.providers import providers_of
+
     with friendly_errors():
-        table_data = load_prices(get_settings().prices_file)
+        settings = get_settings()
+        table_data = providers_of(settings).prices(load_prices(settings.prices_file))
 
     def money(value: Decimal | None) -> str | None:
         return None if value is None else str(value)
 
+    listed: list[tuple[str | None, ModelPrice]] = [(None, p) for p in table_data.models.values()]
+    for name, overrides in sorted(table_data.providers.items()):
+        listed.extend((name, p) for p in overrides.values())
     rows: list[dict[str, Any]] = [
         {
             "model": p.model,
+            "provider": provider,
             "text_input": str(p.text_input),
             "cached_text_input": money(p.cached_text_input),
             "image_input": str(p.image_input),
@@ -98,7 +106,7 @@ def prices(as_json: JsonOpt = False) -> None:
             "checked_on": p.checked_on,
             "source": p.source,
         }
-        for p in table_data.models.values()
+        for provider, p in listed
     ]
     batch = {
         "factor": str(table_data.batch.factor),
@@ -120,7 +128,7 @@ def prices(as_json: JsonOpt = False) -> None:
 
     for r in rows:
         table.add_row(
-            r["model"],
+            r["model"] + (f" ({r['provider']} only)" if r["provider"] else ""),
             with_cached(r["text_input"], r["cached_text_input"]),
             with_cached(r["image_input"], r["cached_image_input"]),
             r["image_output"],

@@ -141,7 +141,7 @@ def run(
 
     say = err if as_json else console  # with --json, stdout holds the JSON alone
     with friendly_errors(), dispatch.sandbox_if(sandbox, say) as overrides:
-        settings = Settings(**overrides) if overrides else get_settings()
+        settings = get_settings().model_copy(update=overrides) if overrides else get_settings()
         db = Database(settings.effective_database_url)
         prepared = prepare(settings, manifest, opts.intake(settings))
         batch_id = find_resumable(db, prepared.sha256, batch.output_uri)

@@ -167,11 +167,13 @@ def resume(
     from pipeline.batch import controls
     from pipeline.cost.pricing import load_prices
     from pipeline.intake.catalog import load_catalog
+    from pipeline.providers import providers_of
 
     with friendly_errors():
         settings = get_settings()
         db = Database(settings.effective_database_url)
         mapping = parse_model_map(model_map)
+        providers = providers_of(settings)
         if dry_run and not mapping:
             raise ConfigError("--dry-run shows what --model-map would move: give --model-map")
         with db.session() as session:
@@ -182,7 +184,8 @@ def resume(
                     batch,
                     mapping,
                     load_catalog(settings.catalog_file),
-                    load_prices(settings.prices_file),
+                    providers.prices(load_prices(settings.prices_file)),
+                    providers,
                 )
 
             if dry_run:

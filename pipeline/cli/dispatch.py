@@ -116,13 +116,13 @@ def in_process(
 
 
 def local_deps(settings: Settings, db: Database) -> Deps:
-    """The executor's dependencies for this process (an in-process rate limiter)."""
+    """The executor's dependencies for this process (an in-process rate limiter, with each
+    provider lane's own limits)."""
+    from pipeline.providers import providers_of
     from pipeline.run.deps import build_deps
-    from pipeline.run.ratelimit import LocalLimiter
+    from pipeline.run.ratelimit import local_limiter
 
-    return build_deps(
-        settings, LocalLimiter(settings.images_per_minute, settings.max_in_flight), db
-    )
+    return build_deps(settings, local_limiter(providers_of(settings).limit_for), db)
 
 
 def route_context(
@@ -177,6 +177,7 @@ def sandbox_if(enabled: bool, say: Console = console) -> Iterator[dict[str, Any]
     if not enabled:
         yield {}
         return
+    from pipeline.providers import sandbox_overrides
     from pipeline.sandbox import SandboxConfig, SandboxServer
 
     settings = get_settings()
@@ -188,7 +189,8 @@ def sandbox_if(enabled: bool, say: Console = console) -> Iterator[dict[str, Any]
     )
     with SandboxServer(config) as server:
         say.print(f"sandbox API at {server.base_url} (not AI: a deterministic stand-in)")
-        yield {
-            "openai_base_url": server.base_url,
-            "openai_api_key": "sk-sandbox-local",
-        }
+        # Every provider goes to the sandbox (Azure's deployments are served there too), with
+        # throwaway keys: a rehearsal never reaches a real endpoint.
+        overrides, deployments = sandbox_overrides(settings, server.base_url.removesuffix("/v1"))
+        server.config.azure_deployments = deployments
+        yield overrides

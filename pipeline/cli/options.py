@@ -55,6 +55,13 @@ class ManifestOptions:
     """How the rows of a manifest are read and checked (check, estimate, submit, run)."""
 
     model: Annotated[str | None, typer.Option(help="Model for rows that name none.")] = None
+    provider: Annotated[
+        str | None,
+        typer.Option(
+            help="Provider for rows that name none (default EDITBATCH_PROVIDER): openai, azure, "
+            "or a [providers.NAME] of the TOML settings."
+        ),
+    ] = None
     size: Annotated[str | None, typer.Option(help="Size for rows that give none.")] = None
     quality: Annotated[str | None, typer.Option(help="Quality for rows that give none.")] = None
     n: Annotated[
@@ -145,6 +152,7 @@ class ManifestOptions:
             model=self.model or settings.default_model,
             values={k: v for k, v in values.items() if v is not None},
             model_map=parse_model_map(self.model_map),
+            provider=self.provider or settings.provider,
         )
 
 

@@ -250,7 +250,7 @@ def estimate_cost(
     unless it asks for a GIF (low: the GIF billed as one image, not one per frame).
     """
     usage = estimate_usage(spec, pixels)
-    price = prices.get(spec.model)
+    price = prices.get(spec.model, spec.provider)
     if price is None:
         return Estimate(spec.model, usage, None, None, None, priced=False)
     low_quality, high_quality = _quality_range(spec.quality)

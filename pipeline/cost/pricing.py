@@ -12,7 +12,8 @@ rounded per line, so a provider batch of 50,000 lines adds up to the provider's 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from importlib import resources
@@ -109,36 +110,66 @@ def quantize(value: Decimal) -> Decimal:
 
 @dataclass(frozen=True)
 class PriceTable:
+    """Prices per model, and per provider where a provider bills differently (its overrides
+    win for its calls; `pipeline.providers.ProviderSet.prices` adds them)."""
+
     as_of: str
     source: str
     models: dict[str, ModelPrice]
     batch: BatchDiscount = NO_DISCOUNT
     route: str = "sync"
+    providers: Mapping[str, Mapping[str, ModelPrice]] = field(default_factory=dict)
+    default_provider: str | None = None  # whose overrides apply to a call naming no provider
 
     def for_route(self, route: str) -> PriceTable:
-        """The prices a route pays: this table for sync, every price x the batch factor for
-        batch."""
+        """The prices a route pays: this table for sync, every price (a provider's own too) x
+        the batch factor for batch."""
         if route == "sync" or self.route == route:
             return self
         if route != "batch":
             raise ValueError(f"unknown route {route!r}")
         source = f"{self.batch.source} (x{self.batch.factor}, as of {self.batch.as_of})"
-        models = {name: p.scaled(self.batch.factor, source) for name, p in self.models.items()}
+        factor = self.batch.factor
+        models = {name: p.scaled(factor, source) for name, p in self.models.items()}
+        providers = {
+            provider: {name: p.scaled(factor, source) for name, p in own.items()}
+            for provider, own in self.providers.items()
+        }
         as_of = f"{self.batch.as_of} (batch) / {self.as_of}"
-        return PriceTable(as_of, self.source, models, self.batch, route="batch")
+        return PriceTable(
+            as_of,
+            self.source,
+            models,
+            self.batch,
+            route="batch",
+            providers=providers,
+            default_provider=self.default_provider,
+        )
 
-    def exact_cost(self, model: str, usage: Usage) -> Decimal | None:
+    def exact_cost(self, model: str, usage: Usage, provider: str | None = None) -> Decimal | None:
         """Unrounded cost of `usage` on `model`; None when the model has no price."""
-        price = self.models.get(model)
+        price = self.get(model, provider)
         return None if price is None else price.exact_cost(usage)
 
-    def get(self, model: str) -> ModelPrice | None:
+    def get(self, model: str, provider: str | None = None) -> ModelPrice | None:
+        provider = provider or self.default_provider
+        if provider is not None:
+            own = self.providers.get(provider, {}).get(model)
+            if own is not None:
+                return own
         return self.models.get(model)
 
-    def cost(self, model: str, usage: Usage) -> Decimal | None:
-        """Cost of `usage` on `model`, or None when the model has no price (never a silent 0)."""
-        price = self.models.get(model)
+    def cost(self, model: str, usage: Usage, provider: str | None = None) -> Decimal | None:
+        """Cost of `usage` on `model` (at `provider`'s price if it has its own), or None when
+        the model has no price (never a silent 0)."""
+        price = self.get(model, provider)
         return None if price is None else price.cost(usage)
+
+    def with_providers(
+        self, overrides: Mapping[str, Mapping[str, ModelPrice]], default: str | None = None
+    ) -> PriceTable:
+        """This table with per-provider prices added (a new table; this one is shared)."""
+        return replace(self, providers={**self.providers, **overrides}, default_provider=default)
 
 
 def _decimal(model: str, name: str, value: Any, origin: str) -> Decimal:
@@ -188,6 +219,17 @@ def _parse(data: dict[str, Any], origin: str) -> tuple[str, str, dict[str, Model
             checked_on=str(entry.get("checked_on", data.get("as_of", ""))),
         )
     return str(data.get("as_of", "unknown")), str(data.get("source", origin)), models
+
+
+def parse_price_models(
+    models: Mapping[str, Any], origin: str, source: str
+) -> dict[str, ModelPrice]:
+    """Model prices from a table shaped like prices.toml's [models] (e.g. a provider's
+    overrides); ConfigError naming `origin` and the model."""
+    for name, entry in models.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{origin}: model {name!r} must be a table of prices")
+    return _parse({"models": dict(models), "source": source}, origin)[2]
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -36,9 +36,13 @@ class Event:
         return {"at": at, "kind": self.kind, "message": self.message}
 
 
-def record(session: Session, batch_id: int, kind: EventKind, message: str) -> None:
-    """Add an event to the batch (caller commits)."""
-    session.add(BatchEvent(batch_id=batch_id, at=utcnow(), kind=kind, message=message))
+def record(
+    session: Session, batch_id: int, kind: EventKind, message: str, provider: str | None = None
+) -> None:
+    """Add an event to the batch (caller commits); `provider`: the one an outage is about."""
+    session.add(
+        BatchEvent(batch_id=batch_id, at=utcnow(), kind=kind, message=message, provider=provider)
+    )
 
 
 def recent(session: Session, batch_id: int, limit: int = 20) -> list[Event]:

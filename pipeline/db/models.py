@@ -120,6 +120,7 @@ class Job(Base):
     spec: Mapped[str] = mapped_column(Text)  # EditSpec JSON
     model: Mapped[str | None] = mapped_column(String(100))  # copies of the spec's, for reports
     quality: Mapped[str | None] = mapped_column(String(20))
+    provider: Mapped[str | None] = mapped_column(String(64))  # NULL: before providers (openai)
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # attempts made before the last `editbatch retry`; max_attempts counts from here
@@ -168,6 +169,9 @@ class Attempt(Base):
     cost_usd: Mapped[Decimal] = mapped_column(ExactMoney, default=Decimal(0))
     cost_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     priced: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Where the call went: the provider and the deployment (lane) it took (migration 0011).
+    provider: Mapped[str | None] = mapped_column(String(64))
+    deployment: Mapped[str | None] = mapped_column(String(128))
     # The batch route: the provider batch this attempt is a line of, and the budget it holds.
     provider_batch_id: Mapped[int | None] = mapped_column(Integer, index=True)
     reserved_usd: Mapped[Decimal | None] = mapped_column(Money)
@@ -285,6 +289,8 @@ class BatchEvent(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     kind: Mapped[str] = mapped_column(String(32))  # a pipeline.db.events kind
     message: Mapped[str] = mapped_column(Text)
+    # The provider an outage event is about (its breaker); NULL: before providers (openai).
+    provider: Mapped[str | None] = mapped_column(String(64))
 
 
 class DailySpend(Base):

@@ -51,6 +51,7 @@ EDIT_FIELDS = (
     "frame_duration_ms",
     "svg_model",
     "svg_effort",
+    "provider",
 )
 # Defaults (CLI options) of these fields apply only to the rows of that output format: a
 # batch-wide --frame-count must not turn every PNG row into an error.
@@ -71,11 +72,14 @@ DEFAULT_MODEL = "gpt-image-2.5-sunburst"
 @dataclass(frozen=True)
 class Defaults:
     """Batch-wide values for fields a row leaves empty (from CLI options), and models to
-    replace (`--model-map OLD=NEW`: a row naming OLD, or taking it as the default, gets NEW)."""
+    replace (`--model-map OLD=NEW`: a row naming OLD, or taking it as the default, gets NEW).
+    `provider`: where rows that name none go (`--provider`, EDITBATCH_PROVIDER; None: the
+    default provider of the process that runs the job)."""
 
     model: str = DEFAULT_MODEL
     values: Mapping[str, Any] = field(default_factory=dict)
     model_map: Mapping[str, str] = field(default_factory=dict)
+    provider: str | None = None
 
 
 def detect_format(path: Path) -> str:
@@ -331,6 +335,7 @@ def parse_row(
         frame_duration_ms=frame_duration,
         svg_model=_text(merged.get("svg_model")),
         svg_effort=(_text(merged.get("svg_effort")) or "").lower() or None,
+        provider=_text(merged.get("provider")) or defaults.provider,
     )
 
 

@@ -40,6 +40,7 @@ from pipeline import clock
 from pipeline.errors import ConfigError, RowError
 from pipeline.files import write_atomic
 from pipeline.intake.catalog import Catalog, Lifecycle, ModelInfo, parse_size
+from pipeline.providers import ProviderSet
 from pipeline.spec import COMPLEXITIES, OUTPUT_FORMATS, SVG_EFFORTS, EditSpec
 
 __all__ = [
@@ -100,6 +101,9 @@ class PreflightOptions:
     allow_unknown_model: bool = False
     max_pixels: int = 64_000_000  # decompression-bomb guard, checked from the header
     work_dir: Path | None = None  # converted / upright / mask copies (content-addressed names)
+    # The configured providers: a row's provider must exist and serve its model, with the
+    # output and input formats it makes and takes. None: not checked (OpenAI only).
+    providers: ProviderSet | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ class Preflight:
 
         info = self._check_model(spec, err, notes)
         self._check_params(spec, info, err, notes)
+        self._check_provider(spec, err)
 
         digests: dict[str, str] = {}
         formats: dict[str, str] = {}
@@ -237,6 +242,8 @@ class Preflight:
             if verdict.error is None and first is not None and verdict.size != first.size:
                 (w, h), (fw, fh) = verdict.size, first.size
                 notes.append(f"markup: is {w}x{h} but image 1 is {fw}x{fh}")
+
+        self._check_provider_inputs(spec, taken, err)
 
         checked = None
         if not errors:
@@ -518,7 +525,55 @@ class Preflight:
 
         info = self._check_model(spec, err, [])
         self._check_params(spec, info, err, [])
+        self._check_provider(spec, err)
         return errors
+
+    def _check_provider(self, spec: EditSpec, err: Callable[[str, str], None]) -> None:
+        """The row's provider exists, serves its model, and makes its output format."""
+        providers = self.options.providers
+        if providers is None:
+            return
+        name = spec.provider or providers.default
+        provider = providers.providers.get(name)
+        if provider is None:
+            err(
+                "provider",
+                f"unknown provider {name!r}: the configured providers are "
+                f"{', '.join(providers.names())} (docs/providers.md)",
+            )
+            return
+        if not provider.serves(spec.model):
+            err("model", provider.not_served(spec.model))
+        formats = provider.output_formats
+        if formats is not None and spec.output_format not in formats:
+            err(
+                "output_format",
+                f"provider {name} does not make {spec.output_format} output: use one of "
+                f"{', '.join(formats)}",
+            )
+
+    def _check_provider_inputs(
+        self,
+        spec: EditSpec,
+        taken: list[tuple[str, _Verdict]],
+        err: Callable[[str, str], None],
+    ) -> None:
+        """Every image is in a format the row's provider takes (Azure: PNG or JPEG)."""
+        providers = self.options.providers
+        if providers is None:
+            return
+        provider = providers.providers.get(spec.provider or providers.default)
+        if provider is None or provider.input_formats is None:
+            return
+        accepted = provider.input_formats
+        for index, (path, verdict) in enumerate(taken, start=1):
+            if verdict.error is None and verdict.fmt not in accepted:
+                err(
+                    "image",
+                    f"image {index}: {os.path.basename(path)} is {verdict.fmt.upper()}; provider "
+                    f"{provider.name} takes {' or '.join(f.upper() for f in accepted)} inputs: "
+                    "convert it (e.g. save it as PNG)",
+                )
 
     # --- files ------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-__all__ = ["REDACTED", "JsonFormatter", "RedactKeys", "redact", "setup_logging"]
+__all__ = ["REDACTED", "JsonFormatter", "RedactKeys", "add_secret", "redact", "setup_logging"]
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REDACTED = "sk-[REDACTED]"
@@ -36,8 +36,22 @@ _STANDARD = frozenset(
 _OURS = "_editbatch_handler"  # marks the handlers setup_logging installed, to replace them
 
 
+# Keys of other shapes this process holds (an Azure key is 32 hex digits): replaced verbatim.
+_SECRETS: set[str] = set()
+
+
+def add_secret(value: str) -> None:
+    """Redact `value` from every record from now on (a key that is not `sk-` shaped; those
+    are redacted by their shape already)."""
+    if len(value) >= 8 and not value.startswith("sk-"):
+        _SECRETS.add(value)
+
+
 def redact(text: str) -> str:
-    """`text` with every OpenAI-key-shaped substring replaced by REDACTED (pure)."""
+    """`text` with every OpenAI-key-shaped substring, and every key given to `add_secret`,
+    replaced by REDACTED."""
+    for secret in tuple(_SECRETS):
+        text = text.replace(secret, REDACTED)
     return _KEY.sub(REDACTED, text)
 
 

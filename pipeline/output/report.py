@@ -3,7 +3,9 @@
 Per output, in the order of `outputs`: its sha256, format (png, webp, jpeg, gif, svg), bytes and
 size ("WxH"; empty for an SVG whose size its attributes do not give), and its review decision
 (approved, rejected or unreviewed) with the reviewers' notes; `rerun_of_row` is the row a re-run
-of a rejected output was made from.
+of a rejected output was made from. `provider` is where the job was sent (empty: before
+providers, i.e. openai), `deployment` the lane its last call took; the JSON summary adds jobs,
+successes, calls and cost per provider (`providers`).
 
 CSV cells that a spreadsheet would run as a formula (starting with = + - @, tab or CR) are
 prefixed with a quote, so a hostile prompt or file name cannot execute in Excel.
@@ -26,12 +28,15 @@ from pipeline.db.jobs import ANSWER_LOST
 from pipeline.db.models import Attempt, Batch, Job, Output, Review
 from pipeline.db.session import Database
 from pipeline.output.collector import StorageCache
+from pipeline.states import JobState
 
 COLUMNS = (
     "row",
     "id",
     "state",
     "model",
+    "provider",
+    "deployment",
     "quality",
     "attempts",
     "cost_usd",
@@ -76,6 +81,7 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
                         Job.external_key,
                         Job.state,
                         Job.model,
+                        Job.provider,
                         Job.quality,
                         Job.attempts,
                         Job.cost_usd,
@@ -110,6 +116,13 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
                 .order_by(Output.job_id, Output.index)
             ):
                 outputs.setdefault(out.job_id, []).append(out)
+            deployments: dict[int, str | None] = {}
+            for job_id, deployment in session.execute(
+                select(Attempt.job_id, Attempt.deployment)
+                .where(Attempt.job_id.in_(ids))
+                .order_by(Attempt.job_id, Attempt.number)
+            ):
+                deployments[job_id] = deployment  # the last attempt's lane
         for r in chunk:
             outs = outputs.get(r.id, [])
             yield {
@@ -117,6 +130,8 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
                 "id": r.external_key,
                 "state": r.state,
                 "model": r.model,
+                "provider": r.provider,
+                "deployment": deployments.get(r.id),
                 "quality": r.quality,
                 "attempts": r.attempts,
                 "cost_usd": str(Decimal(str(r.cost_usd)).quantize(Decimal("0.000001"))),
@@ -133,6 +148,24 @@ def report_rows(db: Database, batch_id: int) -> Iterator[dict[str, Any]]:
                 "error_message": r.last_error_message,
             }
         last_id = ids[-1]
+
+
+def provider_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Jobs, successes, calls and cost per provider, from the report's rows (rejected rows,
+    which went nowhere, are left out)."""
+    totals: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["state"] == JobState.REJECTED:
+            continue
+        entry = totals.setdefault(
+            row["provider"] or "openai",
+            {"jobs": 0, "succeeded": 0, "attempts": 0, "cost_usd": Decimal(0)},
+        )
+        entry["jobs"] += 1
+        entry["succeeded"] += row["state"] == JobState.SUCCEEDED
+        entry["attempts"] += row["attempts"] or 0
+        entry["cost_usd"] += Decimal(row["cost_usd"])
+    return {name: {**e, "cost_usd": str(e["cost_usd"])} for name, e in sorted(totals.items())}
 
 
 def lost_answers(db: Database, batch_id: int, limit: int = 1000) -> list[dict[str, Any]]:
@@ -172,6 +205,7 @@ def write_report(db: Database, batch_id: int, storages: StorageCache) -> tuple[s
             [safe_cell("|".join(row[c]) if isinstance(row[c], list) else row[c]) for c in COLUMNS]
         )
     summary = status.to_json()
+    summary["providers"] = provider_totals(rows)
     summary["lost_answers"]["list"] = lost_answers(db, batch_id)
     storage = storages.get(output_uri)
     csv_uri = storage.write(f"report-{batch_id}.csv", text.getvalue().encode("utf-8"))

@@ -22,8 +22,11 @@ hold the batch, probe the API one call at a time, and resume by itself when it a
 The state (streak, trip, probe lease) is shared by every worker through Redis
 (`worker.breaker.RedisBreakerStore`) or kept in this process for `editbatch run`
 (`LocalBreakerStore`); what a person reads (when a batch was held, why, when it resumed) is in
-the database (`pipeline.db.events`). It is keyed by a scope, one per provider (`scope_of`), so
-each provider can have its own breaker.
+the database (`pipeline.db.events`). It is keyed by a scope, one per provider (`scope_of`: the
+provider's name and a hash of where its calls go): each provider has its own breaker
+(`Breaker.of`), the executor counts a call on its job's provider's, and an outage event names
+the provider, so an outage of Azure holds the batches whose calls go to Azure, and only Azure's
+probe resumes them, while OpenAI's batches run on.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -44,6 +47,7 @@ from pipeline.db import events, jobs
 from pipeline.db.events import EventKind
 from pipeline.db.models import Batch, BatchEvent, utcnow
 from pipeline.db.session import Database
+from pipeline.providers import DEFAULT_PROVIDER, providers_of
 from pipeline.settings import Settings
 from pipeline.states import BatchState, HoldCode
 
@@ -55,11 +59,14 @@ __all__ = [
     "LocalBreakerStore",
     "ProbeResult",
     "Trip",
+    "breaker_of",
+    "held_for",
     "hold_for_outage",
     "is_outage",
     "outage_since",
     "probe",
     "scope_of",
+    "scopes_of",
 ]
 
 log = logging.getLogger("editbatch.breaker")
@@ -78,10 +85,23 @@ def is_outage(http_status: int | None, error_type: str | None) -> bool:
     return http_status >= 500
 
 
-def scope_of(settings: Settings, provider: str = "openai") -> str:
-    """The breaker's key for a provider and endpoint (never the API key)."""
-    base = settings.openai_base_url or "https://api.openai.com/v1"
-    return f"{provider}:{hashlib.sha256(base.encode()).hexdigest()[:12]}"
+def _scope(provider: str, where: str) -> str:
+    return f"{provider}:{hashlib.sha256(where.encode()).hexdigest()[:12]}"
+
+
+def scopes_of(settings: Settings) -> dict[str, str]:
+    """The breaker's key of every configured provider: its name and a hash of where its calls
+    go (never a key). OpenAI's is the same as before providers (a hash of its base URL)."""
+    providers = providers_of(settings)
+    return {
+        name: _scope(name, provider.connection.describe())
+        for name, provider in providers.providers.items()
+    }
+
+
+def scope_of(settings: Settings, provider: str = DEFAULT_PROVIDER) -> str:
+    """The breaker's key for `provider` (see `scopes_of`)."""
+    return scopes_of(settings).get(provider) or _scope(provider, provider)
 
 
 @dataclass(frozen=True)
@@ -207,11 +227,26 @@ class LocalBreakerStore:
 
 @dataclass
 class Breaker:
-    """One scope's breaker: the policy, the shared state, and what the executor asks of it."""
+    """One provider's breaker (one scope): the policy, the shared state, and what the executor
+    asks of it. `of(name)` is another provider's breaker on the same store and policy."""
 
     store: BreakerStore
     policy: BreakerPolicy
     scope: str
+    provider: str = DEFAULT_PROVIDER
+    scopes: Mapping[str, str] = field(default_factory=dict)  # every provider's scope
+
+    def of(self, provider: str | None) -> Breaker:
+        """The breaker of `provider` (None: this one)."""
+        if provider is None or provider == self.provider:
+            return self
+        scope = self.scopes.get(provider) or _scope(provider, provider)
+        return replace(self, scope=scope, provider=provider)
+
+    def every(self) -> list[Breaker]:
+        """One breaker per configured provider (this one first)."""
+        others = sorted(name for name in self.scopes if name != self.provider)
+        return [self, *(self.of(name) for name in others)]
 
     def open(self) -> Trip | None:
         """The trip in force, or None when calls may go out."""
@@ -230,6 +265,19 @@ class Breaker:
         return self.store.streak(self.scope)
 
 
+def breaker_of(store: BreakerStore, settings: Settings) -> Breaker:
+    """The default provider's breaker on `store`, knowing every provider's scope."""
+    scopes = scopes_of(settings)
+    default = settings.provider.strip() or DEFAULT_PROVIDER
+    return Breaker(
+        store,
+        BreakerPolicy.from_settings(settings),
+        scopes.get(default) or _scope(default, default),
+        default,
+        scopes,
+    )
+
+
 # -- holding a batch ----------------------------------------------------------------------------
 
 
@@ -237,17 +285,29 @@ def _clock(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%S UTC")
 
 
-def hold_for_outage(db: Database, batch_id: int, trip: Trip, policy: BreakerPolicy) -> bool:
-    """Hold a running batch as api_unreachable, saying since when and why (its event and a log
-    line). True for the one caller that held it."""
+def _who(provider: str) -> str:
+    return "API" if provider == DEFAULT_PROVIDER else f"provider {provider}"
+
+
+def hold_for_outage(
+    db: Database,
+    batch_id: int,
+    trip: Trip,
+    policy: BreakerPolicy,
+    provider: str = DEFAULT_PROVIDER,
+) -> bool:
+    """Hold a running batch as api_unreachable for `provider`'s outage, saying since when and
+    why (its event, naming the provider, and a log line). True for the one caller that held
+    it."""
     reason = (
-        f"API unreachable since {_clock(trip.tripped_at)}: {policy.threshold} calls in a row "
-        f"failed (last: {trip.reason}); probing it, resumes by itself when it answers"
+        f"{_who(provider)} unreachable since {_clock(trip.tripped_at)}: {policy.threshold} "
+        f"calls in a row failed (last: {trip.reason}); probing it, resumes by itself when it "
+        "answers"
     )
     with db.session() as session:
         held = jobs.hold_batch(session, batch_id, HoldCode.API_UNREACHABLE, reason)
         if held:
-            events.record(session, batch_id, EventKind.OUTAGE_HELD, reason)
+            events.record(session, batch_id, EventKind.OUTAGE_HELD, reason, provider)
         session.commit()
     if held:
         log.warning("batch %s held: %s", batch_id, reason)
@@ -290,8 +350,24 @@ def outage_since(history: list[tuple[datetime, str]]) -> datetime | None:
     return since
 
 
-def _held(db: Database) -> dict[int, datetime]:
-    """Batches held for an outage, with when their outage began."""
+def held_for(db: Database, batch_id: int) -> str | None:
+    """The provider whose outage holds `batch_id` (its last trip's), or None when the batch is
+    not held api_unreachable."""
+    with db.session() as session:
+        code = session.scalar(select(Batch.hold_code).where(Batch.id == batch_id))
+        if code != HoldCode.API_UNREACHABLE:
+            return None
+        provider = session.scalar(
+            select(BatchEvent.provider)
+            .where(BatchEvent.batch_id == batch_id, BatchEvent.kind == EventKind.OUTAGE_HELD)
+            .order_by(BatchEvent.id.desc())
+            .limit(1)
+        )
+    return provider or DEFAULT_PROVIDER
+
+
+def _held(db: Database, provider: str) -> dict[int, datetime]:
+    """Batches held for an outage of `provider` (their last trip's), with when it began."""
     with db.session() as session:
         ids = list(
             session.scalars(
@@ -303,11 +379,14 @@ def _held(db: Database) -> dict[int, datetime]:
         out: dict[int, datetime] = {}
         for batch_id in ids:
             rows = session.execute(
-                select(BatchEvent.at, BatchEvent.kind)
+                select(BatchEvent.at, BatchEvent.kind, BatchEvent.provider)
                 .where(BatchEvent.batch_id == batch_id)
                 .order_by(BatchEvent.id)
             ).all()
-            history = [(_aware(at), str(kind)) for at, kind in rows]
+            trips = [p or DEFAULT_PROVIDER for _, kind, p in rows if kind == EventKind.OUTAGE_HELD]
+            if (trips[-1] if trips else DEFAULT_PROVIDER) != provider:
+                continue  # held for another provider's outage: its own probe resumes it
+            history = [(_aware(at), str(kind)) for at, kind, _ in rows]
             out[batch_id] = outage_since(history) or utcnow()
     return out
 
@@ -317,15 +396,16 @@ def _aware(moment: datetime) -> datetime:
 
 
 def probe(breaker: Breaker, db: Database, ask: Callable[[], str | None]) -> ProbeResult:
-    """One probe: give up on outages older than the give-up time, then ask the API (`ask()`: a
-    free call; None when it answered, else why not). On an answer, close the breaker and
-    resume every batch held for the outage; otherwise say when to probe again."""
+    """One probe of `breaker`'s provider: give up on its outages older than the give-up time,
+    then ask it (`ask()`: a free call; None when it answered, else why not). On an answer,
+    close the breaker and resume every batch held for this provider's outage; otherwise say
+    when to probe again."""
     now = utcnow()
-    held = _held(db)
+    held = _held(db, breaker.provider)
     give_up = breaker.policy.give_up
     gave_up = [b for b, since in held.items() if (now - since).total_seconds() >= give_up]
     for batch_id in gave_up:
-        _give_up(db, batch_id, held.pop(batch_id), breaker.policy)
+        _give_up(db, batch_id, held.pop(batch_id), breaker.policy, breaker.provider)
     if gave_up and not held:
         breaker.store.close(breaker.scope)  # a person's resume tries the API again
     trip = breaker.open()
@@ -341,7 +421,7 @@ def probe(breaker: Breaker, db: Database, ask: Callable[[], str | None]) -> Prob
     resumed = []
     for batch_id, since in held.items():
         seconds = (now - since).total_seconds()
-        message = f"the API answers again; resumed after {seconds:.0f} s held"
+        message = f"the {_who(breaker.provider)} answers again; resumed after {seconds:.0f} s held"
         with db.session() as session:
             code = session.scalar(select(Batch.hold_code).where(Batch.id == batch_id))
             if code != HoldCode.API_UNREACHABLE:
@@ -352,14 +432,16 @@ def probe(breaker: Breaker, db: Database, ask: Callable[[], str | None]) -> Prob
     return ProbeResult(resumed=resumed, gave_up=gave_up)
 
 
-def _give_up(db: Database, batch_id: int, since: datetime, policy: BreakerPolicy) -> None:
+def _give_up(
+    db: Database, batch_id: int, since: datetime, policy: BreakerPolicy, provider: str
+) -> None:
     reason = (
-        f"the API did not answer for {policy.give_up / 60:.0f} min (since "
+        f"the {_who(provider)} did not answer for {policy.give_up / 60:.0f} min (since "
         f"{since.strftime('%H:%M:%S UTC')}): probing stopped; once it is back: "
         f"editbatch resume {batch_id}"
     )
     with db.session() as session:
         if jobs.change_hold(session, batch_id, HoldCode.API_UNREACHABLE, HoldCode.OUTAGE, reason):
-            events.record(session, batch_id, EventKind.OUTAGE_GAVE_UP, reason)
+            events.record(session, batch_id, EventKind.OUTAGE_GAVE_UP, reason, provider)
         session.commit()
     log.warning("batch %s: %s", batch_id, reason)

@@ -1,4 +1,5 @@
-"""Build the per-process dependencies (database, gateway, prices, limiter) from settings."""
+"""Build the per-process dependencies (database, providers, gateway, prices, limiter) from
+settings."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pipeline.intake.catalog import load_catalog
 from pipeline.observe import webhook
 from pipeline.output.collector import StorageCache
 from pipeline.output.report import write_report
-from pipeline.run.breaker import Breaker, BreakerPolicy, LocalBreakerStore, scope_of
+from pipeline.providers import providers_of
+from pipeline.run.breaker import Breaker, LocalBreakerStore, breaker_of
 from pipeline.run.executor import Deps
 from pipeline.run.gateway import Gateway
 from pipeline.run.ratelimit import Limiter
@@ -29,14 +31,15 @@ def build_deps(
     db: Database | None = None,
     http_client: httpx2.Client | None = None,
     breaker: Breaker | None = None,
-    on_outage: Callable[[int], None] | None = None,
+    on_outage: Callable[[int, str], None] | None = None,
 ) -> Deps:
     """Clients built once per process. `http_client` replaces the SDK's transport (unit tests:
     `tests.fakes.InProcessAPI`). `breaker`: the outage breaker shared by the workers (default:
-    one for this process); `on_outage(batch_id)` starts probing after this process held a
-    batch for an outage."""
+    one for this process); `on_outage(batch_id, provider)` starts probing a provider after this
+    process held a batch for its outage."""
     database = db or Database(settings.effective_database_url)
     storages = StorageCache()
+    providers = providers_of(settings)
 
     def on_finished(batch_id: int) -> None:
         try:
@@ -65,18 +68,21 @@ def build_deps(
             settings.openai_base_url,
             settings.request_timeout_seconds,
             http_client=http_client,
+            connections=providers.connections(),
         ),
         settings=settings,
-        prices=load_prices(settings.prices_file),
+        prices=providers.prices(load_prices(settings.prices_file)),
         limiter=limiter,
         breaker=breaker or local_breaker(settings),
         catalog=load_catalog(settings.catalog_file),
         on_batch_finished=on_finished,
         on_outage=on_outage,
         storages=storages,
+        providers=providers,
     )
 
 
 def local_breaker(settings: Settings) -> Breaker:
-    """The outage breaker of one process (`editbatch run`, `resume --local`)."""
-    return Breaker(LocalBreakerStore(), BreakerPolicy.from_settings(settings), scope_of(settings))
+    """The outage breakers (one per provider) of one process (`editbatch run`, `resume
+    --local`)."""
+    return breaker_of(LocalBreakerStore(), settings)

@@ -9,13 +9,17 @@ pool of `editbatch run`. Dependencies are built once per process and passed in (
       _load              the job's spec, batch and attempt count
       _stop_state        the batch is held, paused or cancelled: park the job
       _reuse / _defer    an identical job already succeeded (copy it) or is in flight (wait)
+      _hold              no lane for the job's provider and model: hold the batch, say why
       policy.run         retry.RetryPolicy: the loop of attempts, waits and limits
-        _attempt           one call: batch still running? breaker closed? -> reserve -> permit
-                           -> call -> record -> tell the breaker (an outage holds the batch)
+        _attempt           one call: batch still running? the provider's breaker closed? ->
+                           reserve -> permit (any lane of the provider's deployments with
+                           capacity) -> call -> record -> tell the provider's breaker (an
+                           outage holds the batch)
       _settle            spool + record the outputs (ok), hold the batch, or fail the job
 
-Calls an API outage cost a job are given back when the outage breaker stops it
-(`pipeline.run.breaker`), so an outage never fails a job.
+Calls an outage cost a job are given back when the outage breaker of its provider stops it
+(`pipeline.run.breaker`), so an outage never fails a job; an outage of one provider stops only
+the jobs sent to it.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ from pipeline.cost.pricing import PriceTable
 from pipeline.db import jobs
 from pipeline.db.models import Attempt, Batch, Job, Output, utcnow
 from pipeline.db.session import Database
-from pipeline.errors import EditbatchError, PermitTimeout, StorageError
+from pipeline.errors import ConfigError, EditbatchError, PermitTimeout, StorageError
 from pipeline.files import image_sizes
 from pipeline.intake.catalog import Catalog, load_catalog
 from pipeline.observe import metrics
 from pipeline.output import collector, spool
+from pipeline.providers import Lane, ProviderSet
 from pipeline.run.breaker import Breaker, Trip, hold_for_outage, is_outage
 from pipeline.run.gateway import CallOutcome, Gateway
 from pipeline.run.ratelimit import Limiter
@@ -66,18 +71,30 @@ class Deps:
     db: Database
     gateway: Gateway
     settings: Settings
-    prices: PriceTable
+    prices: PriceTable  # with each provider's overrides (`ProviderSet.prices`)
     limiter: Limiter
-    breaker: Breaker
+    breaker: Breaker  # the default provider's; `breaker.of(provider)` for the others
+    providers: ProviderSet
     catalog: Catalog = field(default_factory=load_catalog)
     sleep: Callable[[float], None] = time.sleep
     on_batch_finished: Callable[[int], None] | None = None
-    on_outage: Callable[[int], None] | None = None  # this process held a batch: start probing
+    # This process held a batch for a provider's outage: start probing it (batch, provider).
+    on_outage: Callable[[int, str], None] | None = None
     storages: collector.StorageCache = field(default_factory=collector.StorageCache)
 
     @property
     def policy(self) -> RetryPolicy:
         return RetryPolicy.from_settings(self.settings)
+
+    def probe(self, provider: str | None = None) -> str | None:
+        """A free call to `provider` (None: the default): retrieve the default model (or the
+        first the provider serves) through one of its lanes. None when it answers, else why
+        not (the outage breaker's probe)."""
+        chosen = self.providers.get(provider)
+        model = self.settings.default_model
+        if not chosen.serves(model):
+            model = next(iter(chosen.served() or ()), model)
+        return self.gateway.probe(model, lane=chosen.lanes(model)[0])
 
 
 class Handback(StrEnum):
@@ -112,6 +129,9 @@ class _Claimed:
     attempts_left: int
     pixels: tuple[tuple[int, int], ...]
     estimate: Estimate
+    provider: str
+    lanes: tuple[Lane, ...]  # empty: the provider lacks the model (`no_lane` says why)
+    no_lane: str = ""
     route: str = Route.SYNC
 
 
@@ -167,6 +187,14 @@ def _run_claimed(job: _Claimed, deps: Deps) -> JobResult:
         if busy:
             # The same edit is being bought right now by another job: wait for it, then reuse.
             return _defer(deps, job, DUPLICATE_WAIT_SECONDS, "identical job in flight")
+    if not job.lanes:
+        # The provider's settings changed since preflight, or this worker lacks them: no call
+        # could succeed, for this job or its batch's others, until a person fixes them.
+        reason = (
+            f"{job.no_lane}; fix the provider settings of the workers (docs/providers.md), "
+            f"then: editbatch resume {job.batch_id}"
+        )
+        return _hold(deps, job, HoldCode.PROVIDER, reason, "provider", job.no_lane)
     tally = _Tally()
     try:
         outcome = deps.policy.run(
@@ -191,6 +219,11 @@ def _load(deps: Deps, job_id: int, token: str) -> _Claimed:
         assert batch is not None
         spec = EditSpec.from_json(row.spec)
         pixels = image_sizes(spec.images)
+        provider = spec.provider or deps.providers.default
+        try:
+            lanes, no_lane = deps.providers.lanes(provider, spec.model), ""
+        except ConfigError as exc:
+            lanes, no_lane = (), str(exc)
         return _Claimed(
             job_id=job_id,
             token=token,
@@ -202,6 +235,9 @@ def _load(deps: Deps, job_id: int, token: str) -> _Claimed:
             attempts_left=deps.policy.attempts_left(row.attempts, row.attempt_base),
             pixels=pixels,
             estimate=estimate_cost(spec, pixels, deps.prices),
+            provider=provider,
+            lanes=lanes,
+            no_lane=no_lane,
             route=row.route or batch.route or Route.SYNC,
         )
 
@@ -367,14 +403,15 @@ class _Reservation:
 
 
 def _attempt(deps: Deps, job: _Claimed, tally: _Tally) -> CallOutcome:
-    """One call: the batch still runs and the breaker is closed -> reserve -> permit -> call
-    -> record -> the breaker hears the outcome (an outage holds the batch)."""
+    """One call: the batch still runs and its provider's breaker is closed -> reserve -> permit
+    -> call -> record -> the provider's breaker hears the outcome (an outage holds the batch)."""
+    breaker = deps.breaker.of(job.provider)
     state = _stop_state(deps, job.batch_id)
     if state is not None:
-        raise _Stop(state, outage=deps.breaker.open() is not None)
-    trip = deps.breaker.open()
+        raise _Stop(state, outage=breaker.open() is not None)
+    trip = breaker.open()
     if trip is not None:
-        _hold_for_outage(deps, job, trip)
+        _hold_for_outage(deps, job, breaker, trip)
     reservation = _reserve(deps, job)
     try:
         attempt_id, outcome = _call(deps, job)
@@ -388,17 +425,18 @@ def _attempt(deps: Deps, job: _Claimed, tally: _Tally) -> CallOutcome:
     )
     if is_outage(outcome.http_status, outcome.error_type):
         tally.outage_calls += 1
-    trip = deps.breaker.hear(outcome.http_status, outcome.error_type, _detail(outcome))
+    trip = breaker.hear(outcome.http_status, outcome.error_type, _detail(outcome))
     if trip is not None:
-        _hold_for_outage(deps, job, trip)
+        _hold_for_outage(deps, job, breaker, trip)
     return outcome
 
 
-def _hold_for_outage(deps: Deps, job: _Claimed, trip: Trip) -> NoReturn:
-    """The breaker is open: hold the batch (the first one to do so starts the probing) and stop
-    this job without spending its attempts."""
-    if hold_for_outage(deps.db, job.batch_id, trip, deps.breaker.policy) and deps.on_outage:
-        deps.on_outage(job.batch_id)
+def _hold_for_outage(deps: Deps, job: _Claimed, breaker: Breaker, trip: Trip) -> NoReturn:
+    """The job's provider's breaker is open: hold the batch (the first one to do so starts the
+    probing of that provider) and stop this job without spending its attempts."""
+    held = hold_for_outage(deps.db, job.batch_id, trip, breaker.policy, breaker.provider)
+    if held and deps.on_outage:
+        deps.on_outage(job.batch_id, breaker.provider)
     raise _Stop(JobState.HELD, outage=True)
 
 
@@ -433,22 +471,28 @@ def _release(deps: Deps, job: _Claimed, reservation: _Reservation) -> None:
 
 
 def _call(deps: Deps, job: _Claimed) -> tuple[int, CallOutcome]:
-    """Wait for a rate permit, record the attempt as in flight, make the one HTTP call."""
+    """Wait for a rate permit on any lane of the job's provider and model, record the attempt
+    as in flight, make the one HTTP call on that lane."""
     spec = job.spec
+    lanes = {lane.scope: lane for lane in job.lanes}
+    units = job.lanes[0].units(spec.n)  # the lanes of one provider and model count alike
     wait_started = time.monotonic()
     try:
-        with deps.limiter.permit(spec.model, spec.n, max_wait=_max_permit_wait(deps.settings)):
+        with deps.limiter.permit_any(
+            list(lanes), units, max_wait=_max_permit_wait(deps.settings)
+        ) as scope:
+            lane = lanes[scope]
             metrics.observe_permit_wait(spec.model, time.monotonic() - wait_started)
-            attempt_id = _start_attempt(deps, job.job_id)
+            attempt_id = _start_attempt(deps, job.job_id, lane)
             with metrics.call_in_flight(spec.model):
-                outcome = deps.gateway.edit(spec)
+                outcome = deps.gateway.edit(spec, lane)
     except PermitTimeout:
         metrics.observe_permit_wait(spec.model, time.monotonic() - wait_started, timed_out=True)
         raise
     rate_limited = outcome.kind == AttemptOutcome.TRANSIENT and outcome.http_status == 429
     if rate_limited and outcome.retry_after:
-        deps.limiter.backoff(spec.model, outcome.retry_after)
-    deps.limiter.observe(spec.model, outcome.headers)
+        deps.limiter.backoff(lane.scope, outcome.retry_after)
+    deps.limiter.observe(lane.scope, outcome.headers)
     return attempt_id, outcome
 
 
@@ -457,12 +501,18 @@ def _max_permit_wait(settings: Settings) -> float:
     return max(settings.lease_seconds / 3.0, 1.0)
 
 
-def _start_attempt(deps: Deps, job_id: int) -> int:
-    """Record the attempt before the call, so a worker killed mid-call leaves a trace."""
+def _start_attempt(deps: Deps, job_id: int, lane: Lane) -> int:
+    """Record the attempt (and the lane it takes) before the call, so a worker killed mid-call
+    leaves a trace."""
     with deps.db.session() as session:
         number = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
         attempt = Attempt(
-            job_id=job_id, number=number + 1, started_at=utcnow(), outcome=AttemptOutcome.IN_FLIGHT
+            job_id=job_id,
+            number=number + 1,
+            started_at=utcnow(),
+            outcome=AttemptOutcome.IN_FLIGHT,
+            provider=lane.provider,
+            deployment=lane.deployment,
         )
         session.add(attempt)
         jobs.count_attempt(session, job_id, deps.settings.lease_seconds)
@@ -483,11 +533,11 @@ def _record(
         # a body cut off): estimate from the published tables.
         usage = fallback_usage(spec, len(outcome.images) or spec.n, job.pixels)
         estimated = True
-    cost = deps.prices.cost(spec.model, usage) if usage is not None else None
+    cost = deps.prices.cost(spec.model, usage, job.provider) if usage is not None else None
     if cost is not None and outcome.svg_usage is not None:
         # SVG output: the author model's tokens are billed at its own rates; with no price for
         # it the attempt's cost is unknown (flagged unpriced), never silently short.
-        author = deps.prices.cost(outcome.svg_author or "", outcome.svg_usage)
+        author = deps.prices.cost(outcome.svg_author or "", outcome.svg_usage, job.provider)
         cost = None if author is None else cost + author
     metrics.observe_attempt(
         spec.model, outcome.kind, outcome.http_status, outcome.latency_ms / 1000.0, cost
@@ -544,29 +594,26 @@ def _settle(deps: Deps, job: _Claimed, outcome: CallOutcome, tally: _Tally) -> J
             deps,
             job,
             deps.breaker.policy.probe_first,
-            "every call fails with an outage error",
+            f"every call to {job.provider} fails with an outage error",
             forgive=tally.outage_calls,
         )
     message = outcome.error_message or outcome.error_code or "unknown error"
     code = outcome.error_code or outcome.error_type
     if outcome.kind == AttemptOutcome.HOLD:
-        hold = hold_code(outcome.http_status, outcome.error_code, outcome.error_param)
+        hold = hold_code(
+            outcome.http_status, outcome.error_code, outcome.error_param, outcome.error_message
+        )
         reason = f"{outcome.http_status} {code}: {message}"
+        if outcome.provider is not None and outcome.provider != "openai":
+            reason = f"provider {outcome.provider}, deployment {outcome.deployment}: {reason}"
         if hold == HoldCode.MODEL_UNAVAILABLE:
             reason = _model_gone_reason(deps, job, reason)
-        with deps.db.session() as session:
-            jobs.hold_batch(session, job.batch_id, hold, reason)
-            jobs.set_state(
-                session,
-                job.job_id,
-                job.token,
-                JobState.HELD,
-                error_code=code,
-                error_message=message,
+        elif hold == HoldCode.PROVIDER:
+            reason += (
+                "; fix the deployment or api-version in the provider's settings "
+                f"(docs/providers.md), then: editbatch resume {job.batch_id}"
             )
-            session.commit()
-        log.warning("batch %s held: %s", job.batch_id, reason)
-        return JobResult(job.job_id, JobState.HELD, reason)
+        return _hold(deps, job, hold, reason, code, message)
     if outcome.kind == AttemptOutcome.TRANSIENT:
         message = f"gave up after {deps.settings.max_attempts} attempts; last: {message}"
     with deps.db.session() as session:
@@ -579,17 +626,37 @@ def _settle(deps: Deps, job: _Claimed, outcome: CallOutcome, tally: _Tally) -> J
 
 
 def _outage_before_the_trip(deps: Deps, job: _Claimed, outcome: CallOutcome, tally: _Tally) -> bool:
-    """The job's last call failed as an outage fails, no call anywhere has succeeded since its
-    first such failure (the breaker's streak covers them all), and a free call to the API (a
-    model lookup) gets no answer either. A job whose request alone breaks the server still
-    fails: the API answers the lookup."""
+    """The job's last call failed as an outage fails, no call to its provider anywhere has
+    succeeded since its first such failure (the provider's breaker's streak covers them all),
+    and a free call on the job's lane (a model lookup) gets no answer either. A job whose
+    request alone breaks the server still fails: the provider answers the lookup."""
     if outcome.kind != AttemptOutcome.TRANSIENT or not tally.outage_calls:
         return False
     if not is_outage(outcome.http_status, outcome.error_type):
         return False
-    if deps.breaker.streak() < tally.outage_calls:
+    if deps.breaker.of(job.provider).streak() < tally.outage_calls:
         return False
-    return deps.gateway.probe(job.spec.model) is not None
+    lane = next((ln for ln in job.lanes if ln.deployment == outcome.deployment), job.lanes[0])
+    return deps.gateway.probe(job.spec.model, lane=lane) is not None
+
+
+def _hold(
+    deps: Deps, job: _Claimed, hold: HoldCode, reason: str, code: str | None, message: str
+) -> JobResult:
+    """Hold the batch (with the code and reason) and park this job with its error."""
+    with deps.db.session() as session:
+        jobs.hold_batch(session, job.batch_id, hold, reason)
+        jobs.set_state(
+            session,
+            job.job_id,
+            job.token,
+            JobState.HELD,
+            error_code=code,
+            error_message=message,
+        )
+        session.commit()
+    log.warning("batch %s held: %s", job.batch_id, reason)
+    return JobResult(job.job_id, JobState.HELD, reason)
 
 
 def _model_gone_reason(deps: Deps, job: _Claimed, answer: str) -> str:

@@ -3,14 +3,22 @@
 The SDK's own retries are off (`max_retries=0`) so every attempt is seen, recorded and priced;
 the executor owns the retry policy. Nothing here raises for an API failure: the result is a
 `CallOutcome` whose `kind` says what the caller must do (see ARCHITECTURE.md, error classes).
+
+One SDK client per provider connection (`pipeline.providers.Connection`), built once per
+process: `openai.OpenAI` for OpenAI and compatible gateways (and Azure's v1 path),
+`openai.AzureOpenAI` for Azure's deployment paths (api-version; an `api-key`, or an Entra ID
+token from azure-identity's `get_bearer_token_provider`, imported only when a provider uses it).
+A call on a lane sends the lane's deployment as `model`: AzureOpenAI puts it in the path.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +27,21 @@ import openai
 
 from pipeline.cost.pricing import Usage
 from pipeline.errors import ConfigError, EditbatchError
+from pipeline.observe.logs import add_secret
 from pipeline.output.formats import unreadable
-from pipeline.run.retry import classify, parse_retry_after
+from pipeline.providers import Auth, Connection, Kind, Lane
+from pipeline.run.retry import classify, content_blocked, parse_retry_after
 from pipeline.settings import Settings
 from pipeline.spec import EditSpec
 from pipeline.states import AttemptOutcome
+
+KEPT_HEADERS = (
+    "x-ratelimit",
+    "x-request-id",
+    "retry-after",
+    "openai-processing",
+    "apim-request-id",
+)
 
 MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "jpg": "image/jpeg"}
 
@@ -56,6 +74,94 @@ class CallOutcome:
     # No answer came back, but the API may have made one and billed it (we timed out, or the
     # body was cut off): booked at its estimated cost.
     maybe_billed: bool = False
+    # Where the call went (None: a call without a lane, to the gateway's own client).
+    provider: str | None = None
+    deployment: str | None = None
+
+
+def filter_detail(error: Any) -> str:
+    """The categories a content filter flagged, from Azure's `inner_error.content_filter_results`
+    (chat answers spell it `innererror.content_filter_result`): "violence (medium)", or ""."""
+    if not isinstance(error, dict):
+        return ""
+    inner = error.get("inner_error") or error.get("innererror")
+    if not isinstance(inner, dict):
+        return ""
+    results = inner.get("content_filter_results") or inner.get("content_filter_result")
+    if not isinstance(results, dict):
+        return ""
+    flagged = [
+        f"{name} ({value.get('severity')})" if value.get("severity") else str(name)
+        for name, value in results.items()
+        if isinstance(value, dict) and value.get("filtered")
+    ]
+    return ", ".join(flagged)
+
+
+def entra_credential() -> Any:
+    """azure-identity's DefaultAzureCredential (environment, managed identity, Azure CLI...)."""
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
+
+
+def token_provider(connection: Connection) -> Callable[[], str]:
+    """A bearer token source for an Entra ID connection; ConfigError without azure-identity."""
+    try:
+        from azure.identity import get_bearer_token_provider
+    except ImportError as exc:
+        raise ConfigError(
+            f"{connection.describe()} signs in with Entra ID (auth entra_id), which needs "
+            "azure-identity: pip install 'editbatch[azure]'"
+        ) from exc
+    provider: Callable[[], str] = get_bearer_token_provider(
+        entra_credential(), connection.token_scope
+    )
+    return provider
+
+
+def build_client(
+    connection: Connection, timeout: float, http_client: httpx2.Client | None = None
+) -> openai.OpenAI:
+    """The SDK client for one connection (retries off)."""
+    if connection.kind == Kind.AZURE:
+        entra = connection.auth == Auth.ENTRA_ID
+        if connection.azure_v1:
+            # The v1 path takes the plain client; a token source goes where the key would.
+            key: str | Callable[[], str] = (
+                token_provider(connection) if entra else connection.api_key
+            )
+            return openai.OpenAI(
+                base_url=f"{connection.url}/openai/v1/",
+                api_key=key,
+                max_retries=0,
+                timeout=timeout,
+                http_client=http_client,
+            )
+        if entra:
+            return openai.AzureOpenAI(
+                azure_endpoint=connection.url or "",
+                api_version=connection.api_version,
+                azure_ad_token_provider=token_provider(connection),
+                max_retries=0,
+                timeout=timeout,
+                http_client=http_client,
+            )
+        return openai.AzureOpenAI(
+            azure_endpoint=connection.url or "",
+            api_version=connection.api_version,
+            api_key=connection.api_key,
+            max_retries=0,
+            timeout=timeout,
+            http_client=http_client,
+        )
+    return openai.OpenAI(
+        api_key=connection.api_key or "missing-key",
+        base_url=connection.url,
+        max_retries=0,
+        timeout=timeout,
+        http_client=http_client,
+    )
 
 
 @dataclass(frozen=True)
@@ -66,6 +172,10 @@ class Answer:
     status: int | None
     code: str | None = None
     message: str = ""
+    # None for a plain free call. For a call made to be refused (`check_lane`: an Azure edit
+    # with n=0, which a working deployment refuses only after the endpoint, api-version, key and
+    # deployment were accepted): whether it was refused that way.
+    refused_as_asked: bool | None = None
 
     @property
     def answered(self) -> bool:
@@ -74,6 +184,10 @@ class Answer:
 
     @property
     def ok(self) -> bool:
+        """It said what a working setup says: a 2xx, or (a call made to be refused) the
+        refusal asked for."""
+        if self.refused_as_asked is not None:
+            return self.refused_as_asked
         return self.status is not None and 200 <= self.status < 300
 
     def describe(self) -> str:
@@ -180,10 +294,13 @@ def _files(spec: EditSpec) -> dict[str, Any]:
 
 
 class Gateway:
-    """A configured OpenAI client, built once per process and shared by all threads.
+    """Configured SDK clients, built once per process and shared by all threads.
 
-    `http_client` (an `httpx2.Client`) replaces the SDK's own transport: unit tests pass one
-    with an `httpx2.MockTransport` to answer in-process, without a server.
+    The client of (`api_key`, `base_url`) serves calls without a lane; `connections` (from
+    `ProviderSet.connections()`) are built up front, so a provider that cannot be reached as
+    configured (no azure-identity for Entra ID) fails when the worker starts, not mid-batch.
+    `http_client` (an `httpx2.Client`) replaces the SDK's own transport for every client: unit
+    tests pass one with an `httpx2.MockTransport` to answer in-process, without a server.
     """
 
     def __init__(
@@ -192,8 +309,12 @@ class Gateway:
         base_url: str | None,
         timeout: float,
         http_client: httpx2.Client | None = None,
+        connections: Iterable[Connection] = (),
     ) -> None:
-        self._secret = api_key
+        self._timeout = timeout
+        self._http_client = http_client
+        self._lock = threading.Lock()
+        self._secrets = {api_key} if api_key else set()
         self.client = openai.OpenAI(
             api_key=api_key or "missing-key",
             base_url=base_url,
@@ -201,11 +322,29 @@ class Gateway:
             timeout=timeout,
             http_client=http_client,
         )
+        self._clients: dict[Connection, openai.OpenAI] = {
+            Connection(Kind.OPENAI, base_url, api_key=api_key): self.client
+        }
+        for connection in connections:
+            self.client_for(connection)
+
+    def client_for(self, connection: Connection) -> openai.OpenAI:
+        """The client of `connection`, built on first use."""
+        with self._lock:
+            client = self._clients.get(connection)
+            if client is None:
+                client = build_client(connection, self._timeout, self._http_client)
+                self._clients[connection] = client
+                if connection.api_key:
+                    self._secrets.add(connection.api_key)
+                    add_secret(connection.api_key)  # an Azure key is not `sk-` shaped
+            return client
 
     def _redact(self, text: str) -> str:
-        """Remove the API key from text that will be stored (the API may echo it back)."""
-        if self._secret and len(self._secret) >= 8:
-            text = text.replace(self._secret, "sk-****")
+        """Remove the API keys from text that will be stored (the API may echo one back)."""
+        for secret in self._secrets:
+            if len(secret) >= 8:
+                text = text.replace(secret, "sk-****")
         return text
 
     def redact(self, text: str) -> str:
@@ -213,19 +352,24 @@ class Gateway:
         return self._redact(text)
 
     def close(self) -> None:
-        self.client.close()
+        for client in set(self._clients.values()):
+            client.close()
 
-    def lookup(self, model: str, timeout: float = 10.0) -> Answer:
-        """Retrieve `model` (`GET /models/{model}`, free): whether the API answers, and what."""
-        return self._free(lambda client: client.models.retrieve(model), timeout)
+    def lookup(
+        self, model: str, timeout: float = 10.0, connection: Connection | None = None
+    ) -> Answer:
+        """Retrieve `model` (`GET /models/{model}`, free) on `connection` (None: the client
+        without a lane): whether the API answers, and what."""
+        return self._free(lambda client: client.models.retrieve(model), timeout, connection)
 
-    def list_models(self, timeout: float = 10.0) -> Answer:
+    def list_models(self, timeout: float = 10.0, connection: Connection | None = None) -> Answer:
         """List the models (`GET /models`, free): whether the API answers, and what."""
-        return self._free(lambda client: client.models.list(), timeout)
+        return self._free(lambda client: client.models.list(), timeout, connection)
 
-    def _free(self, call: Any, timeout: float) -> Answer:
+    def _free(self, call: Any, timeout: float, connection: Connection | None = None) -> Answer:
+        client = self.client if connection is None else self.client_for(connection)
         try:
-            call(self.client.with_options(timeout=timeout))
+            call(client.with_options(timeout=timeout))
         except openai.APIStatusError as exc:
             return _answer_of(exc, self._redact)
         except openai.APITimeoutError:
@@ -236,30 +380,42 @@ class Gateway:
             return Answer(None, "connection_error", f"connection failed{detail}")
         return Answer(200)
 
-    def probe(self, model: str, timeout: float = 10.0) -> str | None:
-        """Ask the API something that costs nothing (retrieve `model`): None when it answers
-        (any status below 500: the API is there), else why not."""
-        answer = self.lookup(model, timeout)
+    def probe(self, model: str, timeout: float = 10.0, lane: Lane | None = None) -> str | None:
+        """Ask the API something that costs nothing (retrieve `model`, or on `lane` its
+        deployment through its connection): None when it answers (any status below 500: the
+        API is there), else why not."""
+        if lane is None:
+            answer = self.lookup(model, timeout)
+        else:
+            answer = self.lookup(lane.deployment, timeout, lane.connection)
         return None if answer.answered else answer.describe()
 
-    def edit(self, spec: EditSpec) -> CallOutcome:
-        """Make exactly one edit call for `spec` and classify what came back."""
+    def edit(self, spec: EditSpec, lane: Lane | None = None) -> CallOutcome:
+        """Make exactly one edit call for `spec` (on `lane`: its connection, its deployment as
+        `model`) and classify what came back."""
+        outcome = self._edit(spec, lane)
+        if lane is None:
+            return outcome
+        return _on_lane(outcome, lane)
+
+    def _edit(self, spec: EditSpec, lane: Lane | None) -> CallOutcome:
         files = _files(spec)
+        params = spec.api_params()
+        client = self.client
+        if lane is not None:
+            client = self.client_for(lane.connection)
+            params["model"] = lane.deployment
         started = time.perf_counter()
 
         def elapsed() -> float:
             return (time.perf_counter() - started) * 1000.0
 
         try:
-            raw = self.client.images.with_raw_response.edit(**files, **spec.api_params())
+            raw = client.images.with_raw_response.edit(**files, **params)
             headers = {
-                k.lower(): v
-                for k, v in raw.headers.items()
-                if k.lower().startswith(
-                    ("x-ratelimit", "x-request-id", "retry-after", "openai-processing")
-                )
+                k.lower(): v for k, v in raw.headers.items() if k.lower().startswith(KEPT_HEADERS)
             }
-            request_id = raw.headers.get("x-request-id")
+            request_id = raw.headers.get("x-request-id") or raw.headers.get("apim-request-id")
             response = raw.parse()
         except openai.APIStatusError as exc:
             body = exc.body if isinstance(exc.body, dict) else {}
@@ -268,17 +424,20 @@ class Gateway:
             code = getattr(exc, "code", None) or (
                 error.get("code") if isinstance(error, dict) else None
             )
-            message = error.get("message") if isinstance(error, dict) else None
+            message = str((error.get("message") if isinstance(error, dict) else None) or "")
             param = error.get("param") if isinstance(error, dict) else None
+            code_text = str(code) if code else None
+            if content_blocked(exc.status_code, code_text) and (flagged := filter_detail(error)):
+                message = f"{message} (filtered: {flagged})"
             return CallOutcome(
-                kind=classify(exc.status_code, error_type, code, param),
+                kind=classify(exc.status_code, error_type, code_text, param, message),
                 latency_ms=elapsed(),
                 http_status=exc.status_code,
-                request_id=exc.request_id,
+                request_id=exc.request_id or exc.response.headers.get("apim-request-id"),
                 error_type=error_type or type(exc).__name__,
-                error_code=str(code) if code else None,
+                error_code=code_text,
                 error_param=str(param) if param else None,
-                error_message=self._redact(str(message or exc.message))[:2000],
+                error_message=self._redact(message or exc.message)[:2000],
                 retry_after=parse_retry_after(exc.response.headers),
             )
         except openai.APITimeoutError:
@@ -348,6 +507,58 @@ class Gateway:
             svg_usage=svg_usage,
             svg_author=svg_author,
         )
+
+
+def _on_lane(outcome: CallOutcome, lane: Lane) -> CallOutcome:
+    """`outcome` naming the provider and deployment it came from."""
+    return replace(outcome, provider=lane.provider, deployment=lane.deployment)
+
+
+def _probe_image() -> tuple[str, bytes, str]:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(buffer, "PNG")
+    return ("probe.png", buffer.getvalue(), "image/png")
+
+
+def check_lane(gateway: Gateway, lane: Lane, timeout: float = 10.0) -> Answer:
+    """Probe `lane` without paying (`editbatch doctor`): on OpenAI and compatible gateways,
+    retrieve its model (`GET /models/{model}`); on Azure, send its deployment an edit with n=0,
+    which the model refuses (400) only after the endpoint, the api-version, the credential and
+    the deployment were all accepted (it counts one request against the deployment's limit).
+    That refusal is the answer asked for (`Answer.refused_as_asked`, so `Answer.ok`); a 429 says
+    the deployment is there and busy."""
+    client = gateway.client_for(lane.connection).with_options(timeout=timeout)
+    azure = lane.connection.kind == Kind.AZURE
+    try:
+        if azure:
+            client.images.edit(
+                model=lane.deployment, image=_probe_image(), prompt="editbatch doctor", n=0
+            )
+        else:
+            client.models.retrieve(lane.deployment)
+    except openai.APIStatusError as exc:
+        answer = _answer_of(exc, gateway.redact)
+        status, code = answer.status, answer.code
+        if not azure:
+            return answer
+        refused_as_asked = (
+            status == 400 and classify(status, None, code, None, answer.message) == "failed"
+        ) or status == 429  # there, and busy
+        return replace(answer, refused_as_asked=refused_as_asked)
+    except openai.APITimeoutError:
+        return Answer(None, "timeout", f"no answer within {timeout:g} s")
+    except openai.APIConnectionError as exc:
+        cause = exc.__cause__
+        detail = f": {type(cause).__name__}" if cause is not None else ""
+        return Answer(None, "connection_error", f"connection failed{detail}")
+    if azure:
+        # An Azure edit with n=0 that was answered 200 was not refused: say so, never hide it.
+        return Answer(200, None, "the deployment accepted an edit with n=0", refused_as_asked=False)
+    return Answer(200)
 
 
 class BillingGateway:

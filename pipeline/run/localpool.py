@@ -1,10 +1,10 @@
 """`editbatch run`: the same executor as the Celery workers, on a thread pool in this process.
 
 The "broker" is an in-memory queue of job ids read from the database, so a crash or Ctrl-C
-loses nothing: a rerun reads the unfinished jobs again. When the outage breaker holds the batch
-(`pipeline.run.breaker`), the pool probes the API with backoff and runs the batch again once
-the API answers, as the Celery workers' probe task does; so does a batch-route run whose jobs
-went back to the sync route (`run_route`).
+loses nothing: a rerun reads the unfinished jobs again. When the outage breaker of a provider
+holds the batch (`pipeline.run.breaker`), the pool probes that provider with backoff and runs
+the batch again once it answers, as the Celery workers' probe task does; so does a batch-route
+run whose jobs went back to the sync route (`run_route`).
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from pipeline.db.jobs import queued_job_ids
-from pipeline.db.models import Batch
 from pipeline.run import breaker
 from pipeline.run.batchroute import poll
 from pipeline.run.batchroute.context import RouteContext
 from pipeline.run.executor import Deps, Handback, JobResult, process_job
 from pipeline.run.retry import redeliver_after
-from pipeline.states import HoldCode
 
 log = logging.getLogger("editbatch.run")
 
@@ -58,19 +56,16 @@ class LocalPool:
                 return
 
     def outage_ended(self, batch_id: int) -> bool:
-        """Probe while the batch is held for an outage; True once it was resumed (False at
+        """Probe the provider whose outage holds the batch; True once it was resumed (False at
         once when it is not held for one)."""
         deps = self.deps
         wait: float | None = deps.breaker.policy.probe_first
         while wait is not None and not self.stop.wait(wait):
-            with deps.db.session() as session:
-                code = session.scalar(select(Batch.hold_code).where(Batch.id == batch_id))
-            if code != HoldCode.API_UNREACHABLE:
+            provider = breaker.held_for(deps.db, batch_id)
+            if provider is None:
                 return False
             result = breaker.probe(
-                deps.breaker,
-                deps.db,
-                lambda: deps.gateway.probe(deps.settings.default_model),
+                deps.breaker.of(provider), deps.db, partial(deps.probe, provider)
             )
             if batch_id in result.resumed:
                 return True

@@ -9,7 +9,12 @@ What an answer means (`classify`, pure), per ARCHITECTURE.md's error classes:
     401, 403                                                 HOLD
     404 model_not_found, 400 with param "model"              HOLD       the model is gone (the
                                                                         live API answers both ways)
-    any other 4xx (invalid request, moderation_blocked)      FAILED     the job fails with the code
+    400 moderation_blocked, or Azure's content filter        FAILED     this job's content; never
+      (contentFilter, content_filter,                                   held, never retried
+      content_policy_violation)
+    Azure: 404 DeploymentNotFound / "Resource not found",    HOLD       a provider setting is
+      400 "API version not supported"                                   wrong (fix it, resume)
+    any other 4xx (invalid request)                          FAILED     the job fails with the code
 
 How long it waits (`wait_api`): full-jitter exponential backoff (EDITBATCH_BACKOFF_BASE_SECONDS,
 capped at EDITBATCH_BACKOFF_MAX_SECONDS), never shorter than the API's `retry-after-ms` /
@@ -42,15 +47,18 @@ from pipeline.states import AttemptOutcome, HoldCode
 log = logging.getLogger("editbatch.retry")
 
 __all__ = [
+    "CONTENT_FILTER_CODES",
     "QUOTA_CODES",
     "RECORD_RETRY_SECONDS",
     "REDELIVER_SECONDS",
     "RetryPolicy",
     "classify",
+    "content_blocked",
     "hold_code",
     "model_unavailable",
     "parse_retry_after",
     "persist",
+    "provider_misconfigured",
     "redeliver_after",
     "wait_api",
 ]
@@ -65,6 +73,12 @@ QUOTA_CODES = frozenset(
         "organization_usage_limit_exceeded",
         "billing_hard_limit_reached",
     }
+)
+# A 400 with one of these says the content was refused: the job fails with the provider's code
+# and message. Azure answers `contentFilter` for images; reports also show `content_filter`
+# and `content_policy_violation` (docs/sandbox.md, Azure).
+CONTENT_FILTER_CODES = frozenset(
+    {"moderation_blocked", "contentFilter", "content_filter", "content_policy_violation"}
 )
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 HOLD_STATUSES = frozenset({401, 403})
@@ -82,12 +96,34 @@ def model_unavailable(status: int | None, code: str | None, param: str | None) -
     return (status == 404 and code == "model_not_found") or (status == 400 and param == "model")
 
 
+def content_blocked(status: int | None, code: str | None) -> bool:
+    """The provider refused this request's content (moderation, a content filter)."""
+    return status == 400 and code in CONTENT_FILTER_CODES
+
+
+def provider_misconfigured(status: int | None, code: str | None, message: str | None) -> bool:
+    """Azure says the deployment, or the path and api-version, it was sent does not exist: every
+    call on that lane would fail the same way until a setting is fixed."""
+    if status == 404 and code in ("DeploymentNotFound", "404"):
+        return True
+    return status == 400 and code == "BadRequest" and "api version" in (message or "").lower()
+
+
 def classify(
-    status: int | None, error_type: str | None, code: str | None, param: str | None = None
+    status: int | None,
+    error_type: str | None,
+    code: str | None,
+    param: str | None = None,
+    message: str | None = None,
 ) -> AttemptOutcome:
-    """Map an HTTP status and OpenAI error type/code/param to TRANSIENT, HOLD or FAILED (pure)."""
+    """Map an HTTP status and error type/code/param (and message) to TRANSIENT, HOLD or FAILED
+    (pure)."""
     if status is None:
         return AttemptOutcome.TRANSIENT  # timeout, connection reset, unreadable body
+    if content_blocked(status, code):
+        return AttemptOutcome.FAILED
+    if provider_misconfigured(status, code, message):
+        return AttemptOutcome.HOLD
     if model_unavailable(status, code, param):
         return AttemptOutcome.HOLD
     if status == 429:
@@ -101,8 +137,12 @@ def classify(
     return AttemptOutcome.FAILED
 
 
-def hold_code(status: int | None, code: str | None, param: str | None) -> HoldCode:
+def hold_code(
+    status: int | None, code: str | None, param: str | None, message: str | None = None
+) -> HoldCode:
     """Why a HOLD outcome stops the batch (`batches.hold_code`)."""
+    if provider_misconfigured(status, code, message):
+        return HoldCode.PROVIDER
     if model_unavailable(status, code, param):
         return HoldCode.MODEL_UNAVAILABLE
     if status == 429:

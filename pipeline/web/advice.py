@@ -31,6 +31,12 @@ FAILURE_ADVICE = {
     "to your tier's limit, then Retry failed.",
     "unreadable_response": "The API's answers could not be read: Retry failed.",
     "bad_image_data": "The API sent images that do not decode: Retry failed.",
+    "contentFilter": "Azure's content filter refused the request (the message says what was "
+    "filtered): change the prompt or the image, then Retry failed with a new prompt.",
+    "content_filter": "The provider's content filter refused the request: change the prompt or "
+    "the image, then Retry failed with a new prompt.",
+    "content_policy_violation": "The provider's content policy refused the request: change the "
+    "prompt or the image, then Retry failed with a new prompt.",
 }
 REJECTED_ADVICE = (
     "Preflight refused the row before any spending: fix it in the manifest (the message names "
@@ -77,6 +83,12 @@ def hold_advice(code: str | None, reason: str | None, state: str) -> str | None:
             "The API no longer serves this model: move the batch to another one from the "
             "command line (`editbatch resume BATCH --model-map OLD=NEW`, as the reason says); "
             "Resume alone would be held again."
+        )
+    if code == HoldCode.PROVIDER:
+        return (
+            "A provider setting is wrong (an Azure deployment or api-version the resource does "
+            "not know, or a provider the workers lack): fix it as the reason says "
+            "(docs/providers.md), restart the workers, then Resume."
         )
     if code == HoldCode.PROVIDER_REFUSED:
         return (

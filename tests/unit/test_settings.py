@@ -77,8 +77,22 @@ BAD: dict[str, Value] = {
     "openai_admin_key": SECRET,
     "openai_api_key": SECRET,
     "openai_base_url": "api.openai.com/v1",
+    "provider": "azure east",
+    "providers": "azure-east",  # not the JSON of [providers.NAME] tables
+    "azure_deployments": "gpt-image-2",  # no =DEPLOYMENT
+    "azure_requests_per_minute": "0",
+    "azure_auth": "password",
+    "azure_openai_endpoint": "my-resource.openai.azure.com",
+    "azure_openai_api_key": SECRET,
+    "openai_api_version": "2025-04-01 preview",
 }
-SECRETS = {"openai_api_key", "openai_admin_key", "webhook_secret", "dashboard_token"}
+SECRETS = {
+    "openai_api_key",
+    "openai_admin_key",
+    "webhook_secret",
+    "dashboard_token",
+    "azure_openai_api_key",
+}
 
 
 @pytest.fixture

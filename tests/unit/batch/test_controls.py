@@ -160,3 +160,30 @@ def test_model_map_is_refused_while_calls_to_the_old_model_are_in_flight(
             controls.remap_models(
                 s, batch_id, {"gpt-image-1.5": "gpt-image-9"}, load_catalog(), load_prices()
             )
+
+
+def test_model_map_refuses_a_model_the_jobs_provider_does_not_deploy(
+    tmp_path: Path, db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the providers, `--model-map` checks NEW against each job's provider: jobs on an
+    Azure provider without a deployment of NEW fail unsent, naming the provider."""
+    from pipeline.providers import providers_of
+
+    for name, value in {
+        "EDITBATCH_PROVIDER": "azure",
+        "AZURE_OPENAI_ENDPOINT": "https://east.openai.azure.com",
+        "AZURE_OPENAI_API_KEY": "azure-key-0001",
+        "OPENAI_API_VERSION": "2025-04-01-preview",
+        "EDITBATCH_AZURE_DEPLOYMENTS": "gpt-image-2=img2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    providers = providers_of(Settings())
+    rows = product_rows(tmp_path / "in", 2, model="gpt-image-2")
+    batch_id, _ = setup(tmp_path, db, settings, rows)
+    with db.session() as s:
+        report = controls.remap_models(
+            s, batch_id, {"gpt-image-2": "gpt-image-1.5"}, load_catalog(), load_prices(), providers
+        )
+    assert report.moved == 0
+    assert [(e.row, e.field) for e in report.unfit] == [(1, "model"), (2, "model")]
+    assert report.unfit[0].reason.startswith("provider azure has no deployment of gpt-image-1.5")

@@ -77,3 +77,38 @@ def test_output_name_collisions_are_row_errors(tmp_path: Path, db: Database) -> 
     result = new_batch(db, manifest, str(tmp_path / "out"))
     assert [(e.row, e.field) for e in result.errors] == [(2, "output"), (3, "output")]
     assert "also produced by row 1" in result.errors[0].reason
+
+
+def test_the_batch_route_refuses_rows_of_another_provider(
+    tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI's Batch API runs on provider openai only: on `--route batch`, a row sent to Azure
+    (by its column) is rejected by row and field, the OpenAI rows are stored as usual."""
+    from pipeline.intake.catalog import load_catalog
+    from pipeline.intake.preflight import Preflight, PreflightOptions
+    from pipeline.providers import providers_of
+    from pipeline.settings import Settings
+
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://east.openai.azure.com")
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-key-0001")
+    monkeypatch.setenv("OPENAI_API_VERSION", "2025-04-01-preview")
+    monkeypatch.setenv("EDITBATCH_AZURE_DEPLOYMENTS", "gpt-image-2=img2")
+    make_image(tmp_path / "in" / "a.png")
+    rows = [
+        {"id": "o", "image": "a.png", "prompt": "p", "model": "gpt-image-2"},
+        {"id": "z", "image": "a.png", "prompt": "q", "model": "gpt-image-2", "provider": "azure"},
+    ]
+    manifest = write_manifest(tmp_path / "in" / "m.csv", rows)
+    preflight = Preflight(
+        PreflightOptions(
+            allowed_roots=(manifest.parent.resolve(),),
+            catalog=load_catalog(),
+            work_dir=tmp_path / "work",
+            providers=providers_of(Settings()),
+        )
+    )
+    result = new_batch(db, manifest, str(tmp_path / "out"), preflight=preflight, route="batch")
+    assert (result.accepted, result.rejected) == (1, 1)
+    [error] = result.errors
+    assert (error.row, error.key, error.field) == (2, "z", "provider")
+    assert error.reason.startswith("provider azure has no batch route")

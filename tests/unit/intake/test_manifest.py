@@ -182,3 +182,22 @@ def test_nested_svg_object_and_bad_frame_count_are_row_errors(tmp_path: Path) ->
     assert isinstance(first, RowError) and isinstance(second, RowError)
     assert (first.row, first.field) == (1, "svg") and "svg_model and svg_effort" in first.reason
     assert (second.row, second.field) == (2, "frame_count") and "'nine'" in second.reason
+
+
+def test_a_provider_column_chooses_the_rows_provider_over_the_batchs(tmp_path: Path) -> None:
+    """A manifest column `provider` sends its row there; an empty cell takes the batch's
+    provider; the column is no metadata, and the fingerprint does not depend on it (an edit
+    bought through one provider is reused for another)."""
+    make_image(tmp_path / "a.png")
+    rows = [
+        {"id": "A", "image": "a.png", "prompt": "p", "provider": "azure-east"},
+        {"id": "B", "image": "a.png", "prompt": "p", "provider": ""},
+    ]
+    path = write_manifest(tmp_path / "m.csv", rows)
+    first, second = read_manifest(path, Defaults(provider="openai"))
+    assert isinstance(first, EditSpec) and isinstance(second, EditSpec)
+    assert (first.provider, second.provider) == ("azure-east", "openai")
+    assert first.metadata == {} and "provider" not in first.api_params()
+    digests = {str(tmp_path / "a.png"): "d"}
+    assert first.fingerprint(digests) == second.fingerprint(digests)
+    assert EditSpec.from_json(first.to_json()) == first

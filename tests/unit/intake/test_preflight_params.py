@@ -297,3 +297,70 @@ def test_bad_parameter_keys_name_the_file_model_and_key(keys: dict[str, Any], me
 def test_an_override_cannot_rewrite_the_sdk_review() -> None:
     with pytest.raises(ConfigError, match=r"\[sdk\] is only read from the built-in"):
         build_catalog(_builtin_data(), {"sdk": {"version": "9.9.9"}}, "mine.toml")
+
+
+# --- providers: the row's provider must exist, serve its model, make and take its formats ------
+
+AZURE_ENV = {
+    "AZURE_OPENAI_ENDPOINT": "https://east.openai.azure.com",
+    "AZURE_OPENAI_API_KEY": "azure-key-0001",
+    "OPENAI_API_VERSION": "2025-04-01-preview",
+    "EDITBATCH_AZURE_DEPLOYMENTS": "gpt-image-2=img2-east",
+}
+
+
+@pytest.fixture
+def with_providers(root: Path, monkeypatch: pytest.MonkeyPatch) -> Preflight:
+    from pipeline.providers import providers_of
+    from pipeline.settings import Settings
+
+    for name, value in AZURE_ENV.items():
+        monkeypatch.setenv(name, value)
+    return Preflight(
+        PreflightOptions(
+            allowed_roots=(root,),
+            catalog=load_catalog(),
+            work_dir=root / ".work",
+            providers=providers_of(Settings()),
+        )
+    )
+
+
+def provider_spec(image: Path, **fields: Any) -> EditSpec:
+    values: dict[str, Any] = {"model": "gpt-image-2", "provider": "azure", "quality": "low"}
+    return EditSpec(row=ROW, key=KEY, images=(str(image),), prompt="p", **{**values, **fields})
+
+
+def test_a_model_the_provider_does_not_deploy_is_refused_naming_provider_and_row(
+    with_providers: Preflight, image: Path
+) -> None:
+    result = with_providers.check(provider_spec(image, model="gpt-image-1.5"))
+    [error] = result.errors
+    assert (error.row, error.key, error.field) == (ROW, KEY, "model")
+    assert error.reason.startswith(
+        "provider azure has no deployment of gpt-image-1.5 (it deploys gpt-image-2)"
+    )
+    assert with_providers.check(provider_spec(image, provider="openai", model="gpt-image-1.5")).ok
+    assert with_providers.check(provider_spec(image)).ok
+
+
+def test_an_unknown_provider_is_refused_with_the_configured_ones(
+    with_providers: Preflight, image: Path
+) -> None:
+    [error] = with_providers.check(provider_spec(image, provider="azur")).errors
+    assert error.field == "provider"
+    assert error.reason.startswith("unknown provider 'azur': the configured providers are azure, ")
+
+
+def test_azure_makes_no_webp_and_takes_no_webp(
+    with_providers: Preflight, root: Path, image: Path
+) -> None:
+    [error] = with_providers.check(provider_spec(image, output_format="webp")).errors
+    assert error.field == "output_format"
+    assert error.reason == "provider azure does not make webp output: use one of png, jpeg"
+    webp = root / "shoe.webp"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(webp)
+    [error] = with_providers.check(provider_spec(webp)).errors
+    assert error.field == "image"
+    assert error.reason.startswith("image 1: shoe.webp is WEBP; provider azure takes PNG or JPEG")
+    assert with_providers.check(provider_spec(webp, provider="openai")).ok

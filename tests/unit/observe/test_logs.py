@@ -240,3 +240,24 @@ def test_celery_setup_logging_signal_installs_our_handler(
     ours = [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]
     assert len(ours) == 1
     assert root.level == logging.INFO  # the worker's --loglevel when EDITBATCH_LOG_LEVEL is unset
+
+
+def test_a_key_of_another_shape_is_redacted_once_registered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An Azure key (32 hex digits, no `sk-`) is redacted from records once the gateway that
+    uses it registered it; `sk-` keys need no registration."""
+    from pipeline.observe import logs
+
+    monkeypatch.setattr(logs, "_SECRETS", set())
+    azure_key = "0123456789abcdef0123456789abcdef"
+    stream = io.StringIO()
+    setup_logging(json=True, level="INFO", stream=stream)
+    logging.getLogger("editbatch.test").warning("api-key %s", azure_key)
+    logs.add_secret(azure_key)
+    logs.add_secret("sk-sandbox-local")  # sk- shaped: left to the pattern
+    logging.getLogger("editbatch.test").warning("api-key %s", azure_key)
+    first, second = (json.loads(line)["msg"] for line in lines(stream))
+    assert first == f"api-key {azure_key}"
+    assert second == f"api-key {REDACTED}"
+    assert redact("sk-sandbox-local") == "sk-sandbox-local"

@@ -268,8 +268,8 @@ def test_svg_author_tokens_are_priced_or_the_attempt_is_flagged_unpriced(
     author_usage = Usage(text_input=1000, text_output=2000)
 
     def with_svg(author: str) -> object:
-        def edit(spec: object) -> object:
-            outcome = real_edit(spec)  # type: ignore[arg-type]
+        def edit(spec: object, lane: object = None) -> object:
+            outcome = real_edit(spec, lane)  # type: ignore[arg-type]
             return replace(outcome, svg_usage=author_usage, svg_author=author)
 
         return edit

@@ -29,6 +29,27 @@ def test_a_model_that_is_gone_holds_in_both_shapes_the_api_has_used() -> None:
     assert hold_code(401, "invalid_api_key", None) == HoldCode.AUTH
 
 
+@pytest.mark.parametrize("code", ["contentFilter", "content_filter", "content_policy_violation"])
+def test_a_content_filter_fails_the_job_whatever_else_the_answer_says(code: str) -> None:
+    """Azure's content filter (in each spelling reported) is this job's content: failed, never
+    retried, never a hold, even when its param is the model's."""
+    assert classify(400, None, code, "prompt") == "failed"
+    assert classify(400, None, code, "model") == "failed"
+
+
+def test_an_azure_setting_the_resource_does_not_know_holds_the_batch() -> None:
+    """A deployment or api-version Azure does not know fails every call on it the same way:
+    hold (hold code provider) for a person to fix the setting, rather than fail each job."""
+    assert classify(404, None, "DeploymentNotFound") == "hold"
+    assert hold_code(404, "DeploymentNotFound", None) == HoldCode.PROVIDER
+    assert classify(404, None, "404", None, "Resource not found") == "hold"
+    version = "API version not supported"
+    assert classify(400, None, "BadRequest", None, version) == "hold"
+    assert hold_code(400, "BadRequest", None, version) == HoldCode.PROVIDER
+    assert classify(400, None, "BadRequest", None, "Invalid image") == "failed"
+    assert classify(429, None, "429", None, "exceeded call rate limit") == "transient"
+
+
 @pytest.mark.parametrize(
     ("status", "etype", "code", "kind"),
     [

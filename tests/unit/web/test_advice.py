@@ -18,6 +18,7 @@ def test_every_hold_code_has_its_own_fix() -> None:
     assert "--model-map" in str(held[HoldCode.MODEL_UNAVAILABLE])
     assert "resumes the batch by itself" in str(held[HoldCode.API_UNREACHABLE])
     assert "then Resume" in str(held[HoldCode.OUTAGE])
+    assert "docs/providers.md" in str(held[HoldCode.PROVIDER])
     forbidden = hold_advice(HoldCode.AUTH, "403 permission_denied: verify the org", "held")
     assert forbidden != held[HoldCode.AUTH] and "organisation" in str(forbidden)
     assert "Resume" in str(hold_advice(HoldCode.PAUSED, "paused by a person", "paused"))
@@ -28,5 +29,6 @@ def test_every_hold_code_has_its_own_fix() -> None:
 
 def test_failure_advice_by_code_and_for_rejected_rows() -> None:
     assert "prompt" in failure_advice("moderation_blocked", JobState.FAILED)
+    assert "content filter" in failure_advice("contentFilter", JobState.FAILED)
     assert failure_advice("invalid_size", JobState.REJECTED) == REJECTED_ADVICE
     assert failure_advice("something_new", JobState.FAILED).startswith("Read the message")

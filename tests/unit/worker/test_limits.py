@@ -326,8 +326,9 @@ def test_build_limiter_merges_overrides_with_defaults(redis: fakeredis.FakeRedis
     )
     limiter = build_limiter(settings, redis)
     assert isinstance(limiter, RedisLimiter)
-    assert limiter.limit_for("gpt-image-1") == ModelLimit(5, 4)
-    assert limiter.limit_for("gpt-image-1-mini") == ModelLimit(50, 4)
+    account = account_id("")
+    assert limiter.limit_for("openai:gpt-image-1") == ModelLimit(5, 4, account=account)
+    assert limiter.limit_for("openai:gpt-image-1-mini") == ModelLimit(50, 4, account=account)
 
 
 def test_build_limiter_reads_the_environment(
@@ -340,8 +341,9 @@ def test_build_limiter_reads_the_environment(
     )
     limiter = build_limiter(Settings(), redis)
     assert isinstance(limiter, RedisLimiter)
-    assert limiter.limit_for("gpt-image-1") == ModelLimit(7, None)
-    assert limiter.limit_for("gpt-image-1-mini") == ModelLimit(50, 10)
+    account = account_id("")
+    assert limiter.limit_for("openai:gpt-image-1") == ModelLimit(7, None, account=account)
+    assert limiter.limit_for("openai:gpt-image-1-mini") == ModelLimit(50, 10, account=account)
 
 
 @pytest.mark.parametrize(
@@ -366,3 +368,74 @@ def test_redis_down_hands_the_job_back_instead_of_failing_it(
     server.connected = True
     with limiter.permit("m", 1):
         pass
+
+
+# --- lanes: (provider, deployment) scopes with their own limits ---------------------------------
+
+LANE_A, LANE_B = "azure:img-a", "azure:img-b"
+
+
+def lane_limiter(
+    redis: fakeredis.FakeRedis, clock: FakeClock, limits: dict[str, ModelLimit]
+) -> RedisLimiter:
+    return RedisLimiter(
+        redis,
+        SECRET,
+        ModelLimit(),
+        limits=lambda scope: limits.get(scope, ModelLimit()),
+        jitter=0.0,
+        clock=clock.time,
+        sleep=clock.sleep,
+    )
+
+
+def test_permit_any_spreads_calls_over_two_deployments_each_at_its_own_rate(
+    redis: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    """Two deployments of 6 requests/min: 6 calls finish in 20 s (three per lane, 10 s apart
+    on each), half the time one deployment alone would take."""
+    account = account_id("https://east.openai.azure.com")
+    limiter = lane_limiter(
+        redis,
+        clock,
+        {LANE_A: ModelLimit(6, account=account), LANE_B: ModelLimit(6, account=account)},
+    )
+    start = clock.now
+    used: list[tuple[str, float]] = []
+    for _ in range(6):
+        with limiter.permit_any([LANE_A, LANE_B], 1) as scope:
+            used.append((scope, clock.now - start))
+    assert clock.now - start == pytest.approx(20.0)
+    for lane in (LANE_A, LANE_B):
+        times = [t for scope, t in used if scope == lane]
+        assert times == pytest.approx([0.0, 10.0, 20.0])
+    keys = sorted(k.decode() for k in redis.keys("editbatch:rate:tat:*"))
+    assert keys == [f"editbatch:rate:tat:{{{account}:{lane}}}" for lane in (LANE_A, LANE_B)]
+
+
+def test_a_429_pauses_only_its_lane(redis: fakeredis.FakeRedis, clock: FakeClock) -> None:
+    limiter = lane_limiter(redis, clock, {LANE_A: ModelLimit(600), LANE_B: ModelLimit(600)})
+    limiter.backoff(LANE_A, 30.0)
+    assert limiter.try_acquire(LANE_A, 1)[2] == "pause"
+    with limiter.permit_any([LANE_A, LANE_B], 1) as scope:
+        assert scope == LANE_B
+    assert clock.sleeps == []
+
+
+def test_build_limiter_keys_azure_lanes_by_the_endpoint_never_a_key(
+    redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    monkeypatch.setenv("EDITBATCH_AZURE_DEPLOYMENTS", "gpt-image-2=img-a,gpt-image-2=img-b")
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://east.openai.azure.com")
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("OPENAI_API_VERSION", "2025-04-01-preview")
+    monkeypatch.setenv("EDITBATCH_AZURE_REQUESTS_PER_MINUTE", "10")
+    limiter = build_limiter(Settings(), redis)
+    assert isinstance(limiter, RedisLimiter)
+    assert limiter.limit_for(LANE_A).per_minute == 10
+    with limiter.permit_any([LANE_A, LANE_B], 1):
+        pass
+    [key] = [k.decode() for k in redis.keys("*")]
+    endpoint = account_id("https://east.openai.azure.com")
+    assert key.startswith(f"{constants.RATE_TAT_PREFIX}{{{endpoint}:azure:img-")
+    assert SECRET not in key and account_id(SECRET) not in key
