@@ -2,7 +2,10 @@
 named (`editbatch reconcile`).
 
     ledger     attempts the API answered (their tokens were recorded), by the day they
-               finished: calls, images (the job's n), input and output tokens, cost
+               finished: calls, images (the job's n), input and output tokens, cost. Only
+               the calls sent to OpenAI (provider `openai`; NULL before providers, and the
+               batch route): the usage API is OpenAI's, and an Azure or gateway call is on
+               another bill
     provider   `/organization/usage/images` grouped by model (calls = num_model_requests,
                images) and `/organization/costs` grouped by line item (`MODEL, input_tokens` and
                `MODEL, output_tokens`: tokens and dollars), read with OPENAI_ADMIN_KEY
@@ -39,6 +42,7 @@ from pipeline.db.jobs import ANSWER_LOST
 from pipeline.db.models import Attempt, Batch, Job, utcnow
 from pipeline.db.session import Database
 from pipeline.output.storage import Storage
+from pipeline.providers import DEFAULT_PROVIDER
 from pipeline.spec import EditSpec
 from pipeline.states import AttemptOutcome
 
@@ -141,7 +145,8 @@ def _day(moment: datetime) -> date:
 
 
 def ledger_figures(db: Database, day: date) -> _Ledger:
-    """The ledger's side for one UTC day (attempts by the time they finished)."""
+    """The ledger's side for one UTC day (attempts by the time they finished), of the calls
+    sent to OpenAI."""
     start, end = _bounds(day)
     when = func.coalesce(Attempt.finished_at, Attempt.started_at)
     out = _Ledger()
@@ -164,6 +169,7 @@ def ledger_figures(db: Database, day: date) -> _Ledger:
             .where(
                 when >= start,
                 when < end,
+                or_(Attempt.provider.is_(None), Attempt.provider == DEFAULT_PROVIDER),
                 or_(
                     Attempt.text_input_tokens.is_not(None),
                     Attempt.outcome == AttemptOutcome.INTERRUPTED,

@@ -97,7 +97,8 @@ def test_calls_of_unknown_fate_are_kept_apart_at_what_the_ledger_booked(
 ) -> None:
     """An answered call is on the ledger's side; a dead worker's call and a timeout (both booked
     at their estimate, the timeout with estimated tokens) are calls of unknown fate, counted
-    and summed apart, so a lost answer is never mistaken for a call the provider lags on."""
+    and summed apart, so a lost answer is never mistaken for a call the provider lags on. A
+    call sent to another provider (Azure) is not on OpenAI's side at all."""
     manifest = write_manifest(tmp_path / "in" / "m.csv", product_rows(tmp_path / "in", 3))
     batch_id = new_batch(db, manifest, str(tmp_path / "out")).batch_id
     now = utcnow()
@@ -121,6 +122,13 @@ def test_calls_of_unknown_fate_are_kept_apart_at_what_the_ledger_booked(
             )
         )  # fmt: skip
         s.add(Attempt(job_id=killed, number=1, started_at=now, outcome="in_flight"))
+        # A call that went to Azure is on Azure's bill, not in OpenAI's usage: left out.
+        s.add(
+            Attempt(
+                job_id=answered, number=2, started_at=now, finished_at=now, outcome="ok",
+                cost_usd=Decimal("0.5"), provider="azure", deployment="img2", **tokens,
+            )
+        )  # fmt: skip
         s.commit()
         assert jobs.mark_interrupted(s, [killed]) == 1
         s.commit()

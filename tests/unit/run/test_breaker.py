@@ -17,8 +17,9 @@ from sqlalchemy import select, update
 
 from pipeline.db.events import EventKind, recent
 from pipeline.db.jobs import queued_job_ids
-from pipeline.db.models import Attempt, Batch, Job
+from pipeline.db.models import Attempt, Batch, BatchEvent, Job
 from pipeline.db.session import Database
+from pipeline.intake.manifest import Defaults
 from pipeline.run.batchroute.context import RouteContext
 from pipeline.run.breaker import (
     FLAP_SECONDS,
@@ -26,6 +27,8 @@ from pipeline.run.breaker import (
     BreakerPolicy,
     BreakerStore,
     LocalBreakerStore,
+    ProbeResult,
+    held_for,
     is_outage,
     outage_since,
     probe,
@@ -392,5 +395,77 @@ def test_a_local_batch_route_run_waits_out_an_outage_of_its_sync_jobs(
     assert states == ["succeeded"] * 4
     assert batch is not None and batch.state == "finished"
     assert kinds == ["outage_held", "outage_resumed"]
+    billed, _ = billed_total(Path(str(api.api.config.billing_log)))
+    assert ledger == billed
+
+
+def test_an_outage_of_one_provider_holds_only_the_batches_sent_to_it(
+    tmp_path: Path, db: Database, settings: Settings, api: SwitchableAPI
+) -> None:
+    """Two providers, one down (a gateway that refuses every connection): the batch sent to the
+    gateway is held api_unreachable, naming the provider, after the threshold; the batch sent
+    to OpenAI meanwhile runs to the end and OpenAI's breaker stays closed. OpenAI's probe does
+    not touch the held batch; the gateway's probe resumes it once the gateway answers. Every
+    job succeeds once and the ledger equals the bill."""
+    gateway = {
+        "kind": "compatible",
+        "base_url": "http://gateway.test/v1",
+        "api_key": "sk-gateway-0000000000",
+    }
+    two = settings.model_copy(update={"providers": {"gateway": gateway}, "max_attempts": 10})
+    down = {"gateway": True}
+    refused: list[str] = []
+
+    def route(request: httpx2.Request) -> httpx2.Response:
+        if request.url.host == "gateway.test" and down["gateway"]:
+            refused.append(request.url.path)
+            raise httpx2.ConnectError("connection refused", request=request)
+        return api.api._handle(request)  # both providers' calls reach the sandbox when up
+
+    client = httpx2.Client(transport=httpx2.MockTransport(route))
+    deps = build_deps(two, LocalLimiter(None, None), db, http_client=client)
+    rows = product_rows(tmp_path / "in", 6)
+    to_openai = write_manifest(tmp_path / "in" / "a.csv", rows[:3])
+    to_gateway = write_manifest(tmp_path / "in" / "b.csv", rows[3:])
+    batch_a = new_batch(db, to_openai, str(tmp_path / "out-a")).batch_id
+    batch_b = new_batch(
+        db, to_gateway, str(tmp_path / "out-b"), defaults=Defaults(provider="gateway")
+    ).batch_id
+    jobs_a = [i for chunk in queued_job_ids(db, batch_a) for i in chunk]
+    jobs_b = [i for chunk in queued_job_ids(db, batch_b) for i in chunk]
+
+    # The gateway's batch: its first job's calls trip the gateway's breaker; the others wait.
+    assert [process_job(i, deps).state for i in jobs_b] == ["held"] * 3
+    assert len(refused) == two.breaker_threshold
+    # OpenAI's batch, at the same time: untouched by the gateway's outage.
+    assert [process_job(i, deps).state for i in jobs_a] == ["succeeded"] * 3
+    assert deps.breaker.open() is None
+    assert deps.breaker.of("gateway").open() is not None
+    with db.session() as s:
+        a = s.get(Batch, batch_a)
+        b = s.get(Batch, batch_b)
+        assert a is not None and a.state == "finished"
+        assert b is not None and (b.state, b.hold_code) == ("held", "api_unreachable")
+        assert str(b.hold_reason).startswith("provider gateway unreachable since ")
+        (event,) = s.scalars(select(BatchEvent).where(BatchEvent.batch_id == batch_b))
+        assert (event.kind, event.provider) == ("outage_held", "gateway")
+    assert held_for(db, batch_b) == "gateway" and held_for(db, batch_a) is None
+
+    # OpenAI's probe: nothing of OpenAI's is held, so it neither asks nor resumes anything.
+    assert probe(deps.breaker, db, lambda: "must not be asked") == ProbeResult()
+    gateway_breaker = deps.breaker.of("gateway")
+    still = probe(gateway_breaker, db, lambda: deps.probe("gateway"))
+    assert still.resumed == [] and still.retry_in is not None
+    assert refused[-1] == f"/v1/models/{two.default_model}"  # a free lookup, on the gateway
+    down["gateway"] = False
+    back = probe(gateway_breaker, db, lambda: deps.probe("gateway"))
+    assert back.resumed == [batch_b] and gateway_breaker.open() is None
+    assert [process_job(i, deps).state for i in jobs_b] == ["succeeded"] * 3
+    with db.session() as s:
+        b = s.get(Batch, batch_b)
+        assert b is not None and b.state == "finished"
+        attempts = list(s.scalars(select(Attempt).where(Attempt.outcome == "ok")))
+        ledger = sum(a.cost_usd for a in s.scalars(select(Attempt)))
+    assert sorted(str(a.provider) for a in attempts) == ["gateway"] * 3 + ["openai"] * 3
     billed, _ = billed_total(Path(str(api.api.config.billing_log)))
     assert ledger == billed
