@@ -22,6 +22,7 @@ from pipeline.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from pipeline.cost.reconcile import Line
+    from pipeline.providers import Lane
 
 PROBE_MODEL_SIZE = "1024x1024"
 
@@ -54,11 +55,11 @@ def doctor(
     if probe and as_json and not yes:
         err.print("error: --probe with --json needs --yes (the probe edit is paid)")
         raise typer.Exit(2)
-    manifest_check, models = _manifest_models(manifest)
+    manifest_check, uses = _manifest_uses(manifest)
     ctx = Context(
         load_settings=get_settings,
         output=output_uri(output) if output else None,
-        models=models,
+        uses=uses,
         ping_workers=dispatch.ping_workers,
         probe_edit=(lambda s: _probe_edit(s, ask=not yes)) if probe else None,
     )
@@ -86,8 +87,11 @@ def _print_check(check: Check) -> None:
         console.print(Text.assemble("    fix: ", check.fix), soft_wrap=True)
 
 
-def _manifest_models(manifest: str | None) -> tuple[Check | None, tuple[str, ...]]:
-    """The models the manifest's rows name (empty cells: the default model)."""
+def _manifest_uses(
+    manifest: str | None,
+) -> tuple[Check | None, tuple[tuple[str | None, str], ...]]:
+    """The (provider, model) pairs the manifest's rows name (an empty model: the default
+    model; an empty provider: None, the default provider)."""
     if manifest is None:
         return None, ()
     from pipeline.intake.manifest import iter_raw_rows
@@ -99,28 +103,41 @@ def _manifest_models(manifest: str | None) -> tuple[Check | None, tuple[str, ...
         if is_remote(manifest):
             options = RemoteOptions.from_settings(settings)
             path = fetch(manifest, options, options.max_manifest_bytes, "manifest")
-        models: set[str] = set()
+        uses: set[tuple[str | None, str]] = set()
         rows = 0
         for _, raw in iter_raw_rows(path):
             if isinstance(raw, dict):
                 rows += 1
-                cell = str(raw.get("model") or "").strip()
-                models.add(cell or settings.default_model)
+                model = str(raw.get("model") or "").strip() or settings.default_model
+                provider = str(raw.get("provider") or "").strip() or None
+                uses.add((provider, model))
     except EditbatchError as exc:
         return Check("manifest", False, str(exc), "editbatch check MANIFEST says more"), ()
-    return Check("manifest", True, f"{rows} rows, models: {', '.join(sorted(models))}"), tuple(
-        sorted(models)
-    )
+    models = sorted({model for _, model in uses})
+    named = sorted({provider for provider, _ in uses if provider})
+    detail = f"{rows} rows, models: {', '.join(models)}"
+    if named:
+        detail += f"; providers named: {', '.join(named)}"
+    ordered = sorted(uses, key=lambda use: (use[0] or "", use[1]))
+    return Check("manifest", True, detail), tuple(ordered)
 
 
 def _probe_edit(settings: Settings, ask: bool) -> Check:
-    """One low-quality edit of a small grey picture: the rate-limit headers of its answer
-    against EDITBATCH_IMAGES_PER_MINUTE. Its price is shown (and asked for) first."""
+    """One low-quality edit of a small grey picture on the default provider (its first lane
+    for the default model): the rate-limit headers of its answer against that lane's limit
+    setting. Its price is shown (and asked for) first."""
     from pipeline.cost.estimate import estimate_cost
     from pipeline.cost.pricing import load_prices
+    from pipeline.providers import providers_of
     from pipeline.run.gateway import Gateway
     from pipeline.spec import EditSpec
 
+    providers = providers_of(settings)
+    provider = providers.get(None)
+    model = settings.default_model
+    if not provider.serves(model):
+        model = next(iter(provider.served() or ()), model)
+    lane = provider.lanes(model)[0]
     image = temp_png()
     try:
         spec = EditSpec(
@@ -128,27 +145,49 @@ def _probe_edit(settings: Settings, ask: bool) -> Check:
             key="doctor",
             images=(str(image),),
             prompt="editbatch doctor: rate limit probe",
-            model=settings.default_model,
+            model=model,
             size=PROBE_MODEL_SIZE,
             quality="low",
+            provider=provider.name,
         )
-        prices = load_prices(settings.prices_file)
+        prices = providers.prices(load_prices(settings.prices_file))
         estimate = estimate_cost(spec, ((256, 256),), prices)
         price = f"${estimate.expected:.4f}" if estimate.expected is not None else "an unknown price"
-        question = f"--probe makes one paid edit ({spec.model}, low, {spec.size}): about {price}"
+        where = "" if lane.provider == "openai" else f" on {lane.scope}"
+        question = (
+            f"--probe makes one paid edit ({spec.model}{where}, low, {spec.size}): about {price}"
+        )
         if ask and not _agreed(f"{question}. Go on?"):
             return Check("rate limit", True, "not probed (declined)", skipped=True)
         outcome = Gateway(
-            settings.api_key(), settings.openai_base_url, settings.request_timeout_seconds
-        ).edit(spec)
+            settings.api_key(),
+            settings.openai_base_url,
+            settings.request_timeout_seconds,
+            connections=providers.connections(),
+        ).edit(spec, lane)
     finally:
         image.unlink(missing_ok=True)
     if outcome.http_status != 200:
         detail = f"{outcome.http_status or ''} {outcome.error_code or ''} {outcome.error_message}"
         return Check("rate limit", False, f"the probe edit failed: {detail.strip()}", "see above")
-    cost = prices.cost(spec.model, outcome.usage) if outcome.usage is not None else None
+    usage = outcome.usage
+    cost = prices.cost(spec.model, usage, provider.name) if usage is not None else None
     paid = f"paid ${cost:.6f}" if cost is not None else "paid (price unknown)"
-    return rate_limit_check(outcome.headers, settings.images_per_minute, paid)
+    return rate_limit_check(
+        outcome.headers, lane.limit.per_minute, paid, _limit_setting(settings, lane)
+    )
+
+
+def _limit_setting(settings: Settings, lane: Lane) -> str:
+    """The setting that holds `lane`'s per-minute limit (what the probe's fix names)."""
+    if lane.provider in settings.providers:
+        per = "requests_per_minute" if lane.per_request else "images_per_minute"
+        return f"providers.{lane.provider}.{per}"
+    if lane.per_request:
+        return "EDITBATCH_AZURE_REQUESTS_PER_MINUTE"
+    if "images_per_minute" in settings.model_limits.get(lane.model, {}):
+        return f"EDITBATCH_MODEL_LIMITS[{lane.model!r}].images_per_minute"
+    return "EDITBATCH_IMAGES_PER_MINUTE"
 
 
 def _agreed(question: str) -> bool:
@@ -159,9 +198,14 @@ def _agreed(question: str) -> bool:
         return False
 
 
-def rate_limit_check(headers: dict[str, str], configured: int | None, paid: str) -> Check:
-    """The account's images (or requests) per minute from the answer's headers against the
-    setting (pure)."""
+def rate_limit_check(
+    headers: dict[str, str],
+    configured: int | None,
+    paid: str,
+    setting: str = "EDITBATCH_IMAGES_PER_MINUTE",
+) -> Check:
+    """The account's (or deployment's) images or requests per minute from the answer's headers
+    against the setting (pure)."""
     raw = headers.get("x-ratelimit-limit-images") or headers.get("x-ratelimit-limit-requests")
     if raw is None or not raw.strip().isdigit():
         return Check("rate limit", True, f"{paid}; the answer carried no rate-limit header")
@@ -170,20 +214,20 @@ def rate_limit_check(headers: dict[str, str], configured: int | None, paid: str)
         return Check(
             "rate limit",
             False,
-            f"{paid}; the account allows {limit} per minute, EDITBATCH_IMAGES_PER_MINUTE is unset",
-            f"set EDITBATCH_IMAGES_PER_MINUTE={limit} so that every worker shares the limit",
+            f"{paid}; the account allows {limit} per minute, {setting} is unset",
+            f"set {setting}={limit} so that every worker shares the limit",
         )
     if configured > limit:
         return Check(
             "rate limit",
             False,
-            f"{paid}; EDITBATCH_IMAGES_PER_MINUTE={configured} is above the account's {limit}",
-            f"set EDITBATCH_IMAGES_PER_MINUTE={limit} (above it, calls end in 429s)",
+            f"{paid}; {setting}={configured} is above the account's {limit}",
+            f"set {setting}={limit} (above it, calls end in 429s)",
         )
     return Check(
         "rate limit",
         True,
-        f"{paid}; EDITBATCH_IMAGES_PER_MINUTE={configured} within the account's {limit}/min",
+        f"{paid}; {setting}={configured} within the account's {limit}/min",
     )
 
 

@@ -5,20 +5,26 @@
     redis          the broker (and the limiter's Redis) answer PING
     workers        Celery workers answer a ping: how many, their pool and threads
     output, spool  writable (a local folder or an fsspec URL such as s3://), by a test file
-    provider       the API answers at all (`GET /models`, free)
-    api key        set, and accepted (not 401)
-    model M        each model of the manifest (or the default model) is available to this key
-                   and organization (404: not for this key; 403: the organization must be
-                   verified); gone, or shutting down by tomorrow, in the catalogue
+    provider P     one per provider in use (pipeline/providers.py: the default, those the
+                   manifest's rows name, those configured): it answers at all (`GET /models`,
+                   free); a provider whose settings cannot be read is one ✗ `providers`
+    api key        OpenAI's (when provider openai is in use): set, and accepted (not 401)
+    model M        each model of the manifest (or the default model), by provider: on OpenAI,
+                   available to this key and organization (404: not for this key; 403: the
+                   organization must be verified), gone or shutting down by tomorrow in the
+                   catalogue; on another provider (`model M on P`), deployed or served there
+    deployment     each deployment (lane) of an Azure provider, and each named deployment of a
+                   gateway, probed for free (`gateway.check_lane`: an edit with n=0 the model
+                   refuses only after the endpoint, api-version, key and deployment passed)
     data           the price table and the catalogue are not older than
                    EDITBATCH_MAX_DATA_AGE_DAYS
-    rate limit     (--probe) one low-quality edit, paid and shown first: the account's limit
-                   from the rate-limit headers against EDITBATCH_IMAGES_PER_MINUTE
+    rate limit     (--probe) one low-quality edit on the default provider, paid and shown
+                   first: the limit from the rate-limit headers against the lane's setting
 
 `CHECKS` is the list, in that order: each entry is a name and a function of the `Context`
-returning `Check`s (one, or one per model). Another provider adds its own function (issue 15).
-A check never raises: a failure is a ✗ whose `fix` says what to do. When the settings are
-invalid nothing else can be checked, and the other checks are skipped.
+returning `Check`s (one, or one per provider, model or deployment). A check never raises: a
+failure is a ✗ whose `fix` says what to do. When the settings are invalid nothing else can be
+checked, and the other checks are skipped.
 """
 
 from __future__ import annotations
@@ -31,11 +37,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import clock
 from pipeline.errors import ConfigError, EditbatchError
+from pipeline.providers import DEFAULT_PROVIDER, Auth, Kind, Lane, Provider, ProviderSet
 from pipeline.settings import CONFIG_VARIABLE, Settings, variable
+
+if TYPE_CHECKING:
+    from pipeline.run.gateway import Answer, Gateway
 
 __all__ = [
     "CHECKS",
@@ -79,15 +89,56 @@ class WorkerInfo:
 
 @dataclass
 class Context:
-    """What the checks look at. The clients are built by `editbatch doctor` and passed in."""
+    """What the checks look at. The clients are built by `editbatch doctor` and passed in
+    (`http_client`: an httpx2 client for the SDK, as in `Gateway`; unit tests answer in
+    process)."""
 
     load_settings: Callable[[], Settings]
     output: str | None = None
-    models: tuple[str, ...] = ()  # the manifest's models (empty: the default model)
+    # The manifest's (provider, model) pairs, provider None for rows that name none (empty:
+    # the default model on the default provider).
+    uses: tuple[tuple[str | None, str], ...] = ()
     ping_workers: Callable[[], list[WorkerInfo]] | None = None
     probe_edit: Callable[[Settings], Check] | None = None  # --probe, after the price was agreed
     today: date = field(default_factory=clock.today)
     settings: Settings | None = None
+    http_client: Any = None
+    providers: ProviderSet | None = None  # read by the provider check
+    _gateway: Gateway | None = None
+
+    def gateway(self) -> Gateway:
+        """One SDK client per provider connection, built once for every check."""
+        from pipeline.run.gateway import Gateway
+
+        assert self.settings is not None
+        if self._gateway is None:
+            connections = self.providers.connections() if self.providers is not None else []
+            self._gateway = Gateway(
+                self.settings.api_key(),
+                self.settings.openai_base_url,
+                10.0,
+                http_client=self.http_client,
+                connections=connections,
+            )
+        return self._gateway
+
+    def in_use(self) -> list[Provider]:
+        """The providers to check: the default one, those the manifest's rows name, and those
+        configured beyond the implicit openai (a [providers.NAME] table, the Azure variables;
+        openai with OPENAI_API_KEY set). The default first, then by name."""
+        if self.providers is None or self.settings is None:
+            return []
+        providers, settings = self.providers, self.settings
+        names = {providers.default} | {p or providers.default for p, _ in self.uses}
+        names |= set(settings.providers) | ({"azure"} if settings.azure_deployments else set())
+        if settings.api_key():
+            names.add(DEFAULT_PROVIDER)
+        known = [n for n in names if n in providers.providers]
+        known.sort(key=lambda n: (n != providers.default, n))
+        return [providers.providers[n] for n in known]
+
+    def used(self, name: str) -> bool:
+        return any(p.name == name for p in self.in_use())
 
 
 CheckFn = Callable[[Context], list[Check]]
@@ -269,35 +320,56 @@ def _writable(name: str, where: str) -> Check:
     return Check(name, True, f"{where} is writable")
 
 
-def _gateway(settings: Settings) -> Any:
-    from pipeline.run.gateway import Gateway
-
-    return Gateway(settings.api_key(), settings.openai_base_url, 10.0)
-
-
 def check_provider(ctx: Context) -> list[Check]:
+    from pipeline.providers import providers_of
+
     assert ctx.settings is not None
-    base = ctx.settings.openai_base_url or "https://api.openai.com/v1"
-    answer = _gateway(ctx.settings).list_models()
-    if not answer.answered:
+    try:
+        ctx.providers = providers_of(ctx.settings)
+    except ConfigError as exc:
         return [
             Check(
-                "provider openai",
+                "providers",
                 False,
-                f"{base} does not answer: {answer.describe()}",
-                "check the network, a proxy, or OPENAI_BASE_URL; the provider may be down",
+                str(exc),
+                "correct the provider settings named above (docs/providers.md)",
             )
         ]
-    return [Check("provider openai", True, f"{base} answers")]
+    return [_reachable(ctx, provider) for provider in ctx.in_use()]
+
+
+def _reachable(ctx: Context, provider: Provider) -> Check:
+    """Does `provider` answer at all (`GET /models`, free)?"""
+    name = f"provider {provider.name}"
+    connection = provider.connection
+    where = connection.describe()
+    try:
+        answer = ctx.gateway().list_models(connection=connection)
+    except ConfigError as exc:  # Entra ID without azure-identity
+        return Check(name, False, str(exc), "install what the message names")
+    if not answer.answered:
+        return Check(
+            name,
+            False,
+            f"{where} does not answer: {answer.describe()}",
+            f"check the network, a proxy, or {_setting(provider, 'url')}; the provider may be down",
+        )
+    if answer.status == 401 and provider.kind != Kind.OPENAI:
+        return Check(
+            name, False, f"{where} refused the key: {answer.describe()}", _key_fix(provider)
+        )
+    return Check(name, True, f"{where} answers")
 
 
 def check_key(ctx: Context) -> list[Check]:
     assert ctx.settings is not None
+    if ctx.providers is None or not ctx.used(DEFAULT_PROVIDER):
+        return []  # no call goes to OpenAI: its key is not needed
     if not ctx.settings.api_key():
         return [
             Check("api key", False, "OPENAI_API_KEY is not set", "export OPENAI_API_KEY=sk-...")
         ]
-    answer = _gateway(ctx.settings).list_models()
+    answer = ctx.gateway().list_models()
     if answer.status == 401:
         return [
             Check(
@@ -309,7 +381,7 @@ def check_key(ctx: Context) -> list[Check]:
             )
         ]
     if not answer.answered:
-        return [Check("api key", False, f"not checked: {answer.describe()}", "see provider")]
+        return [Check("api key", False, f"not checked: {answer.describe()}", "see provider openai")]
     return [Check("api key", True, f"accepted (...{ctx.settings.api_key()[-4:]})")]
 
 
@@ -317,11 +389,19 @@ def check_models(ctx: Context) -> list[Check]:
     from pipeline.intake.catalog import Lifecycle, load_catalog
 
     assert ctx.settings is not None
-    models = ctx.models or (ctx.settings.default_model,)
-    gateway = _gateway(ctx.settings)
+    if ctx.providers is None:
+        return []  # the provider check said why
+    providers = ctx.providers
+    uses = ctx.uses or ((None, ctx.settings.default_model),)
+    by_provider = sorted({(p or providers.default, m) for p, m in uses})
+    results = [
+        _model_elsewhere(ctx, provider, model)
+        for provider, model in by_provider
+        if provider != DEFAULT_PROVIDER
+    ]
+    gateway = ctx.gateway()
     catalog = load_catalog(ctx.settings.catalog_file)
-    results = []
-    for model in sorted(set(models)):
+    for model in sorted({m for p, m in by_provider if p == DEFAULT_PROVIDER}):
         name = f"model {model}"
         info = catalog.get(model)
         if info is not None and info.state_on(ctx.today) == Lifecycle.GONE:
@@ -370,7 +450,9 @@ def check_models(ctx: Context) -> list[Check]:
                 )
             )
         elif not answer.ok:
-            results.append(Check(name, False, f"not checked: {answer.describe()}", "see provider"))
+            results.append(
+                Check(name, False, f"not checked: {answer.describe()}", "see provider openai")
+            )
         elif info is not None and info.state_on(ctx.today) == Lifecycle.DEPRECATED:
             when = f" on {info.shutdown_on}" if info.shutdown_on else ""
             note = f"; replacement {info.replacement}" if info.replacement else ""
@@ -378,6 +460,150 @@ def check_models(ctx: Context) -> list[Check]:
         else:
             results.append(Check(name, True, "available to this key"))
     return results
+
+
+def _model_elsewhere(ctx: Context, name: str, model: str) -> Check:
+    """`model` on a provider other than OpenAI: configured, deploying or serving it; on a
+    gateway, the gateway knows it (a free lookup)."""
+    from pipeline.run.gateway import check_lane
+
+    title = f"model {model} on {name}"
+    assert ctx.providers is not None
+    provider = ctx.providers.providers.get(name)
+    if provider is None:
+        return Check(
+            title,
+            False,
+            f"provider {name} (named by the manifest) is not configured: the configured "
+            f"providers are {', '.join(ctx.providers.names())}",
+            "correct the rows' provider column, or configure it (docs/providers.md)",
+        )
+    if not provider.serves(model):
+        return Check(title, False, provider.not_served(model), "see the message")
+    lanes = provider.lanes(model)
+    if provider.kind == Kind.AZURE:
+        names = ", ".join(lane.deployment for lane in lanes)
+        return Check(title, True, f"deployed as {names} (each checked below)")
+    if model in provider.deployments:
+        names = ", ".join(lane.deployment for lane in lanes)
+        return Check(title, True, f"sent as {names} (each checked below)")
+    answer = check_lane(ctx.gateway(), lanes[0])
+    if answer.ok:
+        return Check(title, True, f"{provider.connection.describe()} serves it")
+    if answer.status == 401:
+        return Check(title, False, "not checked: the key was refused", f"see provider {name}", True)
+    if answer.status == 404 or (answer.status == 400 and answer.code == "invalid_value"):
+        return Check(
+            title,
+            False,
+            f"{provider.connection.describe()} does not serve it ({answer.describe()})",
+            f"choose a model it serves, or another provider (--provider, the rows' provider "
+            f"column); {provider.origin} configures it",
+        )
+    return Check(title, False, f"not checked: {answer.describe()}", f"see provider {name}")
+
+
+def check_deployments(ctx: Context) -> list[Check]:
+    """Each deployment of each provider in use that has deployments (Azure's, and the names a
+    gateway sends), probed for free with `gateway.check_lane`."""
+    from pipeline.run.gateway import check_lane
+
+    results = []
+    for provider in ctx.in_use():
+        for lanes in provider.deployments.values():
+            for lane in lanes:
+                try:
+                    answer = check_lane(ctx.gateway(), lane)
+                except ConfigError as exc:  # Entra ID without azure-identity
+                    results.append(Check(f"deployment {lane.scope}", False, str(exc), "see above"))
+                    continue
+                results.append(_deployment_check(provider, lane, answer))
+    return results
+
+
+def _deployment_check(provider: Provider, lane: Lane, answer: Answer) -> Check:
+    """What `check_lane`'s answer says about one deployment, and the setting that fixes it."""
+    from pipeline.run.retry import provider_misconfigured
+
+    name = f"deployment {lane.scope}"
+    where = lane.connection.describe()
+    azure = lane.connection.kind == Kind.AZURE
+    if answer.ok:
+        how = (
+            "busy (429), but there"
+            if answer.status == 429
+            else "endpoint, api-version, key and deployment accepted (an edit with n=0, "
+            "refused as asked, unbilled)"
+            if azure
+            else "the gateway knows it"
+        )
+        return Check(name, True, f"{lane.deployment} of {lane.model} at {where}: {how}")
+    said = answer.describe()
+    if answer.status is None or answer.status >= 500:
+        return Check(
+            name,
+            False,
+            f"{where} does not answer: {said}",
+            f"check the network, a proxy, or {_setting(provider, 'url')}; the provider may be down",
+        )
+    if answer.status in (401, 403):
+        return Check(name, False, f"{where} refused the credential: {said}", _key_fix(provider))
+    if answer.status == 404 and answer.code == "DeploymentNotFound":
+        return Check(
+            name,
+            False,
+            f"{where} has no deployment {lane.deployment}: {said}",
+            f"correct the deployment name of {lane.model} in {_setting(provider, 'deployments')} "
+            "(the resource's Deployments list), or create it there",
+        )
+    if provider_misconfigured(answer.status, answer.code, answer.message):
+        return Check(
+            name,
+            False,
+            f"{where} refused the path or api-version: {said}",
+            f"set {_setting(provider, 'api_version')} to an api-version the resource supports, "
+            "e.g. 2025-04-01-preview (or v1), and check the endpoint "
+            f"({_setting(provider, 'url')}: https://NAME.openai.azure.com, no path)",
+        )
+    if answer.status == 404:
+        return Check(
+            name,
+            False,
+            f"{where} does not know {lane.deployment}: {said}",
+            f"correct the deployment name in {_setting(provider, 'deployments')}",
+        )
+    return Check(name, False, f"{where} answered {said}", "see the message")
+
+
+def _setting(provider: Provider, what: str) -> str:
+    """The setting a person changes to fix `what` (url, api_version, deployments, key) of
+    `provider`: a TOML key of its table, or the environment variable it came from."""
+    table = provider.origin.startswith("[providers.")
+    if what == "key":
+        return provider.connection.key_source or "the key"
+    if table:
+        key = {
+            "url": "endpoint" if provider.kind == Kind.AZURE else "base_url",
+            "api_version": "api_version",
+            "deployments": "deployments",
+        }[what]
+        return f"providers.{provider.name}.{key} ({CONFIG_VARIABLE})"
+    if provider.kind == Kind.AZURE:
+        return {
+            "url": "AZURE_OPENAI_ENDPOINT",
+            "api_version": "OPENAI_API_VERSION",
+            "deployments": "EDITBATCH_AZURE_DEPLOYMENTS",
+        }[what]
+    return "OPENAI_BASE_URL" if what == "url" else f"providers.{provider.name}.{what}"
+
+
+def _key_fix(provider: Provider) -> str:
+    if provider.connection.auth == Auth.ENTRA_ID:
+        return (
+            "check the Entra ID credential (az login, a managed identity, AZURE_CLIENT_ID...) "
+            "and give it the Cognitive Services OpenAI User role on the resource"
+        )
+    return f"set {_setting(provider, 'key')} to a valid key of {provider.connection.describe()}"
 
 
 def check_data(ctx: Context) -> list[Check]:
@@ -427,6 +653,7 @@ CHECKS: list[tuple[str, CheckFn]] = [
     ("provider", check_provider),
     ("api key", check_key),
     ("models", check_models),
+    ("deployments", check_deployments),
     ("data", check_data),
     ("rate limit", check_rate_limit),
 ]

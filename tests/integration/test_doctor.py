@@ -156,3 +156,71 @@ def test_probe_reads_the_rate_limit_and_compares_the_setting(
         assert "one paid edit" in declined.stderr  # asked first; no answer on stdin: declined
         assert "- rate limit  not probed (declined)" in declined.stdout
         assert st.sandbox.sandbox.stats.snapshot()["billed"] == 2
+
+
+AZURE_KEY = "azure-key-0000000001"
+AZURE_VERSION = "2025-04-01-preview"
+
+
+def test_doctor_checks_each_azure_deployment_and_names_the_setting_to_fix(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Azure as the default provider (the SDK's variables and one mapping, two deployments),
+    OpenAI beside it: healthy, `doctor` passes every check, one per provider and one per
+    deployment (a free probe: nothing billed). A wrong deployment, a wrong key and an
+    api-version the resource refuses each fail exactly the deployments they break, with
+    Azure's answer and the variable to change; exit status 1."""
+    database_url = f"sqlite:///{tmp_path / 'editbatch.db'}"
+    manifest = write_manifest(tmp_path / "in" / "manifest.csv", small_rows(tmp_path / "in", 2))
+    out = tmp_path / "out"
+    config = SandboxConfig(
+        latency_ms=50,
+        azure_deployments={"img-a": MODEL, "img-b": MODEL},
+        azure_api_keys=[AZURE_KEY],
+    )
+    with stack(tmp_path, redis_url, database_url, config) as st:
+        st.env.update(
+            EDITBATCH_PROVIDER="azure",
+            AZURE_OPENAI_ENDPOINT=st.sandbox.base_url.removesuffix("/v1"),
+            AZURE_OPENAI_API_KEY=AZURE_KEY,
+            OPENAI_API_VERSION=AZURE_VERSION,
+            EDITBATCH_AZURE_DEPLOYMENTS=f"{MODEL}=img-a,{MODEL}=img-b",
+            EDITBATCH_DEFAULT_MODEL=MODEL,
+        )
+        st.worker("w1", concurrency=2)  # reads the same providers at its start
+
+        code, report = doctor(st, str(manifest), "--output", str(out))
+        assert code == 0 and report["ok"] is True, failing(report)
+        names = [c["name"] for c in report["checks"]]
+        for expected in ("provider azure", "provider openai", "api key",
+                         f"model {MODEL} on azure", "deployment azure:img-a",
+                         "deployment azure:img-b"):  # fmt: skip
+            assert expected in names, names
+        assert names.index("provider azure") < names.index("provider openai")  # the default
+        assert st.sandbox.sandbox.stats.snapshot()["billed"] == 0
+
+        code, report = doctor(
+            st,
+            str(manifest),
+            "-o",
+            str(out),
+            EDITBATCH_AZURE_DEPLOYMENTS=f"{MODEL}=img-a,{MODEL}=img-typo",
+        )
+        bad = failing(report)
+        assert code == 1 and set(bad) == {"deployment azure:img-typo"}, bad
+        assert "has no deployment img-typo" in bad["deployment azure:img-typo"]["detail"]
+        assert "DeploymentNotFound" in bad["deployment azure:img-typo"]["detail"]
+        assert "EDITBATCH_AZURE_DEPLOYMENTS" in bad["deployment azure:img-typo"]["fix"]
+
+        code, report = doctor(st, str(manifest), "-o", str(out), AZURE_OPENAI_API_KEY="wrong-1234")
+        bad = failing(report)
+        assert code == 1 and set(bad) == {"deployment azure:img-a", "deployment azure:img-b"}
+        assert "refused the credential: 401" in bad["deployment azure:img-a"]["detail"]
+        assert bad["deployment azure:img-a"]["fix"].startswith("set AZURE_OPENAI_API_KEY")
+
+        code, report = doctor(st, str(manifest), "-o", str(out), OPENAI_API_VERSION="2023-01-01")
+        bad = failing(report)
+        assert code == 1 and set(bad) == {"deployment azure:img-a", "deployment azure:img-b"}
+        assert "API version not supported" in bad["deployment azure:img-b"]["detail"]
+        assert bad["deployment azure:img-b"]["fix"].startswith("set OPENAI_API_VERSION")
+        assert st.sandbox.sandbox.stats.snapshot()["billed"] == 0
