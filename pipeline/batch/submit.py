@@ -30,10 +30,13 @@ from pipeline import clock
 from pipeline.cost.estimate import (
     BatchEstimate,
     Estimate,
+    Workload,
     estimate_batch,
     estimate_cost,
     estimate_duration,
+    lanes_duration,
     typical_latency,
+    workloads,
 )
 from pipeline.cost.pricing import PriceTable
 from pipeline.db import jobs
@@ -259,6 +262,51 @@ class BatchOptions:
             raise ConfigError(f"{what} applies to the batch route only: add --route batch")
 
 
+@dataclass(frozen=True)
+class SyncDuration:
+    """How long a batch takes on the sync route at best, and the lanes that set it."""
+
+    seconds: float
+    loads: tuple[Workload, ...]
+    in_flight: int  # the in-flight slots when the lanes set none (max_in_flight or concurrency)
+
+    def limits(self, settings: Settings) -> str:
+        """The limits behind the figure, for `estimate`: one phrase per (provider, model)."""
+        if not self.loads or (
+            len(self.loads) == 1 and self.loads[0].label.startswith(f"{DEFAULT_PROVIDER} ")
+        ):
+            rate = settings.images_per_minute or "unlimited"
+            latency = max((w.latency_s for w in self.loads), default=0.0)
+            return f"{rate} images/min, {self.in_flight} in flight, ~{latency:.0f} s per call"
+        return "; ".join(w.describe() for w in self.loads)
+
+
+def sync_duration(
+    settings: Settings, estimate: BatchEstimate, providers: ProviderSet | None = None
+) -> SyncDuration:
+    """The sync route's duration from each provider's lanes: a (provider, model) runs at the
+    sum of its deployments' limits, side by side with the others (`lanes_duration`); the
+    settings' EDITBATCH_IMAGES_PER_MINUTE are the OpenAI lanes' limit."""
+    threads = settings.max_in_flight or settings.concurrency
+    if providers is None:
+        try:
+            providers = providers_of(settings)
+        except ConfigError:  # said by preflight, by row or setting; estimate on the settings
+            providers = None
+    loads = tuple(workloads(estimate.work, providers)) if providers is not None else ()
+    if loads:
+        return SyncDuration(lanes_duration(loads, threads), loads, threads)
+    models = {model for _, model in estimate.work} or set(estimate.unpriced_models)
+    seconds = estimate_duration(
+        estimate.calls,
+        estimate.images,
+        settings.images_per_minute,
+        threads,
+        typical_latency(models),
+    )
+    return SyncDuration(seconds, (), threads)
+
+
 def shutdown_notices_for(
     settings: Settings, rows_by_model: Mapping[str, int], estimate: BatchEstimate | None = None
 ) -> list[ShutdownNotice]:
@@ -266,13 +314,7 @@ def shutdown_notices_for(
     batch's estimated finish (when its estimate is known): said before anything is spent."""
     finish = None
     if estimate is not None and estimate.calls:
-        seconds = estimate_duration(
-            estimate.calls,
-            estimate.images,
-            settings.images_per_minute,
-            settings.max_in_flight or settings.concurrency,
-            typical_latency(rows_by_model),
-        )
+        seconds = sync_duration(settings, estimate).seconds
         now = datetime.combine(clock.today(), datetime.now(UTC).time(), UTC)
         finish = now + timedelta(seconds=seconds)
     return shutdown_notices(

@@ -69,7 +69,6 @@ def _store(
         print_estimate(
             result.estimate,
             settings,
-            result.models,
             budget,
             out=err if quiet else console,
             route=batch.route,

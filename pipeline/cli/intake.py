@@ -86,13 +86,8 @@ def estimate(
 ) -> None:
     """What a manifest will cost (per row and in total, low-high) and how long it will take,
     on the sync route and the batch route side by side (rows at the prices of `--route`)."""
-    from pipeline.batch.submit import prepare, shutdown_notices_for
-    from pipeline.cost.estimate import (
-        estimate_batch,
-        estimate_cost,
-        estimate_duration,
-        typical_latency,
-    )
+    from pipeline.batch.submit import prepare, shutdown_notices_for, sync_duration
+    from pipeline.cost.estimate import estimate_batch, estimate_cost
     from pipeline.cost.pricing import load_prices
 
     with friendly_errors():
@@ -116,13 +111,7 @@ def estimate(
         total = estimate_batch((est, r.spec.n) for r, est in per_row if r.spec)
         totals = {route: total, ("batch" if route == "sync" else "sync"): estimate_batch(other)}
         models = {est.model for _, est in per_row}
-        sync_seconds = estimate_duration(
-            total.calls,
-            total.images,
-            settings.images_per_minute,
-            settings.max_in_flight or settings.concurrency,
-            typical_latency(models),
-        )
+        sync_seconds = sync_duration(settings, total).seconds
         rows_by_model = {m: sum(1 for _, e in per_row if e.model == m) for m in models}
         notices = shutdown_notices_for(settings, rows_by_model, total)
 
@@ -196,7 +185,7 @@ def estimate(
         console.print(f"... {len(per_row) - len(shown)} more rows (--rows 0 lists all)")
     if rejected:
         console.print(f"{rejected} rows rejected by preflight (see: editbatch check)")
-    print_estimate(total, settings, models, None, route=route)
+    print_estimate(total, settings, None, route=route)
     print_shutdown_notices(notices)
     side = Table(title="Both routes", title_justify="left")
     for col in ("route", "expected $", "low-high $", "duration"):

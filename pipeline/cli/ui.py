@@ -160,12 +160,11 @@ def provider_table(status: BatchStatus) -> Table:
 def print_estimate(
     est: BatchEstimate,
     settings: Settings,
-    models: set[str],
     budget: Decimal | None,
     out: Console | None = None,
     route: str = "sync",
 ) -> None:
-    from pipeline.cost.estimate import estimate_duration, typical_latency
+    from pipeline.batch.submit import sync_duration
 
     if not est.calls:
         return
@@ -177,19 +176,11 @@ def print_estimate(
             "within 24 h (OpenAI's Batch API)"
         )
     else:
-        latency = typical_latency(models)
-        seconds = estimate_duration(
-            est.calls,
-            est.images,
-            settings.images_per_minute,
-            settings.max_in_flight or settings.concurrency,
-            latency,
-        )
+        took = sync_duration(settings, est)
         out.print(
             f"estimate: ${est.expected:.2f} (range ${est.low:.2f}-${est.high:.2f}) for "
-            f"{est.calls} calls, {est.images} images; about {duration(seconds)} at "
-            f"{settings.images_per_minute or 'unlimited'} images/min, "
-            f"{settings.max_in_flight or settings.concurrency} in flight, ~{latency:.0f} s per call"
+            f"{est.calls} calls, {est.images} images; about {duration(took.seconds)} at "
+            f"{took.limits(settings)}"
         )
     if est.unpriced:
         err.print(

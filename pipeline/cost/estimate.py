@@ -19,12 +19,14 @@ from `pipeline.cost.pricing`. Every amount is a `Decimal` rounded once, to the m
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from pipeline.cost.pricing import ModelPrice, PriceTable, Usage
+from pipeline.errors import ConfigError
 from pipeline.intake.catalog import parse_size
+from pipeline.providers import ProviderSet
 from pipeline.spec import EditSpec
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "OUTPUT_IMAGE_TOKENS",
     "BatchEstimate",
     "Estimate",
+    "Workload",
     "estimate_batch",
     "estimate_cost",
     "estimate_duration",
@@ -39,10 +42,12 @@ __all__ = [
     "fallback_usage",
     "frames_billed",
     "input_image_tokens",
+    "lanes_duration",
     "output_image_tokens",
     "output_price",
     "resolve_size",
     "text_tokens",
+    "workloads",
 ]
 
 # Output image tokens per image (gpt-image-1 table; gpt-image-1.5 by inference), API-FACTS.
@@ -229,6 +234,7 @@ class Estimate:
     low: Decimal | None
     high: Decimal | None
     priced: bool
+    provider: str | None = None  # where the call goes (None: the default provider)
 
 
 def _quality_range(quality: str) -> tuple[str, str]:
@@ -252,13 +258,15 @@ def estimate_cost(
     usage = estimate_usage(spec, pixels)
     price = prices.get(spec.model, spec.provider)
     if price is None:
-        return Estimate(spec.model, usage, None, None, None, priced=False)
+        return Estimate(spec.model, usage, None, None, None, priced=False, provider=spec.provider)
     low_quality, high_quality = _quality_range(spec.quality)
     sizes = _size_candidates(spec.size)
     # A GIF might also be billed as one image: the low end allows for it.
     low = min(price.cost(_usage(spec, pixels, low_quality, s, spec.n, frames=1)) for s in sizes)
     high = max(price.cost(_usage(spec, pixels, high_quality, s, spec.n)) for s in sizes)
-    return Estimate(spec.model, usage, price.cost(usage), low, high, priced=True)
+    return Estimate(
+        spec.model, usage, price.cost(usage), low, high, priced=True, provider=spec.provider
+    )
 
 
 @dataclass(frozen=True)
@@ -273,6 +281,9 @@ class BatchEstimate:
     high: Decimal
     unpriced: int
     unpriced_models: tuple[str, ...]
+    # (provider, model) -> (calls, images): what each provider's lanes must carry (the
+    # duration by lanes, `lanes_duration`); provider None: the default provider.
+    work: Mapping[tuple[str | None, str], tuple[int, int]] = field(default_factory=dict)
 
 
 def estimate_batch(estimates: Iterable[tuple[Estimate, int]]) -> BatchEstimate:
@@ -280,9 +291,12 @@ def estimate_batch(estimates: Iterable[tuple[Estimate, int]]) -> BatchEstimate:
     calls = images = unpriced = 0
     expected = low = high = Decimal(0)
     models: set[str] = set()
+    work: dict[tuple[str | None, str], tuple[int, int]] = {}
     for est, n in estimates:
         calls += 1
         images += n
+        done_calls, done_images = work.get((est.provider, est.model), (0, 0))
+        work[(est.provider, est.model)] = (done_calls + 1, done_images + n)
         if not est.priced or est.expected is None or est.low is None or est.high is None:
             unpriced += 1
             models.add(est.model)
@@ -290,7 +304,7 @@ def estimate_batch(estimates: Iterable[tuple[Estimate, int]]) -> BatchEstimate:
         expected += est.expected
         low += est.low
         high += est.high
-    return BatchEstimate(calls, images, expected, low, high, unpriced, tuple(sorted(models)))
+    return BatchEstimate(calls, images, expected, low, high, unpriced, tuple(sorted(models)), work)
 
 
 def estimate_duration(
@@ -309,6 +323,70 @@ def estimate_duration(
     by_rate = images * 60.0 / images_per_minute if images_per_minute else 0.0
     by_concurrency = n_calls * latency_s / max_in_flight if max_in_flight else latency_s
     return max(by_rate, by_concurrency, latency_s)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The calls of one (provider, model) and the lanes they are spread over: their limits
+    summed (`per_minute` counts images, or requests on Azure lanes: `units`); None when a lane
+    has no limit of that kind."""
+
+    label: str  # "provider model", for messages
+    calls: int
+    units: int
+    per_minute: int | None
+    in_flight: int | None
+    latency_s: float
+    lanes: int = 1
+    unit: str = "images"  # what `per_minute` counts: images, or requests (Azure)
+
+    def describe(self) -> str:
+        rate = f"{self.per_minute} {self.unit}/min" if self.per_minute else "no rate limit"
+        spread = f" over {self.lanes} deployments" if self.lanes > 1 else ""
+        return f"{self.label} at {rate}{spread}"
+
+
+def workloads(
+    work: Mapping[tuple[str | None, str], tuple[int, int]], providers: ProviderSet
+) -> list[Workload]:
+    """Each (provider, model)'s calls with the limits of its lanes (a model the provider
+    lacks is left out: preflight refused its rows)."""
+    out = []
+    for (name, model), (calls, images) in sorted(
+        work.items(), key=lambda i: (i[0][0] or "", i[0][1])
+    ):
+        try:
+            lanes = providers.lanes(name, model)
+        except ConfigError:
+            continue
+        rates = [lane.limit.per_minute for lane in lanes]
+        slots = [lane.limit.max_in_flight for lane in lanes]
+        out.append(
+            Workload(
+                label=f"{name or providers.default} {model}",
+                calls=calls,
+                units=calls if lanes[0].per_request else images,
+                per_minute=sum(r for r in rates if r) if all(rates) else None,
+                in_flight=sum(s for s in slots if s) if all(slots) else None,
+                latency_s=typical_latency((model,)),
+                lanes=len(lanes),
+                unit="requests" if lanes[0].per_request else "images",
+            )
+        )
+    return out
+
+
+def lanes_duration(loads: Sequence[Workload], threads: int) -> float:
+    """Seconds a batch needs at best over its lanes: each (provider, model) at the sum of its
+    lanes' rates (they run side by side), and every call through the in-flight slots (the
+    lanes' caps summed when every lane has one, else `threads`). Never less than one call's
+    latency when there is a call."""
+    if not loads:
+        return 0.0
+    by_rate = max((w.units * 60.0 / w.per_minute for w in loads if w.per_minute), default=0.0)
+    slots = sum(w.in_flight or 0 for w in loads) if all(w.in_flight for w in loads) else threads
+    by_concurrency = sum(w.calls * w.latency_s for w in loads) / max(slots, 1)
+    return max(by_rate, by_concurrency, max(w.latency_s for w in loads))
 
 
 # Median edit latency in seconds (API-FACTS, checked 2026-11-21); others are a guess of 40 s.

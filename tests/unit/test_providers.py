@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.batch.submit import sync_duration
+from pipeline.cost.estimate import Estimate, estimate_batch
 from pipeline.cost.pricing import Usage, load_prices
 from pipeline.errors import ConfigError
 from pipeline.providers import (
@@ -396,3 +398,45 @@ def test_sandbox_overrides_send_every_lane_to_the_sandbox_with_throwaway_keys(
         "img2-b": "gpt-image-2",
         "img15": "gpt-image-1.5",
     }
+
+
+def _load(provider: str | None, model: str) -> Estimate:
+    return Estimate(
+        model, Usage(), Decimal("0.01"), Decimal("0.01"), Decimal("0.01"), True, provider
+    )
+
+
+def test_the_estimated_duration_follows_each_providers_lanes(
+    azure_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`estimate`'s duration: Azure's two deployments of gpt-image-2 at 10 requests/min each
+    carry 600 calls in 30 min (not at one lane's 60 min, nor at EDITBATCH_IMAGES_PER_MINUTE);
+    OpenAI's calls beside them run at its own limit, side by side; the phrase names both."""
+    monkeypatch.setenv("EDITBATCH_AZURE_REQUESTS_PER_MINUTE", "10")
+    monkeypatch.setenv("EDITBATCH_IMAGES_PER_MINUTE", "100")
+    monkeypatch.setenv("EDITBATCH_MAX_IN_FLIGHT", "1000")
+    settings = Settings()
+    azure_only = estimate_batch([(_load("azure", "gpt-image-2"), 2)] * 600)
+    took = sync_duration(settings, azure_only)
+    assert took.seconds == pytest.approx(30 * 60)  # requests, not images: n=2 counts once
+    assert took.limits(settings) == "azure gpt-image-2 at 20 requests/min over 2 deployments"
+
+    both = estimate_batch(
+        [(_load("azure", "gpt-image-2"), 1)] * 600 + [(_load("openai", "gpt-image-2"), 1)] * 4000
+    )
+    took = sync_duration(settings, both)
+    assert took.seconds == pytest.approx(40 * 60)  # OpenAI's 4,000 at 100/min is the longer
+    assert took.limits(settings) == (
+        "azure gpt-image-2 at 20 requests/min over 2 deployments; "
+        "openai gpt-image-2 at 100 images/min"
+    )
+
+
+def test_without_providers_the_estimate_reads_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDITBATCH_IMAGES_PER_MINUTE", "250")
+    monkeypatch.setenv("EDITBATCH_MAX_IN_FLIGHT", "170")
+    settings = Settings()
+    est = estimate_batch([(_load(None, "gpt-image-2"), 1)] * 1000)
+    took = sync_duration(settings, est)
+    assert took.seconds == pytest.approx(240.0)
+    assert took.limits(settings) == "250 images/min, 170 in flight, ~40 s per call"
