@@ -62,6 +62,8 @@ class BatchStatus:
     lost_answers: int = 0  # attempts interrupted mid-call: answers billed but never received
     lost_answers_usd: Decimal = Decimal(0)  # what they were booked at (estimated)
     events: list[Event] = field(default_factory=list)  # outages: held, resumed, gave up
+    # calls and cost per provider, when the batch's jobs go to more than one (else empty)
+    by_provider: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def cost_per_output_usd(self) -> Decimal | None:
@@ -116,6 +118,7 @@ class BatchStatus:
                 "estimated_usd": usd_text(self.lost_answers_usd),
             },
             "events": [event.to_json() for event in self.events],
+            "cost_by_provider": self.by_provider,
         }
 
 
@@ -323,7 +326,36 @@ def batch_status(
         lost_answers=lost,
         lost_answers_usd=_usd(lost_cost),
         events=events.recent(session, batch_id),
+        by_provider=cost_by_provider(session, batch),
     )
+
+
+def cost_by_provider(session: Session, batch: Batch) -> list[dict[str, Any]]:
+    """Calls and exact cost per provider the batch's calls went to, for a batch whose jobs use
+    more than one (`batches.settings["providers"]`, recorded at submit); [] otherwise, so the
+    status of a one-provider batch stays a read of its counters. An attempt of a job sent
+    before providers existed went to OpenAI."""
+    used = batch.settings.get("providers") if isinstance(batch.settings, dict) else None
+    if not isinstance(used, list) or len(used) < 2:
+        return []
+    scale = "1000000000"
+    if session.get_bind().dialect.name == "postgresql":
+        nanos = f"round(coalesce(a.cost_usd, 0) * {scale})::bigint"
+    else:
+        nanos = f"CAST(round(coalesce(a.cost_usd, 0) * {scale}) AS INTEGER)"
+    rows = session.execute(
+        text(
+            "SELECT coalesce(a.provider, j.provider, 'openai') AS p, count(*), "
+            f"sum({nanos}) FROM attempts a JOIN jobs j ON j.id = a.job_id "
+            "WHERE j.batch_id = :b GROUP BY coalesce(a.provider, j.provider, 'openai') "
+            "ORDER BY 1"
+        ),
+        {"b": batch.id},
+    )
+    return [
+        {"provider": name, "calls": int(calls), "cost_usd": usd_text(_usd(int(cost or 0)))}
+        for name, calls, cost in rows
+    ]
 
 
 def provider_batches(session: Session, batch_id: int) -> list[dict[str, Any]]:

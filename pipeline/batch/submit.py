@@ -386,6 +386,7 @@ def store(
         route_prices = prices.for_route(options.route)  # what the batch's calls will cost
         now = utcnow()
         estimates: list[tuple[Estimate, int]] = []
+        used: set[str] = set()  # the providers the batch's jobs go to (status: cost by provider)
 
         def job_rows() -> Iterator[dict[str, Any]]:
             # Every row dict has the same keys, so each chunk is one executemany.
@@ -422,6 +423,7 @@ def store(
                     estimates.append((est, r.spec.n))
                     model = r.spec.model
                     result.rows_by_model[model] = result.rows_by_model.get(model, 0) + 1
+                    used.add(r.spec.provider or default_provider or DEFAULT_PROVIDER)
                     row.update(
                         spec=r.spec.to_json(),
                         model=r.spec.model,
@@ -438,6 +440,7 @@ def store(
 
         for chunk in _chunks(job_rows(), CHUNK):
             jobs.insert_jobs(session, chunk)
+        batch.settings = {**batch.settings, "providers": sorted(used)}
         session.commit()
     result.estimate = estimate_batch(estimates)
     return result

@@ -114,6 +114,13 @@ def print_status(status: BatchStatus) -> None:
             at = event.at.strftime("%Y-%m-%d %H:%M:%S")
             table.add_row(at, event.kind.removeprefix("outage_"), event.message)
         console.print(table)
+    if status.by_provider:
+        table = Table(title="Cost by provider", title_justify="left")
+        for col in ("provider", "calls", "cost $"):
+            table.add_column(col, justify="left" if col == "provider" else "right")
+        for p in status.by_provider:
+            table.add_row(p["provider"], str(p["calls"]), p["cost_usd"])
+        console.print(table)
     if len(status.breakdown) > 1:
         table = Table(title="Cost by model, quality and state", title_justify="left")
         for col in ("model", "quality", "state", "jobs", "cost $"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from azure.core.credentials import AccessToken
 from sqlalchemy import select
 
+from pipeline.batch.status import batch_status
 from pipeline.batch.submit import BatchOptions, Prepared, store
 from pipeline.cost.pricing import load_prices
 from pipeline.db.jobs import queued_job_ids
@@ -284,3 +286,36 @@ def test_check_lane_on_openai_retrieves_the_model(tmp_path: Path, api: InProcess
     assert gateway.check_lane(deps.gateway, lane).ok
     [gone] = providers_of(settings).lanes("openai", "gpt-image-1")
     assert not gateway.check_lane(deps.gateway, gone).ok
+
+
+def test_status_shows_cost_by_provider_when_a_batch_uses_two(
+    tmp_path: Path, db: Database, api: InProcessAPI
+) -> None:
+    """A manifest column sends half the rows to Azure and half to OpenAI: `status` gives calls
+    and exact cost per provider (their sum is the batch's cost, each the provider's bill); a
+    batch on one provider has no such table (its status reads only the counters)."""
+    settings = azure_settings(tmp_path)
+    rows = product_rows(tmp_path / "in", 6, model="gpt-image-2")
+    for row in rows[::2]:
+        row["provider"] = "openai"
+    batch_id, ids = batch(tmp_path, db, settings, rows)
+    assert run(settings, db, api, ids) == ["succeeded"] * 6
+    with db.session() as s:
+        status = batch_status(s, batch_id)
+        attempts = s.scalars(select(Attempt)).all()
+    by_provider = {p["provider"]: p for p in status.by_provider}
+    assert sorted(by_provider) == ["azure", "openai"]
+    assert by_provider["azure"]["calls"] == by_provider["openai"]["calls"] == 3
+    for name in ("azure", "openai"):
+        assert Decimal(by_provider[name]["cost_usd"]) == sum(
+            a.cost_usd for a in attempts if a.provider == name
+        )
+    assert sum(Decimal(p["cost_usd"]) for p in status.by_provider) == status.cost_usd
+    assert status.to_json()["cost_by_provider"] == status.by_provider
+
+    alone, alone_ids = batch(
+        tmp_path, db, settings, product_rows(tmp_path / "in2", 2, model="gpt-image-2")
+    )
+    assert run(settings, db, api, alone_ids) == ["succeeded"] * 2
+    with db.session() as s:
+        assert batch_status(s, alone).by_provider == []
