@@ -28,7 +28,6 @@ import math
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from sqlalchemy import func, select
 
 from pipeline.db.models import Attempt, Batch, Job, Output
 from pipeline.db.session import Database
-from tests.servers import CeleryWorker, PostgresServer, RedisServer
+from tests.servers import PostgresServer, RedisServer, start_workers
 
 MODEL = "gpt-image-1.5"
 LOCKED = b"database is locked"
@@ -151,30 +150,6 @@ def make_inputs(folder: Path, args: argparse.Namespace) -> tuple[Path, list[Edit
 def _ts(value: datetime) -> float:
     """A DB timestamp as epoch seconds (SQLite hands back naive UTC)."""
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
-
-
-def start_workers(env: dict[str, str], tmp: Path, count: int, threads: int) -> list[CeleryWorker]:
-    """Start `count` celery worker processes at once (each takes a few seconds to boot)."""
-    workers: list[CeleryWorker | None] = [None] * count
-    errors: list[BaseException] = []
-
-    def boot(i: int) -> None:
-        try:
-            workers[i] = CeleryWorker(env, tmp / f"worker{i}.log", threads, name=f"w{i}")
-        except BaseException as exc:
-            errors.append(exc)
-
-    boots = [threading.Thread(target=boot, args=(i,)) for i in range(count)]
-    for t in boots:
-        t.start()
-    for t in boots:
-        t.join()
-    started = [w for w in workers if w is not None]
-    if errors:
-        for w in started:
-            w.stop()
-        raise errors[0]
-    return started
 
 
 def run_editbatch(

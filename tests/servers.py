@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,6 +234,33 @@ class CeleryWorker:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.fh.close()
+
+
+def start_workers(
+    env: dict[str, str], tmp: Path, count: int, threads: int = 4, prefix: str = "w"
+) -> list[CeleryWorker]:
+    """Start `count` celery worker processes at once (each takes seconds to import and connect),
+    named `<prefix><i>`, logging to `tmp/worker<i>.log`; all stopped again if one fails."""
+    workers: list[CeleryWorker | None] = [None] * count
+    errors: list[BaseException] = []
+
+    def boot(i: int) -> None:
+        try:
+            workers[i] = CeleryWorker(env, tmp / f"worker{i}.log", threads, name=f"{prefix}{i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    boots = [threading.Thread(target=boot, args=(i,)) for i in range(count)]
+    for t in boots:
+        t.start()
+    for t in boots:
+        t.join()
+    started = [w for w in workers if w is not None]
+    if errors:
+        for w in started:
+            w.stop()
+        raise errors[0]
+    return started
 
 
 class CeleryBeat:

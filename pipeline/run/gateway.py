@@ -138,19 +138,11 @@ def build_client(
                 timeout=timeout,
                 http_client=http_client,
             )
-        if entra:
-            return openai.AzureOpenAI(
-                azure_endpoint=connection.url or "",
-                api_version=connection.api_version,
-                azure_ad_token_provider=token_provider(connection),
-                max_retries=0,
-                timeout=timeout,
-                http_client=http_client,
-            )
         return openai.AzureOpenAI(
             azure_endpoint=connection.url or "",
             api_version=connection.api_version,
-            api_key=connection.api_key,
+            api_key=None if entra else connection.api_key,
+            azure_ad_token_provider=token_provider(connection) if entra else None,
             max_retries=0,
             timeout=timeout,
             http_client=http_client,

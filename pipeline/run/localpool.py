@@ -59,6 +59,8 @@ class LocalPool:
         """Probe the provider whose outage holds the batch; True once it was resumed (False at
         once when it is not held for one)."""
         deps = self.deps
+        if breaker.held_for(deps.db, batch_id) is None:
+            return False  # finished, or held for another reason: nothing to wait for
         wait: float | None = deps.breaker.policy.probe_first
         while wait is not None and not self.stop.wait(wait):
             provider = breaker.held_for(deps.db, batch_id)

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pipeline.db.session import Database
 from pipeline.sandbox import SandboxConfig, SandboxServer
 from tests.conftest import FAKE_KEY
 from tests.factories import make_image, write_manifest
-from tests.servers import CeleryWorker, wait_until
+from tests.servers import start_workers, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,33 +34,6 @@ WINDOW = 10.0  # seconds; every window this long must hold at most RATE * WINDOW
 
 def _seconds(value: datetime) -> float:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
-
-
-def _start_workers(env: dict[str, str], tmp: Path) -> list[CeleryWorker]:
-    """Boot the workers side by side (each takes seconds to import and connect)."""
-    started: list[CeleryWorker] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def boot(i: int) -> None:
-        try:
-            worker = CeleryWorker(env, tmp / f"worker{i}.log", concurrency=THREADS, name=f"g{i}")
-        except BaseException as exc:
-            errors.append(exc)
-            return
-        with lock:
-            started.append(worker)
-
-    threads = [threading.Thread(target=boot, args=(i,)) for i in range(WORKERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        for worker in started:
-            worker.stop()
-        raise errors[0]
-    return started
 
 
 def test_three_workers_keep_one_global_rate(tmp_path: Path, redis_url: str) -> None:
@@ -94,7 +66,7 @@ def test_three_workers_keep_one_global_rate(tmp_path: Path, redis_url: str) -> N
             "OPENAI_BASE_URL": sandbox.base_url,
             "OPENAI_API_KEY": FAKE_KEY,
         }
-        workers = _start_workers(env, tmp_path)
+        workers = start_workers(env, tmp_path, WORKERS, THREADS, prefix="g")
         try:
             proc = subprocess.run(
                 [

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -23,7 +22,7 @@ from pipeline.db.session import Database
 from pipeline.sandbox import SandboxConfig, SandboxServer
 from tests.conftest import FAKE_KEY, TEST_TODAY, billed_total
 from tests.factories import product_rows, write_manifest
-from tests.servers import CeleryWorker, wait_until
+from tests.servers import start_workers, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -211,32 +210,6 @@ requests_per_minute = {rate}
 """
 
 
-def start_workers(env: dict[str, str], tmp: Path, count: int = 2) -> list[CeleryWorker]:
-    started: list[CeleryWorker] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def boot(i: int) -> None:
-        try:
-            worker = CeleryWorker(env, tmp / f"worker{i}.log", concurrency=4, name=f"p{i}")
-        except BaseException as exc:
-            errors.append(exc)
-            return
-        with lock:
-            started.append(worker)
-
-    threads = [threading.Thread(target=boot, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        for worker in started:
-            worker.stop()
-        raise errors[0]
-    return started
-
-
 def lane_of(entry: dict[str, Any]) -> str:
     return f"azure:{entry['deployment']}" if entry["provider"] == "azure" else "openai"
 
@@ -317,7 +290,7 @@ def test_two_providers_and_two_deployments_each_keep_their_limit_and_add_up(
         first = write_manifest(tmp_path / "a" / "split.csv", split)
         second = write_manifest(tmp_path / "b" / "spread.csv", spread)
 
-        workers = start_workers(env, tmp_path)
+        workers = start_workers(env, tmp_path, 2, prefix="p")
         try:
             mark = time.time()
             batch_split = submit(first, "out-a")

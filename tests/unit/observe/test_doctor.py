@@ -16,10 +16,11 @@ import pytest
 from pipeline.cli.operations import rate_limit_check
 from pipeline.errors import ConfigError
 from pipeline.observe.doctor import CHECKS, Check, Context, check_data, run_checks
-from pipeline.sandbox import SandboxConfig
 from pipeline.settings import Settings
-from tests.conftest import FAKE_KEY, TEST_TODAY
+from tests.conftest import FAKE_KEY
 from tests.fakes import InProcessAPI
+from tests.unit import helpers
+from tests.unit.helpers import AZURE_KEY, AZURE_VERSION, SANDBOX_ROOT, azure_api
 
 
 @pytest.fixture
@@ -99,35 +100,19 @@ def test_rate_limit_against_the_setting(
 
 # -- providers and deployments (the sandbox in process answers as Azure does) -----------------
 
-AZURE_KEY = "azure-key-0000000001"
-VERSION = "2025-04-01-preview"
-ROOT = "http://sandbox.test"
+VERSION = AZURE_VERSION
+ROOT = SANDBOX_ROOT
 
 
-@pytest.fixture
-def azure_api(tmp_path: Path) -> Iterator[InProcessAPI]:
-    config = SandboxConfig(
-        billing_log=str(tmp_path / "billing.jsonl"),
-        today=TEST_TODAY,
-        azure_deployments={"img-a": "gpt-image-2", "img-b": "gpt-image-2"},
-        azure_api_keys=[AZURE_KEY],
-    )
-    with InProcessAPI(config) as fake:
+@pytest.fixture(name="azure_api")
+def azure_api_fixture(tmp_path: Path) -> Iterator[InProcessAPI]:
+    with azure_api(tmp_path) as fake:
         yield fake
 
 
 def azure_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "home": tmp_path / "home",
-        "database_url": f"sqlite:///{tmp_path / 'editbatch.db'}",
-        "default_model": "gpt-image-2",  # what the deployments serve
-        "provider": "azure",
-        "azure_deployments": "gpt-image-2=img-a,gpt-image-2=img-b",
-        "azure_openai_endpoint": ROOT,
-        "azure_openai_api_key": AZURE_KEY,
-        "openai_api_version": VERSION,
-    }
-    return Settings(**{**values, **overrides})
+    """Azure alone: no OpenAI key (doctor checks OpenAI's only when OpenAI is in use)."""
+    return helpers.azure_settings(tmp_path, **{"openai_api_key": None, **overrides})
 
 
 PROVIDER_CHECKS = [

@@ -30,47 +30,22 @@ from pipeline.run import gateway
 from pipeline.run.deps import build_deps
 from pipeline.run.executor import process_job
 from pipeline.run.ratelimit import LocalLimiter
-from pipeline.sandbox import SandboxConfig
 from pipeline.settings import Settings
-from tests.conftest import FAKE_KEY, TEST_TODAY, billed_total
+from tests.conftest import billed_total
 from tests.factories import product_rows, write_manifest
 from tests.fakes import InProcessAPI
+from tests.unit.helpers import AZURE_KEY, AZURE_VERSION, SANDBOX_ROOT, azure_api, azure_settings
 
-KEY = "azure-key-0000000001"
+KEY = AZURE_KEY
 TOKEN = "entra-token-0001"
-VERSION = "2025-04-01-preview"
-ROOT = "http://sandbox.test"
+VERSION = AZURE_VERSION
+ROOT = SANDBOX_ROOT
 
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[InProcessAPI]:
-    config = SandboxConfig(
-        billing_log=str(tmp_path / "billing.jsonl"),
-        today=TEST_TODAY,
-        azure_deployments={"img-a": "gpt-image-2", "img-b": "gpt-image-2"},
-        azure_api_keys=[KEY],
-        azure_ad_tokens=[TOKEN],
-    )
-    with InProcessAPI(config) as fake:
+    with azure_api(tmp_path, azure_ad_tokens=[TOKEN]) as fake:
         yield fake
-
-
-def azure_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "home": tmp_path / "home",
-        "database_url": f"sqlite:///{tmp_path / 'editbatch.db'}",
-        "openai_api_key": FAKE_KEY,
-        "openai_base_url": f"{ROOT}/v1",
-        "backoff_base_seconds": 0.01,
-        "backoff_max_seconds": 0.05,
-        "request_timeout_seconds": 10,
-        "provider": "azure",
-        "azure_deployments": "gpt-image-2=img-a,gpt-image-2=img-b",
-        "azure_openai_endpoint": ROOT,
-        "azure_openai_api_key": KEY,
-        "openai_api_version": VERSION,
-    }
-    return Settings(**{**values, **overrides})
 
 
 def batch(
