@@ -7,10 +7,10 @@ from __future__ import annotations
 from decimal import Decimal
 
 from alembic import command
-from sqlalchemy import func, select, update
+from sqlalchemy import MetaData, Table, func, insert, select, update
 
 from pipeline.batch.status import batch_status, usd_text
-from pipeline.db.models import Batch, Job
+from pipeline.db.models import Batch, Job, utcnow
 from pipeline.db.session import Database, alembic_config
 from pipeline.states import JobState
 
@@ -48,12 +48,56 @@ def test_status_cost_is_the_exact_sum_of_job_costs(database_url: str) -> None:
         db.dispose()
 
 
+def _batch_at_0008(db: Database) -> int:
+    """The same batch written with the tables as they are at revision 0008 (reflected): the
+    models have columns later revisions add."""
+    meta = MetaData()
+    batches = Table("batches", meta, autoload_with=db.engine)
+    jobs = Table("jobs", meta, autoload_with=db.engine)
+    now = utcnow()
+    with db.engine.begin() as conn:
+        batch_id = conn.execute(
+            insert(batches)
+            .values(
+                name="b",
+                manifest_uri="m",
+                manifest_sha256="0" * 64,
+                output_uri="o",
+                created_at=now,
+                state="running",
+                reserved_usd=0,
+                settings={},
+            )
+            .returning(batches.c.id)
+        ).scalar_one()
+        for row, cost in enumerate(COSTS, start=1):
+            conn.execute(
+                insert(jobs).values(
+                    batch_id=batch_id,
+                    row_number=row,
+                    spec="{}",
+                    state=JobState.QUEUED,
+                    attempts=0,
+                    attempt_base=0,
+                    cost_usd=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.batch_id == batch_id, jobs.c.row_number == row)
+                .values(cost_usd=cost)
+            )
+    return int(batch_id)
+
+
 def test_upgrading_recounts_an_existing_database(database_url: str) -> None:
     cfg = alembic_config(database_url)
     command.upgrade(cfg, "0008")
     db = Database(database_url, migrate=False)
     try:
-        batch_id = _batch_with_costs(db)
+        batch_id = _batch_at_0008(db)
         command.upgrade(cfg, "head")
         with db.session() as s:
             assert batch_status(s, batch_id).cost_usd == Decimal("0.123457001")
