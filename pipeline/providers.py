@@ -47,6 +47,7 @@ from pipeline.errors import ConfigError
 from pipeline.settings import Settings, limit_problem
 
 __all__ = [
+    "AZURE_DEFAULT_QUALITY",
     "AZURE_FORMATS",
     "DEFAULT_PROVIDER",
     "ENTRA_SCOPE",
@@ -72,6 +73,8 @@ https://ai.azure.com/.default: set `token_scope`)."""
 AZURE_V1 = "v1"
 """`api_version = "v1"`: Azure's v1 path (`{endpoint}/openai/v1/`, the plain OpenAI client)."""
 AZURE_FORMATS = ("png", "jpeg")
+# Azure's image edits default to quality high (API-FACTS); OpenAI's "auto" lets the model choose.
+AZURE_DEFAULT_QUALITY = "high"
 """Azure documents PNG and JPEG, in and out: no WEBP (nor GIF or SVG) output, no WEBP input."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -210,6 +213,8 @@ class Provider:
     output_formats: tuple[str, ...] | None = None  # None: as the catalogue says
     input_formats: tuple[str, ...] | None = None
     prices: Mapping[str, ModelPrice] = field(default_factory=dict)
+    # What a row's quality "auto" (none given) means there; None: the model decides (OpenAI).
+    default_quality: str | None = None
 
     def serves(self, model: str) -> bool:
         if model in self.deployments:
@@ -500,6 +505,7 @@ def _azure_from_settings(settings: Settings) -> Provider:
         default_limit=limit,
         output_formats=AZURE_FORMATS,
         input_formats=AZURE_FORMATS,
+        default_quality=AZURE_DEFAULT_QUALITY,
     )
 
 
@@ -743,6 +749,7 @@ def _azure_provider(table: _Table, settings: Settings) -> Provider:
         output_formats=table.names("output_formats", _FORMATS) or AZURE_FORMATS,
         input_formats=table.names("input_formats", _INPUT_FORMATS) or AZURE_FORMATS,
         prices=_prices(table),
+        default_quality=AZURE_DEFAULT_QUALITY,
     )
 
 

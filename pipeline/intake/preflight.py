@@ -247,8 +247,18 @@ class Preflight:
 
         checked = None
         if not errors:
-            changed = (images, mask, markup) != (spec.images, spec.mask, spec.markup)
-            checked = replace(spec, images=images, mask=mask, markup=markup) if changed else spec
+            quality = self._provider_quality(spec)
+            changed = (images, mask, markup, quality) != (
+                spec.images,
+                spec.mask,
+                spec.markup,
+                spec.quality,
+            )
+            checked = (
+                replace(spec, images=images, mask=mask, markup=markup, quality=quality)
+                if changed
+                else spec
+            )
         return PreflightResult(
             spec=checked,
             errors=tuple(errors),
@@ -527,6 +537,18 @@ class Preflight:
         self._check_params(spec, info, err, [])
         self._check_provider(spec, err)
         return errors
+
+    def _provider_quality(self, spec: EditSpec) -> str:
+        """The quality the row's provider will use: "auto" (none given) becomes the provider's
+        default where it has one (Azure: high), so the estimate, the budget and the fingerprint
+        are of what will be made and billed."""
+        providers = self.options.providers
+        if spec.quality != "auto" or providers is None:
+            return spec.quality
+        provider = providers.providers.get(spec.provider or providers.default)
+        if provider is None or provider.default_quality is None:
+            return spec.quality
+        return provider.default_quality
 
     def _check_provider(self, spec: EditSpec, err: Callable[[str, str], None]) -> None:
         """The row's provider exists, serves its model, and makes its output format."""

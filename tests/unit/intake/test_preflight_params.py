@@ -364,3 +364,16 @@ def test_azure_makes_no_webp_and_takes_no_webp(
     assert error.field == "image"
     assert error.reason.startswith("image 1: shoe.webp is WEBP; provider azure takes PNG or JPEG")
     assert with_providers.check(provider_spec(webp, provider="openai")).ok
+
+
+def test_a_row_without_quality_is_checked_at_azures_default_high(
+    with_providers: Preflight, image: Path
+) -> None:
+    """Azure makes quality high when none is given: the row is sent, estimated and budgeted as
+    high there; on OpenAI "auto" stays (the model decides); a quality given stays as given."""
+    azure = with_providers.check(provider_spec(image, quality="auto"))
+    assert azure.spec is not None and azure.spec.quality == "high"
+    openai = with_providers.check(provider_spec(image, provider="openai", quality="auto"))
+    assert openai.spec is not None and openai.spec.quality == "auto"
+    low = with_providers.check(provider_spec(image, quality="low"))
+    assert low.spec is not None and low.spec.quality == "low"
