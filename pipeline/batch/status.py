@@ -185,12 +185,14 @@ def batch_status(
     failures_limit: int = 20,
     with_reviews: bool = False,
     with_reuse: bool = True,
+    with_providers: bool = True,
 ) -> BatchStatus:
     """Read from the per-batch counters that triggers keep (migration 0005): a few rows.
 
     `with_reviews`: also count the review decisions (status, report, dashboard).
     `with_reuse=False`: leave `reused`/`saved_usd` at 0 (the dashboard's polled part, which
-    reads them once, apart: `reuse_figures`).
+    reads them once, apart: `reuse_figures`). `with_providers=False`: leave `by_provider`
+    empty (the same: the dashboard reads `cost_by_provider` once, with the page).
     """
     batch = session.get(Batch, batch_id)
     if batch is None:
@@ -326,7 +328,7 @@ def batch_status(
         lost_answers=lost,
         lost_answers_usd=_usd(lost_cost),
         events=events.recent(session, batch_id),
-        by_provider=cost_by_provider(session, batch),
+        by_provider=cost_by_provider(session, batch) if with_providers else [],
     )
 
 

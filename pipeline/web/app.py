@@ -40,7 +40,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pipeline.batch import controls, review
-from pipeline.batch.status import reuse_figures
+from pipeline.batch.status import cost_by_provider, reuse_figures
 from pipeline.db.models import Batch, Job, Output
 from pipeline.db.session import Database
 from pipeline.errors import EditbatchError, ImageMissing, NotFoundError
@@ -257,7 +257,10 @@ def create_app(dash: Dashboard) -> Starlette:
         batch_id = int(request.path_params["batch_id"])
         with db.session() as s:
             view = queries.batch_view(s, batch_id)
-        return render(request, "batch.html", v=view)
+            # Calls and cost per provider (a batch split between providers): read once here,
+            # not by the live part's polls.
+            by_provider = cost_by_provider(s, view.batch)
+        return render(request, "batch.html", v=view, by_provider=by_provider)
 
     def live(request: Request) -> Response:
         batch_id = int(request.path_params["batch_id"])

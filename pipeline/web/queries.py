@@ -215,7 +215,14 @@ def batch_models(session: Session, batch_id: int) -> list[str]:
 def batch_view(session: Session, batch_id: int) -> BatchView:
     """Everything the batch page shows (and its live part refreshes)."""
     # Reuse figures grow with the reused jobs: the page loads them once, apart (reuse_figures).
-    status = batch_status(session, batch_id, failures_limit=0, with_reviews=True, with_reuse=False)
+    status = batch_status(
+        session,
+        batch_id,
+        failures_limit=0,
+        with_reviews=True,
+        with_reuse=False,
+        with_providers=False,
+    )
     batch = session.get(Batch, batch_id)
     assert batch is not None  # batch_status raised NotFoundError otherwise
     remaining = sum(status.counts.get(s, 0) for s in JOB_PENDING)

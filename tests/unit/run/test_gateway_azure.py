@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from azure.core.credentials import AccessToken
 from sqlalchemy import select
+from starlette.testclient import TestClient
 
 from pipeline.batch.status import batch_status
 from pipeline.batch.submit import BatchOptions, Prepared, store
@@ -31,6 +32,7 @@ from pipeline.run.deps import build_deps
 from pipeline.run.executor import process_job
 from pipeline.run.ratelimit import LocalLimiter
 from pipeline.settings import Settings
+from pipeline.web import Dashboard, create_app
 from tests.conftest import billed_total
 from tests.factories import product_rows, write_manifest
 from tests.fakes import InProcessAPI
@@ -287,6 +289,16 @@ def test_status_shows_cost_by_provider_when_a_batch_uses_two(
         )
     assert sum(Decimal(p["cost_usd"]) for p in status.by_provider) == status.cost_usd
     assert status.to_json()["cost_by_provider"] == status.by_provider
+    # The dashboard's batch page shows the same table (read with the page, not by the polls).
+    client = TestClient(create_app(Dashboard(db, settings)), base_url="http://127.0.0.1")
+    page = client.get(f"/batches/{batch_id}").text
+    table = page[page.index('id="providers"') :]
+    for name in ("azure", "openai"):
+        assert f'<th scope="row">{name}</th><td class="num">3</td>' in table
+        assert f"${by_provider[name]['cost_usd']}" in table
+    live = client.get(f"/batches/{batch_id}/live")
+    assert live.status_code == 200 and "Cost by model" in live.text
+    assert 'id="providers"' not in live.text
 
     alone, alone_ids = batch(
         tmp_path, db, settings, product_rows(tmp_path / "in2", 2, model="gpt-image-2")
@@ -294,3 +306,4 @@ def test_status_shows_cost_by_provider_when_a_batch_uses_two(
     assert run(settings, db, api, alone_ids) == ["succeeded"] * 2
     with db.session() as s:
         assert batch_status(s, alone).by_provider == []
+    assert 'id="providers"' not in client.get(f"/batches/{alone}").text
