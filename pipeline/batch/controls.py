@@ -224,17 +224,47 @@ def resume(
     return report
 
 
+@dataclass
+class Retried:
+    """What `retry_failed` queued again, and the failed rows that do not fit a new model (they
+    stay failed, unsent, naming the field)."""
+
+    count: int = 0
+    unfit: list[RowError] = field(default_factory=list)
+
+
 def retry_failed(
-    session: Session, batch_id: int, prompt: str | None = None, model: str | None = None
-) -> int:
+    session: Session,
+    batch_id: int,
+    prompt: str | None = None,
+    model: str | None = None,
+    catalog: Catalog | None = None,
+    providers: ProviderSet | None = None,
+) -> Retried:
     """Queue the failed jobs again (successes kept), optionally with a new prompt or model.
 
     Each retried job gets a fresh set of attempts; its earlier attempts stay in the ledger. A
-    finished batch reopens; a held or paused one is resumed (as `resume` does).
+    finished batch reopens; a held or paused one is resumed (as `resume` does). With a new
+    model and the `catalog`, each job is checked against the model's rules first (and, given
+    `providers`, against its provider), as `resume --model-map` does: a row that does not fit
+    stays failed, with the reason, and is not sent.
     """
     batch = _batch(session, batch_id)
     if batch.state == BatchState.CANCELLED:
         raise EditbatchError(f"batch {batch_id} is cancelled")
+    if model is not None and catalog is not None and model not in catalog:
+        raise EditbatchError(
+            f"--model {model}: not in the catalogue (`editbatch models` lists the models)"
+        )
+    checker = (
+        Preflight(
+            PreflightOptions(allowed_roots=(Path.cwd(),), catalog=catalog, providers=providers)
+        )
+        if model is not None and catalog is not None
+        else None
+    )
+    result = Retried()
+    unfit_ids: set[int] = set()
     if prompt is not None or model is not None:
         failed = session.scalars(
             select(Job).where(Job.batch_id == batch_id, Job.state == JobState.FAILED)
@@ -246,15 +276,24 @@ def retry_failed(
                 prompt=prompt if prompt is not None else spec.prompt,
                 model=model if model is not None else spec.model,
             )
+            problems = checker.check_model_rules(spec) if checker is not None else []
+            if problems:
+                result.unfit.extend(problems)
+                unfit_ids.add(job.id)
+                job.last_error_code = f"invalid_{problems[0].field}"
+                job.last_error_message = f"not retried: on {spec.model}, " + "; ".join(
+                    f"{e.field}: {e.reason}" for e in problems
+                )
+                continue
             job.spec = spec.to_json()
             job.model = spec.model
             job.fingerprint = None  # a changed request is a different edit: never reuse
         session.flush()
-    count = jobs.requeue_failed(session, batch_id)
+    result.count = jobs.requeue_failed(session, batch_id, keep=unfit_ids)
     session.commit()
-    if count:
+    if result.count:
         _run_again(session, batch_id, BatchState(batch.state))
-    return count
+    return result
 
 
 def _run_again(session: Session, batch_id: int, was: BatchState) -> None:

@@ -274,14 +274,24 @@ def retry(
         err.print("say what to retry: editbatch retry BATCH --failed")
         raise typer.Exit(2)
     from pipeline.batch import controls
+    from pipeline.intake.catalog import load_catalog
+    from pipeline.providers import providers_of
 
     with friendly_errors():
         settings = get_settings()
         db = Database(settings.effective_database_url)
+        # A new model: each row is checked against its rules (and its provider) first.
+        catalog = load_catalog(settings.catalog_file) if model is not None else None
+        providers = providers_of(settings) if model is not None else None
         with db.session() as session:
-            n = controls.retry_failed(session, batch, prompt, model)
+            retried = controls.retry_failed(session, batch, prompt, model, catalog, providers)
+        n = retried.count
+        if retried.unfit:
+            print_row_errors(retried.unfit, f"{model}'s rules")
+            rows = len({e.row for e in retried.unfit})
+            err.print(f"{rows} failed rows do not fit {model}: they stay failed, not sent")
         if not n:
-            console.print(f"batch {batch} has no failed jobs")
+            console.print(f"batch {batch} has no failed jobs to send again")
             return
         if local:
             print_status(dispatch.in_process(settings, db, batch, settings.concurrency))

@@ -259,12 +259,16 @@ def cancel_unstarted(session: Session, batch_id: int) -> int:
     )
 
 
-def requeue_failed(session: Session, batch_id: int) -> int:
-    """Failed jobs go back to queued with a fresh attempt budget (`retry --failed`)."""
+def requeue_failed(session: Session, batch_id: int, keep: Collection[int] = ()) -> int:
+    """Failed jobs go back to queued with a fresh attempt budget (`retry --failed`), except
+    the jobs `keep` names (they stay failed)."""
+    cond: list[ColumnElement[bool]] = [Job.batch_id == batch_id]
+    if keep:
+        cond.append(Job.id.not_in(list(keep)))
     return move_jobs(
         session,
         JobState.QUEUED,
-        Job.batch_id == batch_id,
+        *cond,
         sources=[JobState.FAILED],
         values={
             "attempt_base": Job.attempts,

@@ -433,7 +433,7 @@ def create_app(dash: Dashboard) -> Starlette:
                     controls.resume(s, batch_id, _budget(fields.get("budget")))
                     return f"Resumed: {send(batch_id)}."
                 if name == "retry":
-                    n = controls.retry_failed(s, batch_id, fields.get("prompt") or None)
+                    n = controls.retry_failed(s, batch_id, fields.get("prompt") or None).count
                     if not n:
                         return "No failed jobs to retry."
                     return f"Retrying {n:,} failed jobs: {send(batch_id)}."

@@ -77,7 +77,7 @@ def test_retry_failed_keeps_successes_and_records_new_attempts(
     batch_id, deps = setup(tmp_path, db, settings, rows)
     assert run_all(db, batch_id, deps) == ["succeeded", "failed", "succeeded"]
     with db.session() as s:
-        assert controls.retry_failed(s, batch_id, prompt="a better prompt") == 1
+        assert controls.retry_failed(s, batch_id, prompt="a better prompt").count == 1
         failed_id = s.scalar(select(Job.id).where(Job.batch_id == batch_id, Job.state == "queued"))
     assert failed_id is not None
     assert run_all(db, batch_id, deps) == ["succeeded"]
@@ -143,6 +143,37 @@ def test_model_map_moves_unfinished_jobs_rechecks_rules_and_follows_fingerprints
         assert jobs[row].fingerprint and jobs[row].fingerprint != before[row]
     assert run_all(db, batch_id, deps) == ["succeeded", "succeeded"]  # the failed one not sent
     assert sandbox.sandbox.stats.snapshot()["requests"] == 2
+
+
+def test_retry_with_a_new_model_rechecks_each_failed_row_against_its_rules(
+    tmp_path: Path, db: Database, settings: Settings, sandbox: SandboxServer
+) -> None:
+    """`retry --failed --model NEW` checks each failed row against NEW's rules as `--model-map`
+    does: a row whose size NEW does not take stays failed, naming the field, and is not sent;
+    the rows that fit run on NEW. A model not in the catalogue is refused."""
+    rows = product_rows(tmp_path / "in", 3, model="gpt-image-2")
+    rows[0]["prompt"] = "bad #sandbox:400"
+    rows[1]["prompt"] = "bad #sandbox:400"
+    rows[1]["size"] = "1536x864"  # any WxH on gpt-image-2; gpt-image-1.5 takes three sizes
+    batch_id, deps = setup(tmp_path, db, settings, rows)
+    assert run_all(db, batch_id, deps) == ["failed", "failed", "succeeded"]
+    with db.session() as s:
+        with pytest.raises(EditbatchError, match="not in the catalogue"):
+            controls.retry_failed(s, batch_id, model="gpt-image-9", catalog=load_catalog())
+        retried = controls.retry_failed(
+            s, batch_id, prompt="a better prompt", model="gpt-image-1.5", catalog=load_catalog()
+        )
+    assert retried.count == 1
+    assert [(e.row, e.field) for e in retried.unfit] == [(2, "size")]
+    with db.session() as s:
+        jobs_ = {j.row_number: j for j in s.scalars(select(Job).where(Job.batch_id == batch_id))}
+    assert (jobs_[2].state, jobs_[2].last_error_code) == ("failed", "invalid_size")
+    assert str(jobs_[2].last_error_message).startswith("not retried: on gpt-image-1.5, size: ")
+    assert jobs_[2].model == "gpt-image-2"  # unchanged: it was not moved
+    assert jobs_[1].state == "queued" and jobs_[1].model == "gpt-image-1.5"
+    sent = sandbox.sandbox.stats.snapshot()["requests"]
+    assert run_all(db, batch_id, deps) == ["succeeded"]
+    assert sandbox.sandbox.stats.snapshot()["requests"] == sent + 1  # row 2 was not sent
 
 
 def test_model_map_is_refused_while_calls_to_the_old_model_are_in_flight(

@@ -595,7 +595,7 @@ def test_retry_failed_sends_the_failed_jobs_in_a_new_provider_batch(
     run_until_done(ctx, batch_id)
     assert jobs_by_state(db, batch_id) == {"succeeded": 1, "failed": 1}
     with db.session() as s:
-        assert controls.retry_failed(s, batch_id, prompt="a kinder prompt") == 1
+        assert controls.retry_failed(s, batch_id, prompt="a kinder prompt").count == 1
     run_until_done(ctx, batch_id)
     assert jobs_by_state(db, batch_id) == {"succeeded": 2}
     with db.session() as s:
