@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 from alembic import command
 from sqlalchemy import create_engine, inspect
@@ -86,3 +87,21 @@ def test_models_equal_migrations_alembic_check(database_url: str) -> None:
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "No new upgrade operations detected" in proc.stdout + proc.stderr
+
+
+def test_alembic_upgrade_head_from_the_repository_root_on_an_empty_sqlite_file(
+    tmp_path: Path,
+) -> None:
+    """The plain `alembic upgrade head` (the root alembic.ini) builds an empty SQLite database
+    to the newest revision, as `editbatch db upgrade` does."""
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        env={**os.environ, "EDITBATCH_DATABASE_URL": url},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {"batches", "jobs", "attempts", "provider_batches", "batch_events"} <= tables(url)
