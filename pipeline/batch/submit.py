@@ -271,13 +271,17 @@ class SyncDuration:
     in_flight: int  # the in-flight slots when the lanes set none (max_in_flight or concurrency)
 
     def limits(self, settings: Settings) -> str:
-        """The limits behind the figure, for `estimate`: one phrase per (provider, model)."""
-        if not self.loads or (
-            len(self.loads) == 1 and self.loads[0].label.startswith(f"{DEFAULT_PROVIDER} ")
-        ):
+        """The limits behind the figure, for `estimate`: OpenAI's alone as before (images/min,
+        in flight, latency), else one phrase per (provider, model)."""
+        if not self.loads:  # the providers could not be read: the settings' limits
             rate = settings.images_per_minute or "unlimited"
-            latency = max((w.latency_s for w in self.loads), default=0.0)
-            return f"{rate} images/min, {self.in_flight} in flight, ~{latency:.0f} s per call"
+            return f"{rate} images/min, {self.in_flight} in flight"
+        if len(self.loads) == 1 and self.loads[0].provider == DEFAULT_PROVIDER:
+            (w,) = self.loads
+            return (
+                f"{w.per_minute or 'unlimited'} images/min, {w.in_flight or self.in_flight} in "
+                f"flight, ~{w.latency_s:.0f} s per call"
+            )
         return "; ".join(w.describe() for w in self.loads)
 
 

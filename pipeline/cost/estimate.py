@@ -331,7 +331,8 @@ class Workload:
     summed (`per_minute` counts images, or requests on Azure lanes: `units`); None when a lane
     has no limit of that kind."""
 
-    label: str  # "provider model", for messages
+    provider: str
+    model: str
     calls: int
     units: int
     per_minute: int | None
@@ -343,7 +344,7 @@ class Workload:
     def describe(self) -> str:
         rate = f"{self.per_minute} {self.unit}/min" if self.per_minute else "no rate limit"
         spread = f" over {self.lanes} deployments" if self.lanes > 1 else ""
-        return f"{self.label} at {rate}{spread}"
+        return f"{self.provider} {self.model} at {rate}{spread}"
 
 
 def workloads(
@@ -363,7 +364,8 @@ def workloads(
         slots = [lane.limit.max_in_flight for lane in lanes]
         out.append(
             Workload(
-                label=f"{name or providers.default} {model}",
+                provider=name or providers.default,
+                model=model,
                 calls=calls,
                 units=calls if lanes[0].per_request else images,
                 per_minute=sum(r for r in rates if r) if all(rates) else None,

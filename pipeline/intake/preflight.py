@@ -40,7 +40,7 @@ from pipeline import clock
 from pipeline.errors import ConfigError, RowError
 from pipeline.files import write_atomic
 from pipeline.intake.catalog import Catalog, Lifecycle, ModelInfo, parse_size
-from pipeline.providers import ProviderSet
+from pipeline.providers import Provider, ProviderSet
 from pipeline.spec import COMPLEXITIES, OUTPUT_FORMATS, SVG_EFFORTS, EditSpec
 
 __all__ = [
@@ -542,13 +542,17 @@ class Preflight:
         """The quality the row's provider will use: "auto" (none given) becomes the provider's
         default where it has one (Azure: high), so the estimate, the budget and the fingerprint
         are of what will be made and billed."""
-        providers = self.options.providers
-        if spec.quality != "auto" or providers is None:
-            return spec.quality
-        provider = providers.providers.get(spec.provider or providers.default)
+        provider = self._provider_of(spec) if spec.quality == "auto" else None
         if provider is None or provider.default_quality is None:
             return spec.quality
         return provider.default_quality
+
+    def _provider_of(self, spec: EditSpec) -> Provider | None:
+        """The row's provider (None: no providers given, or an unknown one)."""
+        providers = self.options.providers
+        if providers is None:
+            return None
+        return providers.providers.get(spec.provider or providers.default)
 
     def _check_provider(self, spec: EditSpec, err: Callable[[str, str], None]) -> None:
         """The row's provider exists, serves its model, and makes its output format."""
@@ -581,10 +585,7 @@ class Preflight:
         err: Callable[[str, str], None],
     ) -> None:
         """Every image is in a format the row's provider takes (Azure: PNG or JPEG)."""
-        providers = self.options.providers
-        if providers is None:
-            return
-        provider = providers.providers.get(spec.provider or providers.default)
+        provider = self._provider_of(spec)
         if provider is None or provider.input_formats is None:
             return
         accepted = provider.input_formats
